@@ -1,0 +1,55 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+// Layering (see docs/architecture.md):
+//   CPhatgooseKernels  C: AVX2/FMA kernels with a portable fallback, chosen at run time
+//   PhatgooseFormats   JSON, safetensors, PEFT config, manifest, packed format (pure)
+//   PhatgooseKernels   Swift face of the C kernels (pure)
+//   PhatgooseLibrary   the in-memory expert library: loading, validation, packing (pure)
+//   PhatgooseRouting   routers, dispatch plan, single-threaded executor (pure)
+//   PhatgooseRuntime   the only module that may own threads
+//   PhatgooseSynth     synthetic libraries and activations
+//   phatgoose          the command-line tool
+// No target uses unsafe flags, so the products build as a dependency of other packages.
+
+let package = Package(
+    name: "Phatgoose",
+    products: [
+        .library(
+            name: "Phatgoose",
+            targets: ["PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime"]
+        ),
+        .library(name: "PhatgooseSynth", targets: ["PhatgooseSynth"]),
+        .executable(name: "phatgoose", targets: ["phatgoose"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .target(name: "CPhatgooseKernels"),
+        .target(name: "PhatgooseFormats", dependencies: ["CPhatgooseKernels"]),
+        .target(name: "PhatgooseKernels", dependencies: ["CPhatgooseKernels", "PhatgooseFormats"]),
+        .target(name: "PhatgooseLibrary", dependencies: ["PhatgooseFormats", "PhatgooseKernels"]),
+        .target(
+            name: "PhatgooseRouting",
+            dependencies: ["PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary"],
+            // O(n) invariant checks of the dispatch plan compile into debug builds (the tests) only.
+            swiftSettings: [.define("PHATGOOSE_CHECK_INVARIANTS", .when(configuration: .debug))]
+        ),
+        .target(name: "PhatgooseRuntime", dependencies: ["PhatgooseRouting", "PhatgooseLibrary"]),
+        .target(name: "PhatgooseSynth", dependencies: ["PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary"]),
+        .executableTarget(
+            name: "phatgoose",
+            dependencies: [
+                "PhatgooseFormats", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime", "PhatgooseSynth",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(
+            name: "PhatgooseTests",
+            dependencies: ["PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime", "PhatgooseSynth"],
+            swiftSettings: [.define("PHATGOOSE_CHECK_INVARIANTS")]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,97 @@
+/*
+ * phatgoose_kernels.h - numeric kernels for Phatgoose (PHATGOOSE mixture-of-LoRA-experts routing on CPUs).
+ *
+ * Every kernel exists twice: a portable C implementation and an x86-64 AVX2+FMA+F16C implementation.
+ * The implementation ("ISA") is chosen once, at the first call, from the CPU's features; pg_isa_set can
+ * force one (tests, benchmarks).
+ *
+ * Conventions shared by all functions:
+ *  - Matrices are row-major; every leading dimension (ld*) is counted in elements, not bytes.
+ *  - Pointers need no particular alignment. A pointer may be NULL when the call touches no element
+ *    through it (for example, any size argument that makes the output empty is zero).
+ *  - Outputs must not overlap inputs, except where a function says otherwise.
+ *  - No function allocates, starts threads or keeps state, apart from the ISA choice. All kernels are
+ *    safe to call concurrently from several threads on disjoint outputs.
+ *  - Determinism: for a given ISA every output element is bitwise reproducible. Its value does not
+ *    depend on how many rows or columns the call covers, where the row sits in the batch, or how the
+ *    caller splits the work into calls. Different ISAs may differ in the last bits (FMA versus
+ *    separate multiply and add).
+ *  - dtype arguments take a pg_dtype value; any other value makes the call do nothing (a count is 0).
+ */
+#ifndef PHATGOOSE_KERNELS_H
+#define PHATGOOSE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Element types of weights and activations. */
+typedef enum { PG_DTYPE_F32 = 0, PG_DTYPE_F16 = 1, PG_DTYPE_BF16 = 2 } pg_dtype;
+
+/* Kernel implementations. */
+typedef enum { PG_ISA_PORTABLE = 0, PG_ISA_AVX2 = 1 } pg_isa;
+
+/* The best ISA this CPU and OS support. PG_ISA_AVX2 needs AVX2, FMA, F16C and OS support for the
+ * YMM state (XGETBV); on other architectures it is always PG_ISA_PORTABLE. */
+int pg_isa_best(void);
+
+/* The ISA the kernels currently use (pg_isa_best() unless pg_isa_set chose another). */
+int pg_isa_active(void);
+
+/* Forces an ISA for all later calls, for tests and benchmarks. Returns 0 on success, -1 if the ISA is
+ * unknown or this CPU cannot run it (the active ISA is then unchanged). The switch itself is atomic,
+ * but do not call it while other threads run kernels: a kernel already running keeps its ISA, so
+ * results computed around the switch would mix ISAs. */
+int pg_isa_set(int isa);
+
+/* A static name for an ISA: "portable", "avx2", or "unknown". */
+const char *pg_isa_name(int isa);
+
+/* dst[i] = src[i] as F32, for n elements of type dtype. Exact for every dtype (F16 subnormals too);
+ * a NaN stays a NaN, made quiet, with sign and payload kept. */
+void pg_convert_to_f32(const void *src, int dtype, float *dst, size_t n);
+
+/* dst[i] = src[i] rounded to dtype, for n elements: round to nearest, ties to even; overflow gives
+ * +-inf, inf stays inf, a NaN stays a NaN (quiet; sign and the top payload bits kept), F16 subnormal
+ * results are exact. PG_DTYPE_F32 copies. */
+void pg_convert_from_f32(const float *src, int dtype, void *dst, size_t n);
+
+/* The number of elements among n elements of type dtype that are NaN or +-inf. */
+size_t pg_count_nonfinite(const void *src, int dtype, size_t n);
+
+/* LayerNorm without affine, per row: out[i,:] = (x[i,:] - mean) / sqrt(var + eps) for i < rows, over
+ * d columns, where var is the biased variance. Mean and variance are accumulated in double (two passes:
+ * the mean, then the sum of squared deviations); the scaling is done in double, rounded to F32 once.
+ * out may equal x when ldo == ldx (in place). */
+void pg_layernorm_rows(const float *x, size_t ldx, size_t rows, size_t d, float eps, float *out, size_t ldo);
+
+/* C[i,j] = alpha * sum_k A[i,k] * B[j,k] for i < m, j < n; A is m x k, B is n x k, C is m x n; C is
+ * overwritten. With k == 0, C = alpha * 0. */
+void pg_gemm_nt_f32(const float *a, size_t lda, size_t m, const float *b, size_t ldb, size_t n, size_t k,
+                    float alpha, float *c, size_t ldc);
+
+/* LoRA shrink with gather and per-row scale, for i < n and j < r:
+ *   h[i*r + j] = (row_scale ? row_scale[i] : 1) * lora_scale * sum_k x[rows[i]*ldx + k] * A[j*d_in + k]
+ * The factor is rounded as (row_scale[i] * lora_scale) before it multiplies the sum. rows may be NULL
+ * (row i of x is used); its entries must be >= 0. A is r x d_in, contiguous, in a_dtype. h is n x r,
+ * contiguous, overwritten. */
+void pg_lora_shrink(const float *x, size_t ldx, const int32_t *rows, size_t n, const void *a, int a_dtype,
+                    size_t r, size_t d_in, const float *row_scale, float lora_scale, float *h);
+
+/* LoRA expand: y[i*ldy + o] = sum_{j<r} h[i*r + j] * Bt[j*d_out + o] for i < n, o < d_out, accumulated
+ * over j = 0..r-1 in order; y is overwritten (r == 0 gives zeros). Bt is B transposed, r x d_out,
+ * contiguous, in b_dtype. */
+void pg_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out, float *y,
+                    size_t ldy);
+
+/* y[i] += x[i] for i < n. x may equal y; no other overlap. */
+void pg_add_f32(float *y, const float *x, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PHATGOOSE_KERNELS_H */

@@ -1,0 +1,549 @@
+/* AVX2 + FMA + F16C implementations of the Phatgoose kernels (x86-64 only).
+ *
+ * Every function here carries a target attribute instead of relying on -m flags, so the file compiles
+ * with the compiler's default (baseline x86-64) flags; dispatch.c calls these functions only after
+ * checking the CPU.
+ *
+ * Dot-product schedule (gemm_nt, shrink), identical in every code path of this file: one 8-wide FMA
+ * accumulator, starting at +0, over the 8-element chunks of k in increasing order; a k % 8 tail as one
+ * more chunk whose missing elements are zero; then the fixed horizontal reduction
+ * ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)). Register blocking and k-blocking (partial accumulators spilled to
+ * a stack buffer, which is exact) only interleave independent accumulators, so an element never depends
+ * on its neighbours, its position, or how the caller splits the work.
+ * Expand: each output is an FMA chain over j = 0..r-1 starting at +0, in vector lanes or in scalar FMAs,
+ * which give identical results. */
+#include "pg_internal.h"
+
+#if PG_HAVE_AVX2_IMPL
+
+#include <immintrin.h>
+#include <math.h>
+
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+
+#define PG_TARGET __attribute__((target("avx2,fma,f16c")))
+#define PG_INL static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+#define PG_UNROLL _Pragma("GCC unroll 4")
+
+static const int32_t pg_mask_tab[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+
+/* lanes 0..t-1 set, t in 0..8 */
+PG_INL __m256i tail_mask(size_t t) { return _mm256_loadu_si256((const __m256i *)(pg_mask_tab + 8 - t)); }
+
+/* ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)) */
+PG_INL float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+PG_INL __m256 ld_bf16(const uint16_t *p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+PG_INL __m256 ld_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* 8 elements of dtype DT at element index idx of base, as F32 */
+PG_INL __m256 ld8(const int DT, const void *base, size_t idx) {
+    if (DT == PG_DTYPE_F32) return _mm256_loadu_ps((const float *)base + idx);
+    if (DT == PG_DTYPE_BF16) return ld_bf16((const uint16_t *)base + idx);
+    return ld_f16((const uint16_t *)base + idx);
+}
+
+/* t (< 8) elements, the other lanes zero; reads nothing beyond the t elements */
+PG_INL __m256 ld8_tail(const int DT, const void *base, size_t idx, size_t t) {
+    if (DT == PG_DTYPE_F32) return _mm256_maskload_ps((const float *)base + idx, tail_mask(t));
+    uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    memcpy(tmp, (const uint16_t *)base + idx, t * sizeof(uint16_t));
+    return ld8(DT, tmp, 0);
+}
+
+/* scalar element as F32 (exact) */
+PG_INL float ld1(const int DT, const void *base, size_t idx) {
+    if (DT == PG_DTYPE_F32) {
+        float f;
+        memcpy(&f, (const float *)base + idx, sizeof f);
+        return f;
+    }
+    uint16_t v;
+    memcpy(&v, (const uint16_t *)base + idx, sizeof v);
+    return DT == PG_DTYPE_BF16 ? pg_bf16_to_f32(v) : pg_f16_to_f32(v);
+}
+
+/* ================================================================ conversions */
+
+/* u32 lanes -> BF16 bit patterns in the low 16 bits of each lane (RNE, quiet NaN) */
+PG_INL __m256i bf16_round(__m256i u) {
+    const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256i infbits = _mm256_set1_epi32(0x7F800000);
+    __m256i isnan = _mm256_cmpgt_epi32(_mm256_and_si256(u, absmask), infbits);
+    __m256i hi = _mm256_srli_epi32(u, 16);
+    __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    __m256i qnan = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
+    return _mm256_blendv_epi8(rounded, qnan, isnan);
+}
+
+PG_TARGET void pg_avx2_convert_to_f32(const void *src, int dtype, float *dst, size_t n) {
+    if (n == 0) return;
+    size_t n8 = n & ~(size_t)7;
+    if (dtype == PG_DTYPE_F32) {
+        memmove(dst, src, n * sizeof(float));
+    } else if (dtype == PG_DTYPE_BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+        for (size_t i = 0; i < n8; i += 8) _mm256_storeu_ps(dst + i, ld_bf16(s + i));
+        for (size_t i = n8; i < n; i++) dst[i] = ld1(PG_DTYPE_BF16, s, i);
+    } else if (dtype == PG_DTYPE_F16) {
+        const uint16_t *s = (const uint16_t *)src;
+        for (size_t i = 0; i < n8; i += 8) _mm256_storeu_ps(dst + i, ld_f16(s + i));
+        if (n8 < n) {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, ld8_tail(PG_DTYPE_F16, s, n8, n - n8));
+            memcpy(dst + n8, tmp, (n - n8) * sizeof(float));
+        }
+    }
+}
+
+PG_TARGET void pg_avx2_convert_from_f32(const float *src, int dtype, void *dst, size_t n) {
+    if (n == 0) return;
+    if (dtype == PG_DTYPE_F32) {
+        memmove(dst, src, n * sizeof(float));
+    } else if (dtype == PG_DTYPE_BF16) {
+        uint16_t *d = (uint16_t *)dst;
+        size_t n16 = n & ~(size_t)15;
+        for (size_t i = 0; i < n16; i += 16) {
+            __m256i r0 = bf16_round(_mm256_loadu_si256((const __m256i *)(src + i)));
+            __m256i r1 = bf16_round(_mm256_loadu_si256((const __m256i *)(src + i + 8)));
+            __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xD8);
+            _mm256_storeu_si256((__m256i *)(d + i), packed);
+        }
+        for (size_t i = n16; i < n; i++) {
+            uint16_t v = pg_f32_to_bf16(src[i]);
+            memcpy(d + i, &v, sizeof v);
+        }
+    } else if (dtype == PG_DTYPE_F16) {
+        uint16_t *d = (uint16_t *)dst;
+        size_t n8 = n & ~(size_t)7;
+        for (size_t i = 0; i < n8; i += 8)
+            _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+        if (n8 < n) {
+            uint16_t tmp[8];
+            __m256 v = _mm256_maskload_ps(src + n8, tail_mask(n - n8));
+            _mm_storeu_si128((__m128i *)tmp, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+            memcpy(d + n8, tmp, (n - n8) * sizeof(uint16_t));
+        }
+    }
+}
+
+PG_INL size_t hsum_epi32_to_size(__m256i v) {
+    int32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, v);
+    size_t s = 0;
+    for (int l = 0; l < 8; l++) s += (size_t)(uint32_t)lanes[l];
+    return s;
+}
+
+PG_TARGET size_t pg_avx2_count_nonfinite(const void *src, int dtype, size_t n) {
+    size_t count = 0;
+    if (n == 0) return 0;
+    if (dtype == PG_DTYPE_F32) {
+        const float *s = (const float *)src;
+        const __m256i expmask = _mm256_set1_epi32(0x7F800000);
+        size_t n8 = n & ~(size_t)7;
+        size_t i = 0;
+        while (i < n8) {
+            /* per-lane int32 counters, flushed every 2^20 chunks */
+            size_t end = n8 - i > ((size_t)8 << 20) ? i + ((size_t)8 << 20) : n8;
+            __m256i acc = _mm256_setzero_si256();
+            for (; i < end; i += 8) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(s + i));
+                acc = _mm256_sub_epi32(acc, _mm256_cmpeq_epi32(_mm256_and_si256(v, expmask), expmask));
+            }
+            count += hsum_epi32_to_size(acc);
+        }
+        for (; i < n; i++) {
+            uint32_t v;
+            memcpy(&v, s + i, sizeof v);
+            count += (v & 0x7F800000u) == 0x7F800000u;
+        }
+    } else if (dtype == PG_DTYPE_BF16 || dtype == PG_DTYPE_F16) {
+        const uint16_t *s = (const uint16_t *)src;
+        uint16_t m = dtype == PG_DTYPE_BF16 ? 0x7F80u : 0x7C00u;
+        const __m256i expmask = _mm256_set1_epi16((short)m);
+        const __m256i ones = _mm256_set1_epi16(1);
+        size_t n16 = n & ~(size_t)15;
+        size_t i = 0;
+        while (i < n16) {
+            /* per-lane int16 counters, flushed every 2^14 chunks */
+            size_t end = n16 - i > ((size_t)16 << 14) ? i + ((size_t)16 << 14) : n16;
+            __m256i acc = _mm256_setzero_si256();
+            for (; i < end; i += 16) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(s + i));
+                acc = _mm256_sub_epi16(acc, _mm256_cmpeq_epi16(_mm256_and_si256(v, expmask), expmask));
+            }
+            count += hsum_epi32_to_size(_mm256_madd_epi16(acc, ones));
+        }
+        for (; i < n; i++) {
+            uint16_t v;
+            memcpy(&v, s + i, sizeof v);
+            count += (uint16_t)(v & m) == m;
+        }
+    }
+    return count;
+}
+
+/* ================================================================ layernorm */
+
+/* (l0+l2) + (l1+l3) */
+PG_INL double hsum4d(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+PG_TARGET void pg_avx2_layernorm_rows(const float *x, size_t ldx, size_t rows, size_t d, float eps, float *out,
+                                      size_t ldo) {
+    if (d == 0) return;
+    size_t d8 = d & ~(size_t)7;
+    for (size_t i = 0; i < rows; i++) {
+        const float *xr = x + i * ldx;
+        float *orow = out + i * ldo;
+
+        __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+        for (size_t t = 0; t < d8; t += 8) {
+            __m256 v = _mm256_loadu_ps(xr + t);
+            s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+            s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+        }
+        double sum = hsum4d(_mm256_add_pd(s0, s1));
+        for (size_t t = d8; t < d; t++) sum += (double)xr[t];
+        double mean = sum / (double)d;
+
+        const __m256d vmean = _mm256_set1_pd(mean);
+        __m256d q0 = _mm256_setzero_pd(), q1 = _mm256_setzero_pd();
+        for (size_t t = 0; t < d8; t += 8) {
+            __m256 v = _mm256_loadu_ps(xr + t);
+            __m256d a = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), vmean);
+            __m256d b = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), vmean);
+            q0 = _mm256_fmadd_pd(a, a, q0);
+            q1 = _mm256_fmadd_pd(b, b, q1);
+        }
+        double ss = hsum4d(_mm256_add_pd(q0, q1));
+        for (size_t t = d8; t < d; t++) {
+            __m128d dv = _mm_set_sd((double)xr[t] - mean);
+            ss = _mm_cvtsd_f64(_mm_fmadd_sd(dv, dv, _mm_set_sd(ss)));
+        }
+        double var = ss / (double)d;
+        double inv = 1.0 / sqrt(var + (double)eps);
+
+        const __m256d vinv = _mm256_set1_pd(inv);
+        for (size_t t = 0; t < d8; t += 8) {
+            __m256 v = _mm256_loadu_ps(xr + t);
+            __m256d a = _mm256_mul_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), vmean), vinv);
+            __m256d b = _mm256_mul_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), vmean), vinv);
+            __m256 o = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(a)), _mm256_cvtpd_ps(b), 1);
+            _mm256_storeu_ps(orow + t, o);
+        }
+        for (size_t t = d8; t < d; t++) orow[t] = (float)(((double)xr[t] - mean) * inv);
+    }
+}
+
+/* ================================================================ NT products (gemm, shrink) */
+
+#define NT_MR 4     /* rows of the f32 operand per tile */
+#define NT_NR 3     /* rows of the typed operand per tile */
+#define NT_KC 512   /* k-block (multiple of 8) once k is larger than this */
+#define NT_NCMAX 96 /* max typed-operand rows per column block when k-blocking (multiple of NT_NR) */
+#define NT_SLOT (NT_MR * NT_NR * 8)
+
+/* One MR x NR tile over the chunks [p0, p1) of k (p0, p1 multiples of 8), then `tail` elements at p1 when
+ * tail > 0. Accumulators start at zero or from accbuf (load); at the end they go back to accbuf (store) or
+ * are reduced into sums. */
+PG_INL void nt_tile(const int MR, const int NR, const int DT, const float *const *ar, const void *b, size_t ldb,
+                    size_t p0, size_t p1, size_t tail, float *accbuf, int load, int store, float sums[NT_MR][NT_NR]) {
+    __m256 acc[NT_MR][NT_NR];
+    PG_UNROLL
+    for (int i = 0; i < MR; i++) {
+        PG_UNROLL
+        for (int j = 0; j < NR; j++)
+            acc[i][j] = load ? _mm256_loadu_ps(accbuf + (i * NT_NR + j) * 8) : _mm256_setzero_ps();
+    }
+    const float *a0 = ar[0];
+    const float *a1 = MR > 1 ? ar[1] : a0;
+    const float *a2 = MR > 2 ? ar[2] : a0;
+    const float *a3 = MR > 3 ? ar[3] : a0;
+    const char *b0 = (const char *)b;
+    const size_t bstride = ldb * (DT == PG_DTYPE_F32 ? 4 : 2);
+    for (size_t p = p0; p < p1; p += 8) {
+        __m256 bv[NT_NR];
+        PG_UNROLL
+        for (int j = 0; j < NR; j++) bv[j] = ld8(DT, b0 + (size_t)j * bstride, p);
+        PG_UNROLL
+        for (int i = 0; i < MR; i++) {
+            const float *ai = i == 0 ? a0 : i == 1 ? a1 : i == 2 ? a2 : a3;
+            __m256 av = _mm256_loadu_ps(ai + p);
+            PG_UNROLL
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+        }
+    }
+    if (tail) {
+        __m256i mask = tail_mask(tail);
+        __m256 bv[NT_NR];
+        PG_UNROLL
+        for (int j = 0; j < NR; j++) bv[j] = ld8_tail(DT, b0 + (size_t)j * bstride, p1, tail);
+        PG_UNROLL
+        for (int i = 0; i < MR; i++) {
+            __m256 av = _mm256_maskload_ps(ar[i] + p1, mask);
+            PG_UNROLL
+            for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+        }
+    }
+    if (store) {
+        PG_UNROLL
+        for (int i = 0; i < MR; i++) {
+            PG_UNROLL
+            for (int j = 0; j < NR; j++) _mm256_storeu_ps(accbuf + (i * NT_NR + j) * 8, acc[i][j]);
+        }
+    } else {
+        PG_UNROLL
+        for (int i = 0; i < MR; i++) {
+            PG_UNROLL
+            for (int j = 0; j < NR; j++) sums[i][j] = hsum8(acc[i][j]);
+        }
+    }
+}
+
+#define NT_CALL(MR, NR)                                                                                          \
+    nt_tile(MR, NR, DT, ar, bj, ldb, p0, p1, tl, slot, load, store, sums)
+
+PG_INL void nt_tile_dispatch(const int DT, int mr, int nr, const float *const *ar, const void *bj, size_t ldb,
+                             size_t p0, size_t p1, size_t tl, float *slot, int load, int store,
+                             float sums[NT_MR][NT_NR]) {
+    switch (mr * 4 + nr) {
+    case 4 * 4 + 3: NT_CALL(4, 3); break;
+    case 4 * 4 + 2: NT_CALL(4, 2); break;
+    case 4 * 4 + 1: NT_CALL(4, 1); break;
+    case 3 * 4 + 3: NT_CALL(3, 3); break;
+    case 3 * 4 + 2: NT_CALL(3, 2); break;
+    case 3 * 4 + 1: NT_CALL(3, 1); break;
+    case 2 * 4 + 3: NT_CALL(2, 3); break;
+    case 2 * 4 + 2: NT_CALL(2, 2); break;
+    case 2 * 4 + 1: NT_CALL(2, 1); break;
+    case 1 * 4 + 3: NT_CALL(1, 3); break;
+    case 1 * 4 + 2: NT_CALL(1, 2); break;
+    default: NT_CALL(1, 1); break;
+    }
+}
+
+/* out[i*ldo + j] = ((row_scale ? row_scale[i] : 1) * alpha) * dot(x row (rows ? rows[i] : i), b row j),
+ * i < m, j < n, over k. */
+PG_INL void nt_generic(const int DT, const float *x, size_t ldx, const int32_t *rows, size_t m, const void *b,
+                       size_t ldb, size_t n, size_t k, const float *row_scale, float alpha, float *out,
+                       size_t ldo) {
+    const size_t es = DT == PG_DTYPE_F32 ? 4 : 2;
+    const size_t k8 = k & ~(size_t)7;
+    const size_t tail = k - k8;
+    const int kblocked = k8 > NT_KC;
+    float accbuf[(NT_NCMAX / NT_NR) * NT_SLOT];
+
+    /* Column blocks: all of n when k is small; otherwise at most NT_NCMAX rows of b, and about 1 MiB of
+     * b, so that the block stays in L2 while the rows of x stream past it. */
+    size_t nc = n;
+    if (kblocked) {
+        size_t cap = ((size_t)1 << 20) / (k * es);
+        cap = cap / NT_NR * NT_NR;
+        if (cap < NT_NR) cap = NT_NR;
+        if (cap > NT_NCMAX) cap = NT_NCMAX;
+        size_t nblocks = (n + cap - 1) / cap;
+        nc = (n + nblocks - 1) / nblocks;
+        nc = (nc + NT_NR - 1) / NT_NR * NT_NR;
+    }
+
+    for (size_t jc = 0; jc < n; jc += nc) {
+        size_t jend = n - jc > nc ? jc + nc : n;
+        for (size_t i0 = 0; i0 < m; i0 += NT_MR) {
+            int mr = m - i0 >= NT_MR ? NT_MR : (int)(m - i0);
+            const float *ar[NT_MR];
+            float sc[NT_MR];
+            for (int t = 0; t < mr; t++) {
+                size_t src = rows ? (size_t)rows[i0 + t] : i0 + t;
+                ar[t] = x + src * ldx;
+                sc[t] = (row_scale ? row_scale[i0 + t] : 1.0f) * alpha;
+            }
+            size_t p0 = 0;
+            do {
+                size_t p1 = kblocked ? (k8 - p0 > NT_KC ? p0 + NT_KC : k8) : k8;
+                int last = p1 == k8;
+                size_t tl = last ? tail : 0;
+                int load = p0 > 0;
+                int store = !last;
+                for (size_t j0 = jc; j0 < jend; j0 += NT_NR) {
+                    int nr = jend - j0 >= NT_NR ? NT_NR : (int)(jend - j0);
+                    const void *bj = (const char *)b + j0 * ldb * es;
+                    float *slot = accbuf + ((j0 - jc) / NT_NR) * NT_SLOT;
+                    float sums[NT_MR][NT_NR];
+                    nt_tile_dispatch(DT, mr, nr, ar, bj, ldb, p0, p1, tl, slot, load, store, sums);
+                    if (last) {
+                        for (int t = 0; t < mr; t++) {
+                            float *orow = out + (i0 + t) * ldo + j0;
+                            for (int u = 0; u < nr; u++) orow[u] = sc[t] * sums[t][u];
+                        }
+                    }
+                }
+                p0 = p1;
+            } while (p0 < k8);
+        }
+    }
+}
+
+PG_TARGET void pg_avx2_gemm_nt_f32(const float *a, size_t lda, size_t m, const float *b, size_t ldb, size_t n,
+                                   size_t k, float alpha, float *c, size_t ldc) {
+    if (m == 0 || n == 0) return;
+    nt_generic(PG_DTYPE_F32, a, lda, NULL, m, b, ldb, n, k, NULL, alpha, c, ldc);
+}
+
+PG_TARGET static void shrink_f32(const float *x, size_t ldx, const int32_t *rows, size_t n, const void *a,
+                                 size_t r, size_t d_in, const float *row_scale, float lora_scale, float *h) {
+    nt_generic(PG_DTYPE_F32, x, ldx, rows, n, a, d_in, r, d_in, row_scale, lora_scale, h, r);
+}
+
+PG_TARGET static void shrink_bf16(const float *x, size_t ldx, const int32_t *rows, size_t n, const void *a,
+                                  size_t r, size_t d_in, const float *row_scale, float lora_scale, float *h) {
+    nt_generic(PG_DTYPE_BF16, x, ldx, rows, n, a, d_in, r, d_in, row_scale, lora_scale, h, r);
+}
+
+PG_TARGET static void shrink_f16(const float *x, size_t ldx, const int32_t *rows, size_t n, const void *a,
+                                 size_t r, size_t d_in, const float *row_scale, float lora_scale, float *h) {
+    nt_generic(PG_DTYPE_F16, x, ldx, rows, n, a, d_in, r, d_in, row_scale, lora_scale, h, r);
+}
+
+PG_TARGET void pg_avx2_lora_shrink(const float *x, size_t ldx, const int32_t *rows, size_t n, const void *a,
+                                   int a_dtype, size_t r, size_t d_in, const float *row_scale, float lora_scale,
+                                   float *h) {
+    if (n == 0 || r == 0) return;
+    switch (a_dtype) {
+    case PG_DTYPE_F32: shrink_f32(x, ldx, rows, n, a, r, d_in, row_scale, lora_scale, h); break;
+    case PG_DTYPE_BF16: shrink_bf16(x, ldx, rows, n, a, r, d_in, row_scale, lora_scale, h); break;
+    case PG_DTYPE_F16: shrink_f16(x, ldx, rows, n, a, r, d_in, row_scale, lora_scale, h); break;
+    default: break;
+    }
+}
+
+/* ================================================================ expand */
+
+#define EX_MR 4 /* rows of h per tile */
+#define EX_NV 3 /* 8-wide column vectors per tile */
+
+/* MR rows x NV*8 columns starting at column o */
+PG_INL void expand_tile(const int MR, const int NV, const int DT, const float *h, size_t r, const void *bt,
+                        size_t d_out, size_t o, float *y, size_t ldy) {
+    __m256 acc[EX_MR][EX_NV];
+    PG_UNROLL
+    for (int i = 0; i < MR; i++) {
+        PG_UNROLL
+        for (int v = 0; v < NV; v++) acc[i][v] = _mm256_setzero_ps();
+    }
+    for (size_t j = 0; j < r; j++) {
+        __m256 bv[EX_NV];
+        PG_UNROLL
+        for (int v = 0; v < NV; v++) bv[v] = ld8(DT, bt, j * d_out + o + (size_t)v * 8);
+        PG_UNROLL
+        for (int i = 0; i < MR; i++) {
+            __m256 hv = _mm256_broadcast_ss(h + (size_t)i * r + j);
+            PG_UNROLL
+            for (int v = 0; v < NV; v++) acc[i][v] = _mm256_fmadd_ps(hv, bv[v], acc[i][v]);
+        }
+    }
+    PG_UNROLL
+    for (int i = 0; i < MR; i++) {
+        PG_UNROLL
+        for (int v = 0; v < NV; v++) _mm256_storeu_ps(y + (size_t)i * ldy + o + (size_t)v * 8, acc[i][v]);
+    }
+}
+
+#define EX_CALL(MR)                                                                                              \
+    do {                                                                                                         \
+        size_t o = 0;                                                                                            \
+        for (; o + 8 * EX_NV <= d8; o += 8 * EX_NV) expand_tile(MR, EX_NV, DT, hi, r, bt, d_out, o, yi, ldy);    \
+        if (d8 - o == 16) expand_tile(MR, 2, DT, hi, r, bt, d_out, o, yi, ldy);                                 \
+        if (d8 - o == 8) expand_tile(MR, 1, DT, hi, r, bt, d_out, o, yi, ldy);                                  \
+    } while (0)
+
+PG_INL void expand_generic(const int DT, const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
+                           size_t ldy) {
+    const size_t d8 = d_out & ~(size_t)7;
+    for (size_t i0 = 0; i0 < n; i0 += EX_MR) {
+        size_t mr = n - i0 >= EX_MR ? EX_MR : n - i0;
+        const float *hi = h + i0 * r;
+        float *yi = y + i0 * ldy;
+        switch (mr) {
+        case 4: EX_CALL(4); break;
+        case 3: EX_CALL(3); break;
+        case 2: EX_CALL(2); break;
+        default: EX_CALL(1); break;
+        }
+        /* the last d_out % 8 columns: the same FMA chain, one element at a time */
+        for (size_t t = 0; t < mr; t++) {
+            for (size_t o = d8; o < d_out; o++) {
+                __m128 s = _mm_setzero_ps();
+                for (size_t j = 0; j < r; j++)
+                    s = _mm_fmadd_ss(_mm_set_ss(hi[t * r + j]), _mm_set_ss(ld1(DT, bt, j * d_out + o)), s);
+                yi[t * ldy + o] = _mm_cvtss_f32(s);
+            }
+        }
+    }
+}
+
+PG_TARGET static void expand_f32(const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
+                                 size_t ldy) {
+    expand_generic(PG_DTYPE_F32, h, n, r, bt, d_out, y, ldy);
+}
+
+PG_TARGET static void expand_bf16(const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
+                                  size_t ldy) {
+    expand_generic(PG_DTYPE_BF16, h, n, r, bt, d_out, y, ldy);
+}
+
+PG_TARGET static void expand_f16(const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
+                                 size_t ldy) {
+    expand_generic(PG_DTYPE_F16, h, n, r, bt, d_out, y, ldy);
+}
+
+PG_TARGET void pg_avx2_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out,
+                                   float *y, size_t ldy) {
+    if (n == 0 || d_out == 0) return;
+    switch (b_dtype) {
+    case PG_DTYPE_F32: expand_f32(h, n, r, bt, d_out, y, ldy); break;
+    case PG_DTYPE_BF16: expand_bf16(h, n, r, bt, d_out, y, ldy); break;
+    case PG_DTYPE_F16: expand_f16(h, n, r, bt, d_out, y, ldy); break;
+    default: break;
+    }
+}
+
+/* ================================================================ add */
+
+PG_TARGET void pg_avx2_add_f32(float *y, const float *x, size_t n) {
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256 a0 = _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(x + i));
+        __m256 a1 = _mm256_add_ps(_mm256_loadu_ps(y + i + 8), _mm256_loadu_ps(x + i + 8));
+        __m256 a2 = _mm256_add_ps(_mm256_loadu_ps(y + i + 16), _mm256_loadu_ps(x + i + 16));
+        __m256 a3 = _mm256_add_ps(_mm256_loadu_ps(y + i + 24), _mm256_loadu_ps(x + i + 24));
+        _mm256_storeu_ps(y + i, a0);
+        _mm256_storeu_ps(y + i + 8, a1);
+        _mm256_storeu_ps(y + i + 16, a2);
+        _mm256_storeu_ps(y + i + 24, a3);
+    }
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(x + i)));
+    for (; i < n; i++) y[i] = y[i] + x[i];
+}
+
+#else
+
+/* ISO C forbids an empty translation unit. */
+typedef int pg_avx2_unavailable;
+
+#endif /* PG_HAVE_AVX2_IMPL */

@@ -1,0 +1,50 @@
+/// The element types a safetensors header may name. Names are case-sensitive, as in the reference implementation.
+public enum DType: String, Sendable, CaseIterable {
+    case bool = "BOOL"
+    case u8 = "U8"
+    case i8 = "I8"
+    case f8e5m2 = "F8_E5M2"
+    case f8e4m3 = "F8_E4M3"
+    case f8e8m0 = "F8_E8M0"
+    case i16 = "I16"
+    case u16 = "U16"
+    case f16 = "F16"
+    case bf16 = "BF16"
+    case i32 = "I32"
+    case u32 = "U32"
+    case f32 = "F32"
+    case f64 = "F64"
+    case i64 = "I64"
+    case u64 = "U64"
+
+    /// Bytes per element.
+    public var size: Int {
+        switch self {
+        case .bool, .u8, .i8, .f8e5m2, .f8e4m3, .f8e8m0: return 1
+        case .i16, .u16, .f16, .bf16: return 2
+        case .i32, .u32, .f32: return 4
+        case .f64, .i64, .u64: return 8
+        }
+    }
+
+    /// True for the dtypes Phatgoose computes with: F32, F16 and BF16.
+    public var isComputeFloat: Bool { self == .f32 || self == .f16 || self == .bf16 }
+
+    /// The kernels' code for a compute float dtype (`PG_DTYPE_*`), or nil.
+    public var kernelCode: Int32? {
+        switch self {
+        case .f32: return 0
+        case .f16: return 1
+        case .bf16: return 2
+        default: return nil
+        }
+    }
+
+    /// Parses a dtype name given on a command line or in a config, case-insensitively (`bf16`, `F32`).
+    public init?(userSpelling: String) {
+        guard let match = DType.allCases.first(where: { $0.rawValue.lowercased() == userSpelling.lowercased() }) else {
+            return nil
+        }
+        self = match
+    }
+}

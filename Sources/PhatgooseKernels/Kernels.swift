@@ -1,0 +1,64 @@
+import CPhatgooseKernels
+
+/// The numeric kernels, over unsafe buffers: allocation-free, thread-free and deterministic per instruction set
+/// (each output element's bits do not depend on batch size, position or tiling).
+///
+/// On x86-64 the AVX2/FMA/F16C versions are chosen at run time when the CPU has them; otherwise, and on other
+/// architectures, portable C. No unsafe build flag is involved, so the package stays usable as a dependency.
+public enum Kernels {
+    /// The instruction sets the kernels can use.
+    public enum ISA: Int32, Sendable, CaseIterable, CustomStringConvertible {
+        case portable = 0
+        case avx2 = 1
+        public var description: String { String(cString: pg_isa_name(rawValue)) }
+    }
+
+    /// The best instruction set this CPU supports.
+    public static var bestISA: ISA { ISA(rawValue: pg_isa_best()) ?? .portable }
+    /// The instruction set in use.
+    public static var activeISA: ISA { ISA(rawValue: pg_isa_active()) ?? .portable }
+
+    /// Forces an instruction set (tests and benchmarks). Returns false when this CPU lacks it. Must not be called
+    /// while kernels run on other threads.
+    @discardableResult
+    public static func setISA(_ isa: ISA) -> Bool { pg_isa_set(isa.rawValue) == 0 }
+
+    /// Row LayerNorm without affine (mean and biased variance over the row; eps added to the variance).
+    @inlinable
+    public static func layerNormRows(_ x: UnsafePointer<Float>, ldx: Int, rows: Int, width: Int, epsilon: Float = 1e-5,
+                                     into out: UnsafeMutablePointer<Float>, ldo: Int) {
+        precondition(ldx >= width && ldo >= width, "leading dimensions must cover the row width")
+        pg_layernorm_rows(x, ldx, rows, width, epsilon, out, ldo)
+    }
+
+    /// C[i, j] = alpha * A[i, :] . B[j, :] for A [m, k] and B [n, k].
+    @inlinable
+    public static func gemmNT(_ a: UnsafePointer<Float>, lda: Int, m: Int, _ b: UnsafePointer<Float>, ldb: Int, n: Int, k: Int,
+                              alpha: Float = 1, into c: UnsafeMutablePointer<Float>, ldc: Int) {
+        precondition(lda >= k && ldb >= k && ldc >= n, "leading dimensions too small")
+        pg_gemm_nt_f32(a, lda, m, b, ldb, n, k, alpha, c, ldc)
+    }
+
+    /// h[i, j] = rowScale[i] * loraScale * x[rows[i], :] . A[j, :], for A [r, dIn] in `aDType`.
+    @inlinable
+    public static func loraShrink(_ x: UnsafePointer<Float>, ldx: Int, rows: UnsafePointer<Int32>?, count: Int,
+                                  a: UnsafeRawPointer, aDType: Int32, rank: Int, inWidth: Int,
+                                  rowScale: UnsafePointer<Float>?, loraScale: Float, into h: UnsafeMutablePointer<Float>) {
+        precondition(ldx >= inWidth, "ldx must cover the input width")
+        pg_lora_shrink(x, ldx, rows, count, a, aDType, rank, inWidth, rowScale, loraScale, h)
+    }
+
+    /// y[i, o] = sum_j h[i, j] * Bt[j, o], for Bt [r, dOut] in `bDType` (overwrites y).
+    @inlinable
+    public static func loraExpand(_ h: UnsafePointer<Float>, count: Int, rank: Int, bTransposed: UnsafeRawPointer, bDType: Int32,
+                                  outWidth: Int, into y: UnsafeMutablePointer<Float>, ldy: Int) {
+        precondition(ldy >= outWidth, "ldy must cover the output width")
+        pg_lora_expand(h, count, rank, bTransposed, bDType, outWidth, y, ldy)
+    }
+
+    /// y += x over `count` floats.
+    @inlinable
+    public static func add(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, count: Int) {
+        pg_add_f32(y, x, count)
+    }
+}

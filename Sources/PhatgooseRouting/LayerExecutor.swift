@@ -1,0 +1,141 @@
+import PhatgooseKernels
+import PhatgooseLibrary
+
+/// A growable F32 scratch buffer, reused across calls so steady-state calls allocate nothing.
+///
+/// Not thread-safe: owned by one executor.
+public final class ScratchBuffer {
+    public private(set) var pointer: UnsafeMutablePointer<Float>
+    public private(set) var capacity: Int
+
+    public init(capacity: Int = 0) {
+        self.capacity = max(capacity, 16)
+        pointer = .allocate(capacity: self.capacity)
+    }
+
+    /// Makes room for `count` floats (contents are not kept).
+    @discardableResult
+    public func reserve(_ count: Int) -> UnsafeMutablePointer<Float> {
+        if count > capacity {
+            pointer.deallocate()
+            capacity = count
+            pointer = .allocate(capacity: count)
+        }
+        return pointer
+    }
+
+    deinit { pointer.deallocate() }
+}
+
+@available(*, unavailable)
+extension ScratchBuffer: Sendable {}
+
+/// Applies one routed layer to a batch on the calling thread:
+/// `out[t] += sum over chosen e of w * scale_e * B_e (A_e x_t)`.
+///
+/// Route -> dispatch plan -> for each chosen expert, once per batch: gather its tokens, shrink (x A^T, rows scaled
+/// by w * scale), expand (h B^T) into that expert's rows of a per-assignment buffer -> combine: each token adds its
+/// rows in slot order. The multithreaded runtime runs the same steps and must match this executor bit for bit.
+///
+/// # Thread safety
+/// Owns its scratch: one executor per thread.
+public final class LayerExecutor {
+    public private(set) var plan = DispatchPlan()
+    public private(set) var routing = RoutingResult(tokenCount: 0, slots: 0)
+    private let routeScratch = ScratchBuffer()
+    private let assignmentRows = ScratchBuffer()
+    private let shrunk = ScratchBuffer()
+
+    public init() {}
+
+    /// Routes and applies `module` to `tokens` rows of `x`, adding the mixture delta into `out`. Afterwards
+    /// ``routing`` holds each token's choices.
+    public func apply(_ module: RoutedModule, router: LayerRouter, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
+                      out: UnsafeMutablePointer<Float>, ldo: Int) {
+        precondition(router.inWidth == module.inWidth && router.candidateCount == module.experts.count, "router built for another module")
+        precondition(ldx >= module.inWidth && ldo >= module.outWidth, "leading dimensions too small")
+        if routing.tokenCount != tokens || routing.slots != router.slots {
+            routing = RoutingResult(tokenCount: tokens, slots: router.slots)
+        }
+        router.route(x, ldx: ldx, tokens: tokens, scratch: routeScratch.reserve(router.scratchCount(tokens: tokens)), into: &routing)
+        plan.build(from: routing, candidates: module.experts.count)
+        let outWidth = module.outWidth
+        let rows = assignmentRows.reserve(plan.assignmentCount * outWidth)
+        let maxRank = module.experts.reduce(0) { max($0, $1.rank) }
+        let h = shrunk.reserve(plan.assignmentCount * maxRank)
+        plan.tokens.withUnsafeBufferPointer { tokenList in
+            plan.weights.withUnsafeBufferPointer { weightList in
+                for (c, piece) in module.experts.enumerated() {
+                    let range = plan.range(of: c)
+                    guard !range.isEmpty else { continue }
+                    Self.runExpert(piece, x: x, ldx: ldx, inWidth: module.inWidth, outWidth: outWidth,
+                                   tokens: tokenList.baseAddress! + range.lowerBound, weights: weightList.baseAddress! + range.lowerBound,
+                                   count: range.count, h: h, rows: rows + range.lowerBound * outWidth)
+                }
+            }
+        }
+        Self.combine(plan, rows: rows, outWidth: outWidth, tokenRange: 0..<tokens, out: out, ldo: ldo)
+    }
+
+    /// Shrink and expand for `count` gathered tokens of one expert: rows[i] = w_i * scale * B (A x_{tokens[i]}).
+    @inlinable
+    public static func runExpert(_ piece: ModuleExpert, x: UnsafePointer<Float>, ldx: Int, inWidth: Int, outWidth: Int,
+                                 tokens: UnsafePointer<Int32>, weights: UnsafePointer<Float>, count: Int,
+                                 h: UnsafeMutablePointer<Float>, rows: UnsafeMutablePointer<Float>) {
+        Kernels.loraShrink(x, ldx: ldx, rows: tokens, count: count, a: piece.a.pointer, aDType: piece.a.kernelDType,
+                           rank: piece.rank, inWidth: inWidth, rowScale: weights, loraScale: piece.scale, into: h)
+        Kernels.loraExpand(h, count: count, rank: piece.rank, bTransposed: piece.bTransposed.pointer,
+                           bDType: piece.bTransposed.kernelDType, outWidth: outWidth, into: rows, ldy: outWidth)
+    }
+
+    /// Each token in `tokenRange` adds its assignment rows into `out`, in slot order.
+    public static func combine(_ plan: DispatchPlan, rows: UnsafePointer<Float>, outWidth: Int, tokenRange: Range<Int>,
+                               out: UnsafeMutablePointer<Float>, ldo: Int) {
+        plan.tokenSlots.withUnsafeBufferPointer { slots in
+            for t in tokenRange {
+                for j in 0..<plan.slots {
+                    let a = Int(slots[t * plan.slots + j])
+                    if a >= 0 { Kernels.add(rows + a * outWidth, into: out + t * ldo, count: outWidth) }
+                }
+            }
+        }
+    }
+}
+
+@available(*, unavailable)
+extension LayerExecutor: Sendable {}
+
+/// The baseline that grouping is measured against: for each token, for each of its experts, a one-row shrink and
+/// expand, added straight into the output. Same routing, same kernels.
+public final class NaiveExecutor {
+    public private(set) var routing = RoutingResult(tokenCount: 0, slots: 0)
+    private let routeScratch = ScratchBuffer()
+    private let row = ScratchBuffer()
+    private let shrunk = ScratchBuffer()
+
+    public init() {}
+
+    public func apply(_ module: RoutedModule, router: LayerRouter, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
+                      out: UnsafeMutablePointer<Float>, ldo: Int) {
+        if routing.tokenCount != tokens || routing.slots != router.slots {
+            routing = RoutingResult(tokenCount: tokens, slots: router.slots)
+        }
+        router.route(x, ldx: ldx, tokens: tokens, scratch: routeScratch.reserve(router.scratchCount(tokens: tokens)), into: &routing)
+        let y = row.reserve(module.outWidth)
+        let h = shrunk.reserve(module.experts.reduce(0) { max($0, $1.rank) })
+        for t in 0..<tokens {
+            var token = Int32(t)
+            for j in 0..<routing.slots {
+                let c = Int(routing.candidates[t * routing.slots + j])
+                guard c >= 0 else { continue }
+                var weight = routing.weights[t * routing.slots + j]
+                LayerExecutor.runExpert(module.experts[c], x: x, ldx: ldx, inWidth: module.inWidth, outWidth: module.outWidth,
+                                        tokens: &token, weights: &weight, count: 1, h: h, rows: y)
+                Kernels.add(y, into: out + t * ldo, count: module.outWidth)
+            }
+        }
+    }
+}
+
+@available(*, unavailable)
+extension NaiveExecutor: Sendable {}

@@ -1,0 +1,189 @@
+import Foundation
+import PhatgooseKernels
+import PhatgooseLibrary
+
+/// Each token's chosen experts and weights at one module: `slots` entries per token, best first. Padded slots (a
+/// module with fewer candidates than k) hold candidate -1 and weight 0.
+public struct RoutingResult: Sendable {
+    public var tokenCount: Int
+    public var slots: Int
+    /// Position among the module's candidates, [tokens * slots]; -1 for a padded slot.
+    public var candidates: [Int32]
+    /// Mixture weight, [tokens * slots].
+    public var weights: [Float]
+
+    public init(tokenCount: Int, slots: Int) {
+        self.tokenCount = tokenCount
+        self.slots = slots
+        candidates = [Int32](repeating: -1, count: tokenCount * slots)
+        weights = [Float](repeating: 0, count: tokenCount * slots)
+    }
+}
+
+/// Chooses experts for the tokens of one module. Built once per module (it holds the matrix scores are taken
+/// against: the normalised gates, or Arrow's prototypes), then used for any number of calls.
+///
+/// # Thread safety
+/// Immutable after `init`; `route` writes only into the scratch and result it is given, so one router may serve
+/// many threads at once.
+public struct LayerRouter: Sendable {
+    public let options: RoutingOptions
+    public let inWidth: Int
+    public let candidateCount: Int
+    /// F32 [candidates, in]: normalised gates (PHATGOOSE) or prototypes (Arrow); unused by the uniform router.
+    let scoreMatrix: WeightTensor?
+    /// Multiplies every raw score: 1 for PHATGOOSE (the 1/sqrt(in) is in the gates), 1/temperature (and
+    /// 1/sqrt(in) when scaled) for Arrow.
+    let scoreScale: Float
+
+    public init(module: RoutedModule, options: RoutingOptions) throws(RoutingError) {
+        guard options.topK >= 1 else { throw RoutingError(.option, "top-k: expected an integer >= 1, found \(options.topK)") }
+        if case let .sequence(length) = options.granularity, length < 1 {
+            throw RoutingError(.option, "sequence length: expected an integer >= 1, found \(length)")
+        }
+        self.options = options
+        inWidth = module.inWidth
+        candidateCount = module.experts.count
+        switch options.router {
+        case .phatgoose:
+            scoreMatrix = module.gateMatrix
+            scoreScale = 1
+        case .arrow:
+            guard options.arrowTemperature.isFinite, options.arrowTemperature > 0 else {
+                throw RoutingError(.option, "arrow temperature: expected a positive number, found \(options.arrowTemperature)")
+            }
+            let prototypes = ArrowPrototypes.compute(module)
+            let buffer = HeapBuffer(byteCount: prototypes.count * 4)
+            prototypes.withUnsafeBytes { buffer.pointer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            scoreMatrix = WeightTensor(dtype: .f32, shape: [candidateCount, inWidth], owner: buffer, pointer: UnsafeRawPointer(buffer.pointer))
+            var scale = 1 / options.arrowTemperature
+            if options.arrowScaled { scale *= Float(1.0 / Double(inWidth).squareRoot()) }
+            scoreScale = scale
+        case .uniform:
+            scoreMatrix = nil
+            scoreScale = 1
+        }
+    }
+
+    /// Output slots per token.
+    public var slots: Int { options.slotsPerToken(candidates: candidateCount) }
+
+    /// Floats of scratch `route` needs for `tokens` tokens.
+    public func scratchCount(tokens: Int) -> Int {
+        let rows = routedRowCount(tokens: tokens)
+        return rows * inWidth * 2 + rows * candidateCount
+    }
+
+    func routedRowCount(tokens: Int) -> Int {
+        switch options.granularity {
+        case .token: return tokens
+        case let .sequence(length): return (tokens + length - 1) / length
+        }
+    }
+
+    /// Routes `tokens` rows of `x` (leading dimension `ldx`) into `result`, using `scratch` (at least
+    /// ``scratchCount(tokens:)`` floats).
+    public func route(_ x: UnsafePointer<Float>, ldx: Int, tokens: Int, scratch: UnsafeMutablePointer<Float>,
+                      into result: inout RoutingResult) {
+        precondition(result.tokenCount == tokens && result.slots == slots, "result sized for another call")
+        let n = candidateCount
+        if options.router == .uniform {
+            let weight = Float(1.0 / Double(n))
+            for t in 0..<tokens {
+                for j in 0..<n {
+                    result.candidates[t * n + j] = Int32(j)
+                    result.weights[t * n + j] = weight
+                }
+            }
+            return
+        }
+        // The rows that are routed: tokens, or the mean activation of each sequence.
+        let rows = routedRowCount(tokens: tokens)
+        var input = x, ldInput = ldx
+        if case let .sequence(length) = options.granularity {
+            let meanRows = scratch + rows * inWidth
+            for s in 0..<rows {
+                let begin = s * length, end = min(tokens, begin + length)
+                for c in 0..<inWidth {
+                    var sum = 0.0
+                    for t in begin..<end { sum += Double(x[t * ldx + c]) }
+                    meanRows[s * inWidth + c] = Float(sum / Double(end - begin))
+                }
+            }
+            input = UnsafePointer(meanRows)
+            ldInput = inWidth
+        }
+        // Scratch layout: [rows * in] normalised rows, [rows * in] sequence means, [rows * n] scores.
+        let normalized = scratch
+        let scores = scratch + rows * inWidth * 2
+        let matrix = scoreMatrix!.pointer.assumingMemoryBound(to: Float.self)
+        if options.router == .phatgoose {
+            Kernels.layerNormRows(input, ldx: ldInput, rows: rows, width: inWidth, into: normalized, ldo: inWidth)
+            Kernels.gemmNT(normalized, lda: inWidth, m: rows, matrix, ldb: inWidth, n: n, k: inWidth, alpha: scoreScale, into: scores, ldc: n)
+        } else {
+            Kernels.gemmNT(input, lda: ldInput, m: rows, matrix, ldb: inWidth, n: n, k: inWidth, alpha: scoreScale, into: scores, ldc: n)
+            for i in 0..<(rows * n) { scores[i] = abs(scores[i]) }
+        }
+        let k = min(options.topK, n)
+        let slots = self.slots
+        for row in 0..<rows {
+            let p = scores + row * n
+            Self.softmax(p, count: n)
+            // Top-k by probability; on ties the lower candidate (= lower expert index) wins.
+            var sum: Float = 0
+            let firstToken = routedFirstToken(row)
+            for j in 0..<k {
+                var best = -1
+                var bestValue = -Float.infinity
+                for i in 0..<n where p[i] > bestValue || (best < 0 && p[i] == bestValue) {
+                    var taken = false
+                    for previous in 0..<j where result.candidates[firstToken * slots + previous] == Int32(i) { taken = true; break }
+                    if !taken { best = i; bestValue = p[i] }
+                }
+                result.candidates[firstToken * slots + j] = Int32(best)
+                result.weights[firstToken * slots + j] = bestValue
+                sum += bestValue
+            }
+            let denominator = sum + 1e-6
+            for j in 0..<k { result.weights[firstToken * slots + j] /= denominator }
+            for j in k..<slots {
+                result.candidates[firstToken * slots + j] = -1
+                result.weights[firstToken * slots + j] = 0
+            }
+        }
+        if case let .sequence(length) = options.granularity {
+            for s in 0..<rows {
+                let first = s * length, end = min(tokens, first + length)
+                for t in (first + 1)..<max(end, first + 1) {
+                    for j in 0..<slots {
+                        result.candidates[t * slots + j] = result.candidates[first * slots + j]
+                        result.weights[t * slots + j] = result.weights[first * slots + j]
+                    }
+                }
+            }
+        }
+    }
+
+    /// The token whose result slots hold routed row `row`: the row itself per token, the first token of the sequence
+    /// per sequence (then copied to the rest).
+    func routedFirstToken(_ row: Int) -> Int {
+        switch options.granularity {
+        case .token: return row
+        case let .sequence(length): return row * length
+        }
+    }
+
+    /// In-place softmax in F32 (max subtracted first).
+    static func softmax(_ values: UnsafeMutablePointer<Float>, count: Int) {
+        var maximum = -Float.infinity
+        for i in 0..<count { maximum = max(maximum, values[i]) }
+        var sum: Float = 0
+        for i in 0..<count {
+            let e = expf(values[i] - maximum)
+            values[i] = e
+            sum += e
+        }
+        let inverse = 1 / sum
+        for i in 0..<count { values[i] *= inverse }
+    }
+}

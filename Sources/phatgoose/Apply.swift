@@ -1,0 +1,78 @@
+import ArgumentParser
+import PhatgooseFormats
+import PhatgooseLibrary
+import PhatgooseRouting
+
+/// Routing options shared by the commands that route.
+struct RoutingFlags: ParsableArguments {
+    @Option(help: "Experts per token (default: the library's top_k).")
+    var topK: Int?
+
+    @Option(help: "Router: phatgoose, arrow or uniform (default: the library's router).")
+    var router: String?
+
+    @Option(help: "Route per token or per sequence (the mean activation of a sequence routes all its tokens).")
+    var granularity: String = "token"
+
+    @Option(help: "Tokens per sequence with --granularity sequence (default: the whole batch is one sequence).")
+    var sequenceLength: Int?
+
+    @Option(help: "Arrow: temperature dividing |x . prototype|.")
+    var arrowTemperature: Float = 10
+
+    @Flag(help: "Arrow: also scale scores by 1/sqrt(in).")
+    var arrowScaled = false
+
+    func validate() throws {
+        if let topK, topK < 1 { throw ValidationError("--top-k: expected an integer >= 1, found \(topK)") }
+        if let router, RouterKind(rawValue: router) == nil {
+            throw ValidationError("--router: expected one of \(RouterKind.allCases.map(\.rawValue).joined(separator: ", ")), found \(router)")
+        }
+        guard granularity == "token" || granularity == "sequence" else {
+            throw ValidationError("--granularity: expected token or sequence, found \(granularity)")
+        }
+        if let sequenceLength, sequenceLength < 1 { throw ValidationError("--sequence-length: expected an integer >= 1, found \(sequenceLength)") }
+        if sequenceLength != nil && granularity != "sequence" { throw ValidationError("--sequence-length: only with --granularity sequence") }
+        guard arrowTemperature.isFinite, arrowTemperature > 0 else { throw ValidationError("--arrow-temperature: expected a positive number, found \(arrowTemperature)") }
+    }
+
+    /// The library's defaults with these flags applied. `tokens` sizes a whole-batch sequence.
+    func options(defaults: RoutingDefaults, tokens: Int) -> RoutingOptions {
+        var options = RoutingOptions(defaults: defaults)
+        if let topK { options.topK = topK }
+        if let router { options.router = RouterKind(rawValue: router)! }
+        if granularity == "sequence" { options.granularity = .sequence(length: sequenceLength ?? Int.max / 2) }
+        options.arrowTemperature = arrowTemperature
+        options.arrowScaled = arrowScaled
+        return options
+    }
+}
+
+struct Apply: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Route and apply every module of an input file: mixture deltas, chosen experts and weights.",
+        discussion: """
+            Input: one tensor per module, keyed by module name, shape [T, in]. Output, per input key: <module> the \
+            mixture delta [T, out] F32 (without W x), <module>.experts [T, k] I32, <module>.weights [T, k] F32. \
+            The output is written atomically: on any error no file is left behind.
+            """
+    )
+
+    @Option(help: "A library directory or packed library.")
+    var library: String
+
+    @Option(help: "Activations: a .safetensors file with one [T, in] tensor per module.")
+    var input: String
+
+    @Option(help: "The .safetensors file to write.")
+    var output: String
+
+    @OptionGroup var routing: RoutingFlags
+
+    func run() throws {
+        let loaded = try ExpertLibrary.load(path: library)
+        let file = try SafetensorsFile(path: input)
+        let writer = try ApplyFile.apply(loaded, input: file, options: routing.options(defaults: loaded.routing, tokens: 0))
+        try writer.write(to: output)
+    }
+}

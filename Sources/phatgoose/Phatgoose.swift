@@ -1,0 +1,51 @@
+import ArgumentParser
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The `phatgoose` command. Exit codes: 0 success, 1 bad input or data (one line on stderr naming the file, the
+/// tensor or field, what was expected and what was found), 2 usage error.
+@main
+struct Phatgoose: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "phatgoose",
+        abstract: "Serve PHATGOOSE routing among LoRA experts on CPUs.",
+        subcommands: [Inspect.self, Synth.self, Pack.self, Apply.self]
+    )
+
+    static func main() {
+        let command: ParsableCommand
+        do {
+            command = try parseAsRoot()
+        } catch {
+            if exitCode(for: error) == .success { exit(withError: error) }  // --help, --version
+            printError(fullMessage(for: error))
+            Glibc.exit(2)
+        }
+        do {
+            var runnable = command
+            try runnable.run()
+        } catch let exit as ExitCode {
+            Glibc.exit(exit.rawValue)
+        } catch let error as ValidationError {
+            printError("phatgoose: \(error)")
+            Glibc.exit(2)
+        } catch {
+            printError("phatgoose: \(String(describing: error).split(separator: "\n").joined(separator: " "))")
+            Glibc.exit(1)
+        }
+    }
+}
+
+func printError(_ message: String) {
+    var line = message
+    if !line.hasSuffix("\n") { line += "\n" }
+    // Written with write(2) on fd 2: the C `stderr` global is shared mutable state to Swift 6.
+    _ = line.utf8CString.withUnsafeBufferPointer { Glibc.write(2, $0.baseAddress, $0.count - 1) }
+}
+
+/// `--format text|json` for commands that print results.
+enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
+    case text
+    case json
+}
