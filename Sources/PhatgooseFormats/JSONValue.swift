@@ -49,6 +49,11 @@ public struct JSONNumber: Sendable, Equatable {
     /// True when the literal has no fraction and no exponent (`12`, `-3`), false for `12.0` or `1e3`.
     public let isInteger: Bool
 
+    public init(text: String, isInteger: Bool) {
+        self.text = text
+        self.isInteger = isInteger
+    }
+
     /// The value as a signed 64-bit integer when the literal is an integer that fits.
     public var int64: Int64? { isInteger ? Int64(text) : nil }
     /// The value as a non-negative integer when the literal is a non-negative integer that fits in UInt64.

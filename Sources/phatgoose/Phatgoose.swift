@@ -1,4 +1,8 @@
 import ArgumentParser
+import PhatgooseFormats
+import PhatgooseLibrary
+import PhatgooseRouting
+import PhatgooseSynth
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -31,10 +35,28 @@ struct Phatgoose: ParsableCommand {
             printError("phatgoose: \(error)")
             Glibc.exit(2)
         } catch {
-            printError("phatgoose: \(String(describing: error).split(separator: "\n").joined(separator: " "))")
-            Glibc.exit(1)
+            if isDataError(error) {
+                // Bad input or data: one line naming the file, the tensor or field, what was expected and what was found.
+                printError("phatgoose: \(String(describing: error).split(separator: "\n").joined(separator: " "))")
+                Glibc.exit(1)
+            }
+            // Help requests and parse errors that surface while running.
+            switch exitCode(for: error) {
+            case .success: exit(withError: error)
+            case .validationFailure:
+                printError(fullMessage(for: error))
+                Glibc.exit(2)
+            default:
+                printError("phatgoose: \(String(describing: error).split(separator: "\n").joined(separator: " "))")
+                Glibc.exit(1)
+            }
         }
     }
+}
+
+/// Errors of Phatgoose's own modules, which describe bad input or data.
+func isDataError(_ error: any Error) -> Bool {
+    error is FormatError || error is LibraryError || error is RoutingError || error is SynthError
 }
 
 func printError(_ message: String) {

@@ -174,7 +174,11 @@ struct LibraryLoadingTests {
         // lora_B is stored transposed: Bt[j, o] == B[o, j].
         let b = fixture.experts[0].adapter[Expert.bKey(wo)]!.values
         let bt = module.experts[0].bTransposed.floats()
-        #expect((0..<16).allSatisfy { o in (0..<4).allSatisfy { j in bt[j * 16 + o] == b[o * 4 + j] } })
+        var transposed = true
+        for o in 0..<16 {
+            for j in 0..<4 where bt[j * 16 + o] != b[o * 4 + j] { transposed = false }
+        }
+        #expect(transposed)
     }
 
     @Test("without a manifest, experts are subdirectories with adapter_config.json in byte order")

@@ -21,7 +21,7 @@ final class TemporaryDirectory {
 
 /// Writes raw bytes to a file.
 func writeBytes(_ bytes: [UInt8], to path: String) {
-    FileManager.default.createFile(atPath: path, contents: Data(bytes))
+    precondition(FileManager.default.createFile(atPath: path, contents: Data(bytes)), "cannot write \(path)")
 }
 
 /// Writes text to a file.
