@@ -17,8 +17,6 @@
 #if PG_HAVE_AVX2_IMPL
 
 #include <immintrin.h>
-#include <math.h>
-
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
 #endif
@@ -237,7 +235,7 @@ PG_TARGET void pg_avx2_layernorm_rows(const float *x, size_t ldx, size_t rows, s
             ss = _mm_cvtsd_f64(_mm_fmadd_sd(dv, dv, _mm_set_sd(ss)));
         }
         double var = ss / (double)d;
-        double inv = 1.0 / sqrt(var + (double)eps);
+        double inv = 1.0 / pg_sqrt(var + (double)eps);
 
         const __m256d vinv = _mm256_set1_pd(inv);
         for (size_t t = 0; t < d8; t += 8) {

@@ -8,8 +8,6 @@
  * and not in others (compilers never reassociate without -ffast-math, which is not assumed). */
 #include "pg_internal.h"
 
-#include <math.h>
-
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
 #endif
@@ -126,7 +124,7 @@ void pg_portable_layernorm_rows(const float *x, size_t ldx, size_t rows, size_t 
             q[t - d4] += dv * dv;
         }
         double var = ((q[0] + q[2]) + (q[1] + q[3])) / (double)d;
-        double inv = 1.0 / sqrt(var + (double)eps);
+        double inv = 1.0 / pg_sqrt(var + (double)eps);
         for (size_t t = 0; t < d; t++) orow[t] = (float)(((double)xr[t] - mean) * inv);
     }
 }

@@ -20,6 +20,22 @@
 #define PG_HAVE_AVX2_IMPL 0
 #endif
 
+/* Correctly rounded IEEE square root without a libm dependency (the package links no libm explicitly):
+ * SQRTSD on x86-64 (SSE2 is baseline), FSQRT on AArch64, sqrt() elsewhere. */
+#if defined(__x86_64__)
+#include <emmintrin.h>
+static inline double pg_sqrt(double x) { return _mm_cvtsd_f64(_mm_sqrt_sd(_mm_setzero_pd(), _mm_set_sd(x))); }
+#elif defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
+static inline double pg_sqrt(double x) {
+    double r;
+    __asm__("fsqrt %d0, %d1" : "=w"(r) : "w"(x));
+    return r;
+}
+#else
+#include <math.h>
+static inline double pg_sqrt(double x) { return sqrt(x); }
+#endif
+
 /* ---- Scalar conversions (bit manipulation only; shared by both implementations) ---- */
 
 static inline uint32_t pg_f32_bits(float f) {

@@ -17,9 +17,22 @@ public final class MappedFile: @unchecked Sendable {
     /// The mapped bytes (empty for an empty file). Valid as long as this object lives.
     public let bytes: UnsafeRawBufferPointer
 
+    private let ownsHeapCopy: Bool
+
+    /// Holds a private copy of `bytes` under the name `path` (for bytes that did not come from a file: fuzzing,
+    /// network buffers). Readers treat it exactly like a mapping.
+    public init(copying bytes: UnsafeRawBufferPointer, path: String) {
+        self.path = path
+        ownsHeapCopy = true
+        let copy = UnsafeMutableRawPointer.allocate(byteCount: max(bytes.count, 1), alignment: 64)
+        if let base = bytes.baseAddress { copy.copyMemory(from: base, byteCount: bytes.count) }
+        self.bytes = UnsafeRawBufferPointer(start: copy, count: bytes.count)
+    }
+
     /// Maps `path` read-only.
     public init(path: String) throws(FormatError) {
         self.path = path
+        ownsHeapCopy = false
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw FormatError(.io, file: path, "cannot open: \(String(cString: strerror(errno)))") }
         defer { close(fd) }
@@ -42,6 +55,11 @@ public final class MappedFile: @unchecked Sendable {
     }
 
     deinit {
-        if let base = bytes.baseAddress { munmap(UnsafeMutableRawPointer(mutating: base), bytes.count) }
+        guard let base = bytes.baseAddress else { return }
+        if ownsHeapCopy {
+            UnsafeMutableRawPointer(mutating: base).deallocate()
+        } else {
+            munmap(UnsafeMutableRawPointer(mutating: base), bytes.count)
+        }
     }
 }

@@ -76,7 +76,8 @@ extension ExpertLibrary {
         return try loadPacked(storage)
     }
 
-    static func loadPacked(_ storage: MappedFile) throws -> ExpertLibrary {
+    /// Loads a packed library from bytes already in memory (a mapping or a copy).
+    public static func loadPacked(_ storage: MappedFile) throws -> ExpertLibrary {
         let path = storage.path
         let bytes = storage.bytes
         func failure(_ subject: String?, _ message: String) -> FormatError {

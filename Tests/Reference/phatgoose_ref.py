@@ -18,9 +18,11 @@ Library module (import it):
 CLI:
     phatgoose_ref.py apply --library LIB --input X.safetensors --output Y.safetensors [--top-k K]
         [--router phatgoose|arrow|uniform] [--granularity token|sequence] [--sequence-length L]
-        [--arrow-temperature F] [--arrow-scaled] [--float32]
-    (--float32 is a reference-only option: it runs the same math in float32 to emulate an optimised binary; the
-    conformance harness uses it to check that its tolerances absorb honest float32 rounding.)
+        [--arrow-temperature F] [--arrow-scaled] [--float32 | --float32-naive]
+    (--float32 / --float32-naive are reference-only options: they run the same math in float32 — BLAS-style, or
+    with strictly sequential dot products and a one-pass variance in the router — to emulate a float32 binary; the
+    conformance harness uses them to check that its tolerances absorb honest float32 rounding. The float32 arrow
+    prototypes are solved in float32 too.)
     Exit codes: 0 success, 1 bad input or data, 2 usage error.
 """
 
@@ -228,15 +230,17 @@ class Library:
                 return m.A.shape[1], m.B.shape[0]
         raise RefError(f"module '{module}': no expert in the library adapts it")
 
-    def arrow_prototypes(self, module: str) -> np.ndarray:
-        """[n, d_in]: unit top right-singular vector of B_i @ A_i for each candidate (sign fixed: largest |entry| > 0)."""
-        if module not in self._prototypes:
+    def arrow_prototypes(self, module: str, dtype=np.float64) -> np.ndarray:
+        """[n, d_in]: unit top right-singular vector of B_i @ A_i for each candidate (sign fixed: largest |entry| > 0).
+        dtype float32 solves in float32 (emulation of a float32 binary only)."""
+        key = (module, np.dtype(dtype).name)
+        if key not in self._prototypes:
             rows = []
             for idx in self.candidates(module):
                 m = self.experts[idx].modules[module]
-                rows.append(arrow_prototype(m.A, m.B))
-            self._prototypes[module] = np.array(rows)
-        return self._prototypes[module]
+                rows.append(arrow_prototype(m.A.astype(dtype), m.B.astype(dtype)))
+            self._prototypes[key] = np.array(rows)
+        return self._prototypes[key]
 
 
 def arrow_prototype(A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -318,7 +322,8 @@ class ApplyOptions:
     sequence_length: int | None = None
     arrow_temperature: float = 10.0
     arrow_scaled: bool = False
-    dtype: type = np.float64        # np.float32 = emulate a float32 implementation
+    dtype: type = np.float64        # np.float32 = emulate a float32 implementation (testing the harness only)
+    naive: bool = False             # with float32: sequential dot products and one-pass variance (worst-case-ish)
 
     def as_json(self) -> dict:
         return {"router": self.router, "top_k": self.top_k, "granularity": self.granularity,
@@ -337,7 +342,7 @@ class ApplyOptions:
 
 
 def resolve_options(library: Library, router=None, top_k=None, granularity=None, sequence_length=None,
-                    arrow_temperature=None, arrow_scaled=False, dtype=np.float64) -> ApplyOptions:
+                    arrow_temperature=None, arrow_scaled=False, dtype=np.float64, naive=False) -> ApplyOptions:
     """Command-line values override the manifest's `routing`, which overrides the defaults (phatgoose, k = 2)."""
     router = router or library.routing.get("router") or "phatgoose"
     if top_k is None:
@@ -356,7 +361,7 @@ def resolve_options(library: Library, router=None, top_k=None, granularity=None,
         raise RefError(f"arrow temperature {temp}: expected > 0")
     return ApplyOptions(router=router, top_k=top_k, granularity=granularity,
                         sequence_length=sequence_length if granularity == "sequence" else None,
-                        arrow_temperature=temp, arrow_scaled=bool(arrow_scaled), dtype=dtype)
+                        arrow_temperature=temp, arrow_scaled=bool(arrow_scaled), dtype=dtype, naive=naive)
 
 
 def layer_norm(z: np.ndarray) -> np.ndarray:
@@ -364,6 +369,23 @@ def layer_norm(z: np.ndarray) -> np.ndarray:
     c = z - mu
     var = (c * c).mean(axis=-1, keepdims=True)
     return c / np.sqrt(var + z.dtype.type(LN_EPS))
+
+
+def _layer_norm_one_pass(z: np.ndarray) -> np.ndarray:
+    """var = E[z^2] - E[z]^2: the cancellation-prone form a careless implementation might use (emulation only)."""
+    mu = z.mean(axis=-1, keepdims=True)
+    var = np.maximum((z * z).mean(axis=-1, keepdims=True) - mu * mu, 0)
+    return (z - mu) / np.sqrt(var + z.dtype.type(LN_EPS))
+
+
+def _sequential_matmul_t(U: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """U @ V.T with each dot product accumulated strictly left to right in U's dtype (emulation only)."""
+    out = np.empty((U.shape[0], V.shape[0]), dtype=U.dtype)
+    step = max(1, (1 << 22) // max(1, V.shape[0] * U.shape[1]))
+    for i in range(0, U.shape[0], step):
+        prod = U[i:i + step, None, :] * V[None, :, :]
+        out[i:i + step] = np.cumsum(prod, axis=-1, dtype=U.dtype)[..., -1]
+    return out
 
 
 def softmax(s: np.ndarray) -> np.ndarray:
@@ -404,11 +426,14 @@ def scores(library: Library, module: str, Xr: np.ndarray, options: ApplyOptions)
                 raise RefError(f"expert '{library.experts[idx].name}': gate '{module}' has {g.shape[0]} entries, "
                                f"input has {d_in}")
             gates.append(g)
+        if options.naive:
+            G = _layer_norm_one_pass(np.array(gates).astype(dt))
+            return _sequential_matmul_t(_layer_norm_one_pass(Xr), G) / dt(math.sqrt(d_in))
         G = layer_norm(np.array(gates).astype(dt))
         return (layer_norm(Xr) @ G.T) / dt(math.sqrt(d_in))
     if options.router == "arrow":
-        E = library.arrow_prototypes(module).astype(dt)
-        s = np.abs(Xr @ E.T) / dt(options.arrow_temperature)
+        E = library.arrow_prototypes(module, dt)
+        s = np.abs(_sequential_matmul_t(Xr, E) if options.naive else Xr @ E.T) / dt(options.arrow_temperature)
         if options.arrow_scaled:
             s = s / dt(math.sqrt(d_in))
         return s
@@ -513,6 +538,8 @@ def main(argv=None) -> int:
     parser = _Parser(prog="phatgoose_ref.py", description="numpy reference for `phatgoose apply`")
     parser.add_argument("--float32", dest="float32_global", action="store_true",
                         help="same as `apply --float32` (so a command string can carry it)")
+    parser.add_argument("--float32-naive", dest="naive_global", action="store_true",
+                        help="same as `apply --float32-naive`")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     ap = sub.add_parser("apply", help="route and mix a batch of activations")
     ap.add_argument("--library", required=True)
@@ -525,13 +552,17 @@ def main(argv=None) -> int:
     ap.add_argument("--arrow-temperature", type=float, default=None)
     ap.add_argument("--arrow-scaled", action="store_true")
     ap.add_argument("--float32", action="store_true", help="compute in float32 (emulates a binary; testing only)")
+    ap.add_argument("--float32-naive", action="store_true",
+                    help="--float32 with sequential dot products and one-pass variance in the router (testing only)")
     args = parser.parse_args(argv)
     try:
         library = load_library(args.library)
         options = resolve_options(library, router=args.router, top_k=args.top_k, granularity=args.granularity,
                                   sequence_length=args.sequence_length, arrow_temperature=args.arrow_temperature,
                                   arrow_scaled=args.arrow_scaled,
-                                  dtype=np.float32 if (args.float32 or args.float32_global) else np.float64)
+                                  dtype=np.float32 if (args.float32 or args.float32_global or args.float32_naive
+                                                       or args.naive_global) else np.float64,
+                                  naive=args.float32_naive or args.naive_global)
         tensors, dtypes, _ = read_safetensors(args.input)
         for name, dtype_name in dtypes.items():
             if dtype_name != "F32":
