@@ -131,67 +131,95 @@ void pg_portable_layernorm_rows(const float *x, size_t ldx, size_t rows, size_t 
 
 /* ---------------------------------------------------------------- NT products (gemm, shrink) */
 
-/* MR rows of the f32 operand (row pointers ar) against NR rows of the typed operand (b, row stride ldb
- * elements), over k. Writes the MR x NR dot products to sums. */
-static inline void nt_tile(const int MR, const int NR, const int DT, const float *const *ar, const void *b,
-                           size_t ldb, size_t k, float sums[4][2]) {
-    float acc[4][2][PG_L];
-    float bv[2][PG_L];
+#define PT_MB 32  /* rows of the f32 operand per block */
+#define PT_KC 256 /* k-block, a multiple of PG_L */
+
+/* Accumulates MR rows of the f32 operand (ar[i] + p0) against NR f32 rows br[j] over kc8 elements (a
+ * multiple of PG_L) and then `tail` more, into the lane accumulators acc[i][j][l], kept in memory between
+ * k-blocks. */
+static inline void nt_tile(const int MR, const int NR, const float *const *ar, size_t p0, const float *const *br,
+                           size_t kc8, size_t tail, float acc[][2][PG_L], int load) {
+    float t[2][2][PG_L];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++)
-            for (int l = 0; l < PG_L; l++) acc[i][j][l] = 0.0f;
-    size_t k8 = k & ~(size_t)(PG_L - 1);
-    for (size_t p = 0; p < k8; p += PG_L) {
-        for (int j = 0; j < NR; j++) {
-            load_chunk(b, (size_t)j * ldb + p, DT, PG_L, bv[j]);
-        }
+            for (int l = 0; l < PG_L; l++) t[i][j][l] = load ? acc[i][j][l] : 0.0f;
+    for (size_t p = 0; p < kc8; p += PG_L) {
         for (int i = 0; i < MR; i++) {
-            const float *ap = ar[i] + p;
-            for (int j = 0; j < NR; j++)
-                for (int l = 0; l < PG_L; l++) acc[i][j][l] = acc[i][j][l] + ap[l] * bv[j][l];
+            const float *ap = ar[i] + p0 + p;
+            for (int j = 0; j < NR; j++) {
+                const float *bp = br[j] + p;
+                for (int l = 0; l < PG_L; l++) t[i][j][l] = t[i][j][l] + ap[l] * bp[l];
+            }
         }
     }
-    size_t tail = k - k8;
     if (tail) {
-        for (int j = 0; j < NR; j++) load_chunk(b, (size_t)j * ldb + k8, DT, tail, bv[j]);
         for (int i = 0; i < MR; i++) {
-            const float *ap = ar[i] + k8;
-            for (int j = 0; j < NR; j++)
-                for (size_t l = 0; l < tail; l++) acc[i][j][l] = acc[i][j][l] + ap[l] * bv[j][l];
+            const float *ap = ar[i] + p0 + kc8;
+            for (int j = 0; j < NR; j++) {
+                const float *bp = br[j] + kc8;
+                for (size_t l = 0; l < tail; l++) t[i][j][l] = t[i][j][l] + ap[l] * bp[l];
+            }
         }
     }
     for (int i = 0; i < MR; i++)
-        for (int j = 0; j < NR; j++) sums[i][j] = reduce8(acc[i][j]);
+        for (int j = 0; j < NR; j++)
+            for (int l = 0; l < PG_L; l++) acc[i][j][l] = t[i][j][l];
 }
 
-/* out[i*ldo + j] = ((row_scale ? row_scale[i] : 1) * alpha) * dot(xrow(i), b row j) for i < m, j < n. */
-static inline void nt_generic(const int DT, const float *x, size_t ldx, const int32_t *rows, size_t m,
-                              const void *b, size_t ldb, size_t n, size_t k, const float *row_scale,
+/* out[i*ldo + j] = ((row_scale ? row_scale[i] : 1) * alpha) * dot(xrow(i), b row j) for i < m, j < n.
+ * Blocks of PT_MB rows of x, pairs of b rows and PT_KC-element k-blocks; a k-block of the b pair is
+ * converted to F32 once (unless `direct`: F32 rows read in place) and used by all rows of the x block. */
+static inline void nt_generic(const int DT, const int direct, const float *x, size_t ldx, const int32_t *rows,
+                              size_t m, const void *b, size_t ldb, size_t n, size_t k, const float *row_scale,
                               float alpha, float *out, size_t ldo) {
-    size_t es = dtype_size(DT);
-    for (size_t i0 = 0; i0 < m; i0 += 2) {
-        int mr = m - i0 >= 2 ? 2 : 1;
-        const float *ar[4];
-        float sc[2];
-        for (int t = 0; t < mr; t++) {
+    const size_t k8 = k & ~(size_t)(PG_L - 1);
+    const size_t tail = k - k8;
+    float acc[PT_MB][2][PG_L];
+    float cbuf[2][PT_KC + PG_L]; /* the last k-block also holds the tail */
+    const float *ar[PT_MB];
+    float sc[PT_MB];
+    for (size_t i0 = 0; i0 < m; i0 += PT_MB) {
+        size_t mb = m - i0 >= PT_MB ? PT_MB : m - i0;
+        for (size_t t = 0; t < mb; t++) {
             size_t src = rows ? (size_t)rows[i0 + t] : i0 + t;
             ar[t] = x + src * ldx;
             sc[t] = (row_scale ? row_scale[i0 + t] : 1.0f) * alpha;
         }
         for (size_t j0 = 0; j0 < n; j0 += 2) {
             int nr = n - j0 >= 2 ? 2 : 1;
-            const void *bj = (const unsigned char *)b + j0 * ldb * es;
-            float sums[4][2];
-            if (mr == 2 && nr == 2)
-                nt_tile(2, 2, DT, ar, bj, ldb, k, sums);
-            else if (mr == 2)
-                nt_tile(2, 1, DT, ar, bj, ldb, k, sums);
-            else if (nr == 2)
-                nt_tile(1, 2, DT, ar, bj, ldb, k, sums);
-            else
-                nt_tile(1, 1, DT, ar, bj, ldb, k, sums);
-            for (int t = 0; t < mr; t++)
-                for (int u = 0; u < nr; u++) out[(i0 + t) * ldo + j0 + u] = sc[t] * sums[t][u];
+            size_t p0 = 0;
+            for (;;) {
+                size_t p1 = k8 - p0 > PT_KC ? p0 + PT_KC : k8;
+                int last = p1 == k8;
+                size_t tl = last ? tail : 0;
+                size_t cnt = p1 - p0 + tl;
+                const float *br[2];
+                for (int u = 0; u < nr; u++) {
+                    size_t base = (j0 + (size_t)u) * ldb + p0;
+                    if (direct) {
+                        br[u] = (const float *)b + base;
+                    } else {
+                        for (size_t c = 0; c < cnt; c += PG_L)
+                            load_chunk(b, base + c, DT, cnt - c < PG_L ? cnt - c : PG_L, cbuf[u] + c);
+                        br[u] = cbuf[u];
+                    }
+                }
+                for (size_t ii = 0; ii < mb; ii += 2) {
+                    int mr = mb - ii >= 2 ? 2 : 1;
+                    if (mr == 2 && nr == 2)
+                        nt_tile(2, 2, ar + ii, p0, br, p1 - p0, tl, acc + ii, p0 > 0);
+                    else if (mr == 2)
+                        nt_tile(2, 1, ar + ii, p0, br, p1 - p0, tl, acc + ii, p0 > 0);
+                    else if (nr == 2)
+                        nt_tile(1, 2, ar + ii, p0, br, p1 - p0, tl, acc + ii, p0 > 0);
+                    else
+                        nt_tile(1, 1, ar + ii, p0, br, p1 - p0, tl, acc + ii, p0 > 0);
+                }
+                if (last) break;
+                p0 = p1;
+            }
+            for (size_t t = 0; t < mb; t++)
+                for (int u = 0; u < nr; u++) out[(i0 + t) * ldo + j0 + (size_t)u] = sc[t] * reduce8(acc[t][u]);
         }
     }
 }
@@ -199,7 +227,7 @@ static inline void nt_generic(const int DT, const float *x, size_t ldx, const in
 void pg_portable_gemm_nt_f32(const float *a, size_t lda, size_t m, const float *b, size_t ldb, size_t n,
                              size_t k, float alpha, float *c, size_t ldc) {
     if (m == 0 || n == 0) return;
-    nt_generic(PG_DTYPE_F32, a, lda, NULL, m, b, ldb, n, k, NULL, alpha, c, ldc);
+    nt_generic(PG_DTYPE_F32, 1, a, lda, NULL, m, b, ldb, n, k, NULL, alpha, c, ldc);
 }
 
 void pg_portable_lora_shrink(const float *x, size_t ldx, const int32_t *rows, size_t n, const void *a,
@@ -208,13 +236,13 @@ void pg_portable_lora_shrink(const float *x, size_t ldx, const int32_t *rows, si
     if (n == 0 || r == 0) return;
     switch (a_dtype) {
     case PG_DTYPE_F32:
-        nt_generic(PG_DTYPE_F32, x, ldx, rows, n, a, d_in, r, d_in, row_scale, lora_scale, h, r);
+        nt_generic(PG_DTYPE_F32, 0, x, ldx, rows, n, a, d_in, r, d_in, row_scale, lora_scale, h, r);
         break;
     case PG_DTYPE_BF16:
-        nt_generic(PG_DTYPE_BF16, x, ldx, rows, n, a, d_in, r, d_in, row_scale, lora_scale, h, r);
+        nt_generic(PG_DTYPE_BF16, 0, x, ldx, rows, n, a, d_in, r, d_in, row_scale, lora_scale, h, r);
         break;
     case PG_DTYPE_F16:
-        nt_generic(PG_DTYPE_F16, x, ldx, rows, n, a, d_in, r, d_in, row_scale, lora_scale, h, r);
+        nt_generic(PG_DTYPE_F16, 0, x, ldx, rows, n, a, d_in, r, d_in, row_scale, lora_scale, h, r);
         break;
     default:
         break;
@@ -224,47 +252,58 @@ void pg_portable_lora_shrink(const float *x, size_t ldx, const int32_t *rows, si
 /* ---------------------------------------------------------------- expand */
 
 #define PG_EXP_OB 32 /* output columns per pass */
+#define PG_EXP_RMAX 64 /* ranks whose Bt column block is converted at once */
 
-/* MR rows (h row stride r) x cnt (<= PG_EXP_OB) columns starting at column o. */
-static inline void expand_tile(const int MR, const int DT, const float *h, size_t r, const void *bt,
-                               size_t d_out, size_t o, size_t cnt, float *y, size_t ldy) {
-    float acc[4][PG_EXP_OB];
-    float bv[PG_EXP_OB];
-    for (int i = 0; i < MR; i++)
-        for (size_t l = 0; l < PG_EXP_OB; l++) acc[i][l] = 0.0f;
-    for (size_t j = 0; j < r; j++) {
-        if (DT == PG_DTYPE_F32 && cnt == PG_EXP_OB) {
-            memcpy(bv, (const unsigned char *)bt + (j * d_out + o) * sizeof(float), sizeof bv);
-        } else {
-            for (size_t c0 = 0; c0 < cnt; c0 += PG_L)
-                load_chunk(bt, j * d_out + o + c0, DT, cnt - c0 < PG_L ? cnt - c0 : PG_L, bv + c0);
-        }
+/* MR rows (h row stride r) x cnt (<= PG_EXP_OB) columns; bv holds r rows of PG_EXP_OB F32 values. */
+static inline void expand_tile(const int MR, const float *h, size_t r, size_t j0, size_t j1, const float *bv,
+                               size_t cnt, float acc[4][PG_EXP_OB]) {
+    for (size_t j = j0; j < j1; j++) {
+        const float *bj = bv + (j - j0) * PG_EXP_OB;
         for (int i = 0; i < MR; i++) {
             float hv = h[(size_t)i * r + j];
             if (cnt == PG_EXP_OB) {
-                for (size_t l = 0; l < PG_EXP_OB; l++) acc[i][l] = acc[i][l] + hv * bv[l];
+                for (size_t l = 0; l < PG_EXP_OB; l++) acc[i][l] = acc[i][l] + hv * bj[l];
             } else {
-                for (size_t l = 0; l < cnt; l++) acc[i][l] = acc[i][l] + hv * bv[l];
+                for (size_t l = 0; l < cnt; l++) acc[i][l] = acc[i][l] + hv * bj[l];
             }
         }
     }
-    for (int i = 0; i < MR; i++) memcpy(y + (size_t)i * ldy + o, acc[i], cnt * sizeof(float));
 }
 
+/* Column blocks of PG_EXP_OB outputs; for each, Bt's block (up to PG_EXP_RMAX ranks at a time) is converted
+ * to F32 once and used by every row of h. Each output is the chain acc = acc + h*b over j in order. */
 static inline void expand_generic(const int DT, const float *h, size_t n, size_t r, const void *bt, size_t d_out,
                                   float *y, size_t ldy) {
-    for (size_t i0 = 0; i0 < n; i0 += 4) {
-        size_t mr = n - i0 >= 4 ? 4 : n - i0;
-        const float *hi = h + i0 * r;
-        float *yi = y + i0 * ldy;
-        for (size_t o = 0; o < d_out; o += PG_EXP_OB) {
-            size_t cnt = d_out - o >= PG_EXP_OB ? PG_EXP_OB : d_out - o;
-            switch (mr) {
-            case 4: expand_tile(4, DT, hi, r, bt, d_out, o, cnt, yi, ldy); break;
-            case 3: expand_tile(3, DT, hi, r, bt, d_out, o, cnt, yi, ldy); break;
-            case 2: expand_tile(2, DT, hi, r, bt, d_out, o, cnt, yi, ldy); break;
-            default: expand_tile(1, DT, hi, r, bt, d_out, o, cnt, yi, ldy); break;
+    float bv[PG_EXP_RMAX * PG_EXP_OB];
+    float acc[4][PG_EXP_OB];
+    for (size_t o = 0; o < d_out; o += PG_EXP_OB) {
+        size_t cnt = d_out - o >= PG_EXP_OB ? PG_EXP_OB : d_out - o;
+        if (r <= PG_EXP_RMAX) {
+            for (size_t j = 0; j < r; j++)
+                for (size_t c0 = 0; c0 < cnt; c0 += PG_L)
+                    load_chunk(bt, j * d_out + o + c0, DT, cnt - c0 < PG_L ? cnt - c0 : PG_L, bv + j * PG_EXP_OB + c0);
+        }
+        for (size_t i0 = 0; i0 < n; i0 += 4) {
+            int mr = n - i0 >= 4 ? 4 : (int)(n - i0);
+            const float *hi = h + i0 * r;
+            for (int i = 0; i < mr; i++)
+                for (size_t l = 0; l < PG_EXP_OB; l++) acc[i][l] = 0.0f;
+            for (size_t j0 = 0; j0 < r; j0 += PG_EXP_RMAX) {
+                size_t j1 = r - j0 > PG_EXP_RMAX ? j0 + PG_EXP_RMAX : r;
+                if (r > PG_EXP_RMAX) { /* rare: convert this rank block for this row block */
+                    for (size_t j = j0; j < j1; j++)
+                        for (size_t c0 = 0; c0 < cnt; c0 += PG_L)
+                            load_chunk(bt, j * d_out + o + c0, DT, cnt - c0 < PG_L ? cnt - c0 : PG_L,
+                                       bv + (j - j0) * PG_EXP_OB + c0);
+                }
+                switch (mr) {
+                case 4: expand_tile(4, hi, r, j0, j1, bv, cnt, acc); break;
+                case 3: expand_tile(3, hi, r, j0, j1, bv, cnt, acc); break;
+                case 2: expand_tile(2, hi, r, j0, j1, bv, cnt, acc); break;
+                default: expand_tile(1, hi, r, j0, j1, bv, cnt, acc); break;
+                }
             }
+            for (int i = 0; i < mr; i++) memcpy(y + (i0 + (size_t)i) * ldy + o, acc[i], cnt * sizeof(float));
         }
     }
 }

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Installs what Phatgoose needs beyond the Swift toolchain, if missing. Idempotent; needs root for apt.
+set -euo pipefail
+export PATH="/opt/swift/usr/bin:$PATH"
+command -v swift >/dev/null || { echo "setup: Swift 6.1 or later is required (swift not on PATH)" >&2; exit 1; }
+python3 -c 'import numpy' 2>/dev/null || python3 -m pip install --quiet numpy
