@@ -47,7 +47,10 @@ let package = Package(
         ),
         .testTarget(
             name: "PhatgooseTests",
-            dependencies: ["PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime", "PhatgooseSynth"],
+            dependencies: [
+                "CPhatgooseKernels", "PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting",
+                "PhatgooseRuntime", "PhatgooseSynth",
+            ],
             swiftSettings: [.define("PHATGOOSE_CHECK_INVARIANTS")]
         ),
     ],

@@ -18,8 +18,6 @@ static inline float reduce8(const float *acc) {
     return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
 
-static inline size_t dtype_size(int dtype) { return dtype == PG_DTYPE_F32 ? 4u : 2u; }
-
 /* Loads `cnt` (<= 8) elements of `dtype` at element index idx of base as F32 into out[0..cnt). */
 static inline void load_chunk(const void *base, size_t idx, int dtype, size_t cnt, float *out) {
     if (dtype == PG_DTYPE_F32) {

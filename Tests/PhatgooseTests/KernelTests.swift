@@ -1,0 +1,143 @@
+import CPhatgooseKernels
+import Foundation
+import PhatgooseKernels
+import Testing
+
+/// Deterministic pseudo-random floats in [-1, 1).
+func randomFloats(_ count: Int, seed: UInt64) -> [Float] {
+    var state = seed &+ 0x9E37_79B9_7F4A_7C15
+    return (0..<count).map { _ in
+        state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+        return Float(Int32(truncatingIfNeeded: state >> 32)) / Float(1 << 31)
+    }
+}
+
+/// Runs `body` once per instruction set this CPU supports, restoring the best one afterwards.
+func forEachISA(_ body: (Kernels.ISA) throws -> Void) rethrows {
+    defer { Kernels.setISA(Kernels.bestISA) }
+    for isa in Kernels.ISA.allCases where Kernels.setISA(isa) {
+        try body(isa)
+    }
+}
+
+@Suite("kernels", .serialized)
+struct KernelTests {
+    @Test("gemm_nt matches a double-precision reference", arguments: [(1, 1, 1), (3, 5, 17), (13, 7, 64), (64, 36, 2048), (5, 166, 100)])
+    func gemm(_ shape: (Int, Int, Int)) {
+        let (m, n, k) = shape
+        let a = randomFloats(m * k, seed: 1), b = randomFloats(n * k, seed: 2)
+        forEachISA { isa in
+            var c = [Float](repeating: .nan, count: m * n)
+            Kernels.gemmNT(a, lda: k, m: m, b, ldb: k, n: n, k: k, alpha: 0.5, into: &c, ldc: n)
+            var worst = 0.0
+            for i in 0..<m {
+                for j in 0..<n {
+                    var sum = 0.0
+                    for t in 0..<k { sum += Double(a[i * k + t]) * Double(b[j * k + t]) }
+                    worst = max(worst, abs(Double(c[i * n + j]) - 0.5 * sum) / max(1, abs(sum)))
+                }
+            }
+            #expect(worst < 1e-5, "\(isa): worst relative error \(worst)")
+        }
+    }
+
+    @Test("every kernel output is bitwise independent of batch size and position (per ISA)")
+    func tilingInvariance() {
+        let rows = 37, inWidth = 203, rank = 5, outWidth = 77, experts = 11
+        let x = randomFloats(rows * inWidth, seed: 3), g = randomFloats(experts * inWidth, seed: 4)
+        let aF32 = randomFloats(rank * inWidth, seed: 5), bt = randomFloats(rank * outWidth, seed: 6)
+        let scale = randomFloats(rows, seed: 7)
+        let tokenList = (0..<Int32(rows)).map { ($0 * 7) % Int32(rows) }
+        forEachISA { isa in
+            var whole = [Float](repeating: 0, count: rows * experts)
+            Kernels.gemmNT(x, lda: inWidth, m: rows, g, ldb: inWidth, n: experts, k: inWidth, into: &whole, ldc: experts)
+            var whole2 = [Float](repeating: 0, count: rows * rank)
+            var expanded = [Float](repeating: 0, count: rows * outWidth)
+            aF32.withUnsafeBytes { a in
+                Kernels.loraShrink(x, ldx: inWidth, rows: tokenList, count: rows, a: a.baseAddress!, aDType: 0, rank: rank,
+                                   inWidth: inWidth, rowScale: scale, loraScale: 0.25, into: &whole2)
+            }
+            bt.withUnsafeBytes { b in
+                Kernels.loraExpand(whole2, count: rows, rank: rank, bTransposed: b.baseAddress!, bDType: 0, outWidth: outWidth, into: &expanded, ldy: outWidth)
+            }
+            var same = true
+            for row in 0..<rows {
+                var one = [Float](repeating: 0, count: experts)
+                x.withUnsafeBufferPointer { xs in
+                    Kernels.gemmNT(xs.baseAddress! + row * inWidth, lda: inWidth, m: 1, g, ldb: inWidth, n: experts, k: inWidth, into: &one, ldc: experts)
+                }
+                same = same && one == Array(whole[(row * experts)..<((row + 1) * experts)])
+                var h = [Float](repeating: 0, count: rank)
+                var token = tokenList[row]
+                var s = scale[row]
+                aF32.withUnsafeBytes { a in
+                    Kernels.loraShrink(x, ldx: inWidth, rows: &token, count: 1, a: a.baseAddress!, aDType: 0, rank: rank,
+                                       inWidth: inWidth, rowScale: &s, loraScale: 0.25, into: &h)
+                }
+                same = same && h == Array(whole2[(row * rank)..<((row + 1) * rank)])
+                var y = [Float](repeating: 0, count: outWidth)
+                bt.withUnsafeBytes { b in
+                    Kernels.loraExpand(h, count: 1, rank: rank, bTransposed: b.baseAddress!, bDType: 0, outWidth: outWidth, into: &y, ldy: outWidth)
+                }
+                same = same && y == Array(expanded[(row * outWidth)..<((row + 1) * outWidth)])
+            }
+            #expect(same, "\(isa): a row computed alone differs from the same row in a batch")
+        }
+    }
+
+    @Test("shrink and expand read BF16 and F16 weights like their F32 values", arguments: [1, 2])
+    func halfPrecisionWeights(_ dtype: Int32) {
+        let rows = 9, inWidth = 40, rank = 3, outWidth = 24
+        let x = randomFloats(rows * inWidth, seed: 8)
+        let aValues = randomFloats(rank * inWidth, seed: 9), bValues = randomFloats(rank * outWidth, seed: 10)
+        // Round the weights to the half dtype first, so F32 and half paths see the same values.
+        func roundTrip(_ values: [Float]) -> (half: [UInt16], exact: [Float]) {
+            var half = [UInt16](repeating: 0, count: values.count)
+            var exact = [Float](repeating: 0, count: values.count)
+            pg_convert_from_f32(values, dtype, &half, values.count)
+            pg_convert_to_f32(half, dtype, &exact, values.count)
+            return (half, exact)
+        }
+        let a = roundTrip(aValues), b = roundTrip(bValues)
+        forEachISA { isa in
+            var hHalf = [Float](repeating: 0, count: rows * rank), hExact = hHalf
+            Kernels.loraShrink(x, ldx: inWidth, rows: nil, count: rows, a: a.half, aDType: dtype, rank: rank, inWidth: inWidth, rowScale: nil, loraScale: 1, into: &hHalf)
+            Kernels.loraShrink(x, ldx: inWidth, rows: nil, count: rows, a: a.exact, aDType: 0, rank: rank, inWidth: inWidth, rowScale: nil, loraScale: 1, into: &hExact)
+            #expect(hHalf == hExact, "\(isa): shrink with dtype \(dtype)")
+            var yHalf = [Float](repeating: 0, count: rows * outWidth), yExact = yHalf
+            Kernels.loraExpand(hExact, count: rows, rank: rank, bTransposed: b.half, bDType: dtype, outWidth: outWidth, into: &yHalf, ldy: outWidth)
+            Kernels.loraExpand(hExact, count: rows, rank: rank, bTransposed: b.exact, bDType: 0, outWidth: outWidth, into: &yExact, ldy: outWidth)
+            #expect(yHalf == yExact, "\(isa): expand with dtype \(dtype)")
+        }
+    }
+
+    @Test("layer norm matches a double-precision reference")
+    func layerNorm() {
+        let rows = 4, width = 517
+        let x = randomFloats(rows * width, seed: 11).map { $0 * 3 + 0.7 }
+        forEachISA { isa in
+            var out = [Float](repeating: 0, count: rows * width)
+            Kernels.layerNormRows(x, ldx: width, rows: rows, width: width, into: &out, ldo: width)
+            var worst = 0.0
+            for r in 0..<rows {
+                let row = x[(r * width)..<((r + 1) * width)].map(Double.init)
+                let mean = row.reduce(0, +) / Double(width)
+                let variance = row.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(width)
+                for (i, v) in row.enumerated() {
+                    worst = max(worst, abs(Double(out[r * width + i]) - (v - mean) / (variance + 1e-5).squareRoot()))
+                }
+            }
+            #expect(worst < 1e-5, "\(isa): worst error \(worst)")
+        }
+    }
+
+    @Test("the AVX2 kernels are chosen on a CPU that has AVX2, FMA and F16C")
+    func dispatch() {
+        #expect(Kernels.activeISA == Kernels.bestISA)
+        #if arch(x86_64)
+        let flags = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        let hasAll = ["avx2", "fma", "f16c"].allSatisfy { flags.contains(" \($0) ") || flags.contains(" \($0)\n") }
+        #expect(hasAll == (Kernels.bestISA == .avx2))
+        #endif
+    }
+}
