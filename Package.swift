@@ -41,7 +41,7 @@ let package = Package(
         .executableTarget(
             name: "phatgoose",
             dependencies: [
-                "PhatgooseFormats", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime", "PhatgooseSynth",
+                "PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime", "PhatgooseSynth",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -23,7 +23,7 @@
 
 #define PG_TARGET __attribute__((target("avx2,fma,f16c")))
 #define PG_INL static inline __attribute__((always_inline, target("avx2,fma,f16c")))
-#define PG_UNROLL _Pragma("GCC unroll 4")
+#define PG_UNROLL _Pragma("GCC unroll 8")
 
 static const int32_t pg_mask_tab[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
 
@@ -251,10 +251,18 @@ PG_TARGET void pg_avx2_layernorm_rows(const float *x, size_t ldx, size_t rows, s
 
 /* ================================================================ NT products (gemm, shrink) */
 
-#define NT_MR 4     /* rows of the f32 operand per tile */
-#define NT_NR 3     /* rows of the typed operand per tile */
-#define NT_KC 512   /* k-block (multiple of 8) once k is larger than this */
+#ifndef NT_MR
+#define NT_MR 4 /* rows of the f32 operand per tile (1..8) */
+#endif
+#ifndef NT_NR
+#define NT_NR 3 /* rows of the typed operand per tile (1..3) */
+#endif
+#ifndef NT_KC
+#define NT_KC 512 /* k-block (multiple of 8) once k is larger than this */
+#endif
+#ifndef NT_NCMAX
 #define NT_NCMAX 96 /* max typed-operand rows per column block when k-blocking (multiple of NT_NR) */
+#endif
 #define NT_SLOT (NT_MR * NT_NR * 8)
 
 /* One MR x NR tile over the chunks [p0, p1) of k (p0, p1 multiples of 8), then `tail` elements at p1 when
@@ -263,16 +271,14 @@ PG_TARGET void pg_avx2_layernorm_rows(const float *x, size_t ldx, size_t rows, s
 PG_INL void nt_tile(const int MR, const int NR, const int DT, const float *const *ar, const void *b, size_t ldb,
                     size_t p0, size_t p1, size_t tail, float *accbuf, int load, int store, float sums[NT_MR][NT_NR]) {
     __m256 acc[NT_MR][NT_NR];
+    const float *ap[NT_MR];
     PG_UNROLL
     for (int i = 0; i < MR; i++) {
+        ap[i] = ar[i];
         PG_UNROLL
         for (int j = 0; j < NR; j++)
             acc[i][j] = load ? _mm256_loadu_ps(accbuf + (i * NT_NR + j) * 8) : _mm256_setzero_ps();
     }
-    const float *a0 = ar[0];
-    const float *a1 = MR > 1 ? ar[1] : a0;
-    const float *a2 = MR > 2 ? ar[2] : a0;
-    const float *a3 = MR > 3 ? ar[3] : a0;
     const char *b0 = (const char *)b;
     const size_t bstride = ldb * (DT == PG_DTYPE_F32 ? 4 : 2);
     for (size_t p = p0; p < p1; p += 8) {
@@ -281,8 +287,7 @@ PG_INL void nt_tile(const int MR, const int NR, const int DT, const float *const
         for (int j = 0; j < NR; j++) bv[j] = ld8(DT, b0 + (size_t)j * bstride, p);
         PG_UNROLL
         for (int i = 0; i < MR; i++) {
-            const float *ai = i == 0 ? a0 : i == 1 ? a1 : i == 2 ? a2 : a3;
-            __m256 av = _mm256_loadu_ps(ai + p);
+            __m256 av = _mm256_loadu_ps(ap[i] + p);
             PG_UNROLL
             for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
         }
@@ -294,7 +299,7 @@ PG_INL void nt_tile(const int MR, const int NR, const int DT, const float *const
         for (int j = 0; j < NR; j++) bv[j] = ld8_tail(DT, b0 + (size_t)j * bstride, p1, tail);
         PG_UNROLL
         for (int i = 0; i < MR; i++) {
-            __m256 av = _mm256_maskload_ps(ar[i] + p1, mask);
+            __m256 av = _mm256_maskload_ps(ap[i] + p1, mask);
             PG_UNROLL
             for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
         }
@@ -314,25 +319,44 @@ PG_INL void nt_tile(const int MR, const int NR, const int DT, const float *const
     }
 }
 
-#define NT_CALL(MR, NR)                                                                                          \
-    nt_tile(MR, NR, DT, ar, bj, ldb, p0, p1, tl, slot, load, store, sums)
+/* switch cases for every tile shape up to NT_MR x NT_NR */
+#define NT_CASE(MR, NR)                                                                                          \
+    case (MR) * 16 + (NR): nt_tile(MR, NR, DT, ar, bj, ldb, p0, p1, tl, slot, load, store, sums); break;
+#if NT_NR >= 3
+#define NT_CASES(MR) NT_CASE(MR, 1) NT_CASE(MR, 2) NT_CASE(MR, 3)
+#elif NT_NR == 2
+#define NT_CASES(MR) NT_CASE(MR, 1) NT_CASE(MR, 2)
+#else
+#define NT_CASES(MR) NT_CASE(MR, 1)
+#endif
 
 PG_INL void nt_tile_dispatch(const int DT, int mr, int nr, const float *const *ar, const void *bj, size_t ldb,
                              size_t p0, size_t p1, size_t tl, float *slot, int load, int store,
                              float sums[NT_MR][NT_NR]) {
-    switch (mr * 4 + nr) {
-    case 4 * 4 + 3: NT_CALL(4, 3); break;
-    case 4 * 4 + 2: NT_CALL(4, 2); break;
-    case 4 * 4 + 1: NT_CALL(4, 1); break;
-    case 3 * 4 + 3: NT_CALL(3, 3); break;
-    case 3 * 4 + 2: NT_CALL(3, 2); break;
-    case 3 * 4 + 1: NT_CALL(3, 1); break;
-    case 2 * 4 + 3: NT_CALL(2, 3); break;
-    case 2 * 4 + 2: NT_CALL(2, 2); break;
-    case 2 * 4 + 1: NT_CALL(2, 1); break;
-    case 1 * 4 + 3: NT_CALL(1, 3); break;
-    case 1 * 4 + 2: NT_CALL(1, 2); break;
-    default: NT_CALL(1, 1); break;
+    switch (mr * 16 + nr) {
+        NT_CASES(1)
+#if NT_MR >= 2
+        NT_CASES(2)
+#endif
+#if NT_MR >= 3
+        NT_CASES(3)
+#endif
+#if NT_MR >= 4
+        NT_CASES(4)
+#endif
+#if NT_MR >= 5
+        NT_CASES(5)
+#endif
+#if NT_MR >= 6
+        NT_CASES(6)
+#endif
+#if NT_MR >= 7
+        NT_CASES(7)
+#endif
+#if NT_MR >= 8
+        NT_CASES(8)
+#endif
+    default: break;
     }
 }
 

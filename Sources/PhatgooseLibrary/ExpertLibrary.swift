@@ -6,6 +6,12 @@ public struct ExpertInfo: Sendable {
     /// Directory relative to the library root.
     public var path: String
     public var config: AdapterConfig
+
+    public init(name: String, path: String, config: AdapterConfig) {
+        self.name = name
+        self.path = path
+        self.config = config
+    }
 }
 
 /// One expert's LoRA at one module, in the runtime's layout.
@@ -24,6 +30,16 @@ public struct ModuleExpert: Sendable {
 
     /// Bytes of weights (A, B and gate).
     public var byteCount: Int { a.byteCount + bTransposed.byteCount + gate.byteCount }
+
+    public init(expert: ExpertIndex, rank: Int, alpha: Double, scale: Float, a: WeightTensor, bTransposed: WeightTensor, gate: WeightTensor) {
+        self.expert = expert
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = scale
+        self.a = a
+        self.bTransposed = bTransposed
+        self.gate = gate
+    }
 }
 
 /// One routed layer: the experts that adapt it (its candidates, in expert-index order) and their gates.
@@ -35,6 +51,22 @@ public struct RoutedModule: Sendable {
     /// Each candidate's gate, layer-normalised (no affine, eps 1e-5) and scaled by 1/sqrt(in): F32 [candidates, in].
     /// Routing scores are then one GEMM against the normalised tokens.
     public var gateMatrix: WeightTensor
+
+    /// A module from its candidates (in ascending expert order); the gate matrix is computed from their gates, by the
+    /// same code the loaders use.
+    public init(name: String, inWidth: Int, outWidth: Int, experts: [ModuleExpert]) {
+        precondition(zip(experts, experts.dropFirst()).allSatisfy { $0.expert < $1.expert }, "candidates must ascend by expert index")
+        self.init(name: name, inWidth: inWidth, outWidth: outWidth, experts: experts,
+                  gateMatrix: GateMatrixBuilder.build(experts.map(\.gate), inWidth: inWidth))
+    }
+
+    init(name: String, inWidth: Int, outWidth: Int, experts: [ModuleExpert], gateMatrix: WeightTensor) {
+        self.name = name
+        self.inWidth = inWidth
+        self.outWidth = outWidth
+        self.experts = experts
+        self.gateMatrix = gateMatrix
+    }
 
     /// Position of `expert` among this module's candidates.
     public func candidateSlot(of expert: ExpertIndex) -> Int? { experts.firstIndex { $0.expert == expert } }

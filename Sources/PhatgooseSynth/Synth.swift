@@ -70,18 +70,11 @@ public enum Synth {
             try createDirectory(expertDirectory)
             var adapter = SafetensorsWriter()
             var gates = SafetensorsWriter()
-            let task = options.task(ofExpert: e)
             for (l, layer) in layers.enumerated() where adapts(options, expert: e, layer: l) {
-                var rng = SplitMix64(options.seed, 1, UInt64(e), UInt64(l))
-                let aBound = Float(1 / Double(layer.inWidth).squareRoot())
-                let a = (0..<(options.rank * layer.inWidth)).map { _ in rng.uniform(-aBound, aBound) }
-                let b = (0..<(layer.outWidth * options.rank)).map { _ in rng.uniform(-0.02, 0.02) }
-                adapter.add("base_model.model.\(layer.name).lora_A.weight", floats: a, shape: [options.rank, layer.inWidth], as: options.weightDType)
-                adapter.add("base_model.model.\(layer.name).lora_B.weight", floats: b, shape: [layer.outWidth, options.rank], as: options.weightDType)
-                var direction = taskDirection(options, task: task, layer: l, width: layer.inWidth)
-                var noise = SplitMix64(options.seed, 2, UInt64(e), UInt64(l))
-                for i in direction.indices { direction[i] += 0.5 * noise.normal() }
-                gates.add(layer.name, floats: direction, shape: [layer.inWidth], as: options.gateDType)
+                let values = expertValues(options, expert: e, layer: l)
+                adapter.add("base_model.model.\(layer.name).lora_A.weight", floats: values.a, shape: [options.rank, layer.inWidth], as: options.weightDType)
+                adapter.add("base_model.model.\(layer.name).lora_B.weight", floats: values.b, shape: [layer.outWidth, options.rank], as: options.weightDType)
+                gates.add(layer.name, floats: values.gate, shape: [layer.inWidth], as: options.gateDType)
             }
             adapter.metadata = ["format": "pt"]
             try adapter.write(to: expertDirectory + "/adapter_model.safetensors")
@@ -156,6 +149,19 @@ public enum Synth {
             for i in 0..<width { result[t * width + i] = 0.5 * common[i] + direction[i] + rng.normal() }
         }
         return result
+    }
+
+    /// An expert's A [r, in], B [out, r] and gate [in] at a layer, in F32.
+    static func expertValues(_ options: SynthOptions, expert e: Int, layer l: Int) -> (a: [Float], b: [Float], gate: [Float]) {
+        let layer = options.shape.layers[l]
+        var rng = SplitMix64(options.seed, 1, UInt64(e), UInt64(l))
+        let aBound = Float(1 / Double(layer.inWidth).squareRoot())
+        let a = (0..<(options.rank * layer.inWidth)).map { _ in rng.uniform(-aBound, aBound) }
+        let b = (0..<(layer.outWidth * options.rank)).map { _ in rng.uniform(-0.02, 0.02) }
+        var gate = taskDirection(options, task: options.task(ofExpert: e), layer: l, width: layer.inWidth)
+        var noise = SplitMix64(options.seed, 2, UInt64(e), UInt64(l))
+        for i in gate.indices { gate[i] += 0.5 * noise.normal() }
+        return (a, b, gate)
     }
 
     static func taskDirection(_ options: SynthOptions, task: Int, layer: Int, width: Int) -> [Float] {

@@ -14,7 +14,7 @@ struct Phatgoose: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "phatgoose",
         abstract: "Serve PHATGOOSE routing among LoRA experts on CPUs.",
-        subcommands: [Inspect.self, Synth.self, Pack.self, Apply.self]
+        subcommands: [Inspect.self, SynthCommand.self, Pack.self, Apply.self, Bench.self]
     )
 
     static func main() {

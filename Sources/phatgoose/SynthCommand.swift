@@ -3,7 +3,7 @@ import PhatgooseFormats
 import PhatgooseLibrary
 import PhatgooseSynth
 
-struct Synth: ParsableCommand {
+struct SynthCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "synth",
         abstract: "Write a synthetic expert library in the PEFT layout, and optionally matching activations.",
@@ -97,9 +97,9 @@ struct Synth: ParsableCommand {
             shape: try parsedLayers(), experts: experts, rank: rank, alpha: alpha, useRSLoRA: rslora,
             weightDType: DType(userSpelling: dtype)!, gateDType: DType(userSpelling: gateDtype)!, seed: seed, tasks: tasks,
             popularity: popularity, coverage: coverage, manifest: !noManifest, topK: topK)
-        try PhatgooseSynth.Synth.writeLibrary(options, to: out)
+        try Synth.writeLibrary(options, to: out)
         if let activations {
-            try PhatgooseSynth.Synth.writeActivations(options, tokens: tokens, sequenceLength: sequenceLength, seed: seed, to: activations)
+            try Synth.writeActivations(options, tokens: tokens, sequenceLength: sequenceLength, seed: seed, to: activations)
         }
         let summary = JSONValue.object([
             ("library", .string(out)),

@@ -2,6 +2,7 @@
 """Conformance harness: runs `PHATGOOSE_BINARY apply` on seeded random libraries and compares with the reference.
 
     conformance.py PHATGOOSE_BINARY [--quick] [--cases SUBSTR,...] [--any-order] [--keep] [--list]
+    conformance.py PHATGOOSE_BINARY --golden      (the fixtures in Tests/Fixtures/golden, strict)
     conformance.py --self-test
 
 PHATGOOSE_BINARY is a command string split with shlex, e.g. ".build/release/phatgoose" or
@@ -314,7 +315,9 @@ def build_cases():
     cases.append(Case("n8_k3_rslora_rank_alpha_pattern",
                       dict(n_experts=8, modules=_mods(blocks=(0, 1), d_model=64, d_ff=128), rank=8, alpha=16,
                            use_rslora=True,
-                           rank_pattern={"block.0.layer.0.SelfAttention.q": 2, "q": 32, "wo": 4},
+                           # first matching key wins: block 0 q -> 2, block 1 q -> 32 (not 4), wo -> 4
+                           rank_pattern={"block.0.layer.0.SelfAttention.q": 2, "q": 32,
+                                         "block.1.layer.0.SelfAttention.q": 4, "wo": 4},
                            alpha_pattern={"k": 4, r"DenseReluDense\.w.": 64, "wi": 1}, seed=13),
                       tokens=200, cli=dict(router="phatgoose", top_k=3)))
     cases.append(Case("n16_k4_bf16_w128", dict(n_experts=16, modules=_mods(d_model=128, d_ff=256), rank=16,
@@ -393,7 +396,10 @@ def build_cases():
     cases.append(Case("wide_5120_n4_k2",
                       dict(n_experts=4, modules=[(q0, 2048, 2048), (wi0, 2048, 5120), (wo0, 5120, 2048)],
                            rank=16, seed=30, weight_dtype=["F32", "BF16", "F32", "F16"]),
-                      tokens={q0: 1, wi0: 16, wo0: 24}, cli=dict(router="phatgoose", top_k=2), quick=False))
+                      tokens={q0: 1, wi0: 64, wo0: 128}, cli=dict(router="phatgoose", top_k=2), quick=False))
+    cases.append(Case("w1_like_n36_w2048_r16_k2",
+                      dict(n_experts=36, modules=[(q0, 2048, 2048)], rank=16, alpha=1.0, seed=33),
+                      tokens=256, cli=dict(router="phatgoose", top_k=2), quick=False))
     cases.append(Case("arrow_scaled_5120_n4_k1",
                       dict(n_experts=4, modules=[(wo0, 5120, 2048)], rank=16, seed=31),
                       tokens=24, cli=dict(router="arrow", top_k=1, arrow_scaled=True), quick=False))
@@ -610,8 +616,23 @@ def self_test(keep=False) -> int:
         dts = dtypes_of(out)
         dts[m + ".experts"] = "I64"
         check("experts stored as I64", False, compare_case("v", lib, inputs, opts, out, dts))
+        check("whole delta scaled by 1.001 (e.g. a wrong LoRA scale)", False,
+              variant(lambda o: o.__setitem__(m, (o[m] * 1.001).astype(np.float32))))
         check("delta rows in reverse order", False,
               variant(lambda o: o.__setitem__(m, o[m][::-1].copy())))
+
+        # Honest float32 arithmetic must be accepted: the reference's float32 emulations (BLAS-style, and naive
+        # sequential dot products with a one-pass variance), including the widest case.
+        for cname, naive in (("n16_k4_bf16_w128", False), ("arrow_scaled_temp2.5_k3_bf16_w256", True),
+                             ("sequence_phatgoose_L16_k2", True), ("wide_5120_n4_k2", True)):
+            c = cases[cname]
+            d, ins, _ = prepare_case(c, os.path.join(root, "f32-" + cname))
+            l2 = ref.load_library(d)
+            o64 = ref.resolve_options(l2, **c.cli)
+            o32 = ref.resolve_options(l2, dtype=np.float32, naive=naive, **c.cli)
+            out = ref.apply(l2, ins, o32)
+            rep = compare_case("f32", l2, ins, o64, out, dtypes_of(out))
+            check(f"float32{' naive' if naive else ''} emulation of {cname} ({rep.summary()})", True, rep)
 
         # Padding: module with 2 candidates at k = 3.
         sc = cases["n12_k3_f16w_bf16g_skip_fewer_than_k"]
@@ -656,6 +677,74 @@ def self_test(keep=False) -> int:
     return 0 if all(results) else 1
 
 
+# ---- golden fixtures --------------------------------------------------------------------------------------------
+
+GOLDEN_DIR = os.path.normpath(os.path.join(HERE, "..", "Fixtures", "golden"))
+
+
+def run_golden(binary: list, golden_dir: str, any_order=False) -> tuple:
+    """Runs the binary on every Tests/Fixtures/golden/<case>. Besides the usual rules (against the reference
+    recomputed from the fixture's library), the output must match expected.safetensors strictly: identical experts
+    in identical slots (the fixtures have no near-ties), weights within 1e-5, delta rows within 1e-4."""
+    import json
+    passed = failed = 0
+    root = tempfile.mkdtemp(prefix="phatgoose-golden-")
+    try:
+        for case in sorted(os.listdir(golden_dir)):
+            cdir = os.path.join(golden_dir, case)
+            if not os.path.isfile(os.path.join(cdir, "case.json")):
+                continue
+            with open(os.path.join(cdir, "case.json")) as fh:
+                doc = json.load(fh)
+            ypath = os.path.join(root, case + ".safetensors")
+            cmd = binary + ["apply", "--library", os.path.join(cdir, "library"), "--input",
+                            os.path.join(cdir, "input.safetensors"), "--output", ypath] + doc["args"]
+            rep = CaseReport(case)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0 or not os.path.exists(ypath):
+                rep.errors.append(f"binary exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+            else:
+                out, dtypes, _ = ref.read_safetensors(ypath)
+                lib = ref.load_library(os.path.join(cdir, "library"))
+                inputs = ref.load_tensors(os.path.join(cdir, "input.safetensors"))
+                options = ref.resolve_options(lib, router=doc["router"], top_k=doc["top_k"],
+                                              granularity=doc["granularity"], sequence_length=doc["sequence_length"],
+                                              arrow_temperature=doc["arrow_temperature"],
+                                              arrow_scaled=doc["arrow_scaled"])
+                rep = compare_case(case, lib, inputs, options, out, dtypes, any_order=any_order)
+                expected = ref.load_tensors(os.path.join(cdir, "expected.safetensors"))
+                for key, want in expected.items():
+                    got = out.get(key)
+                    if got is None or got.shape != want.shape:
+                        continue                      # already reported by compare_case
+                    if key.endswith(".experts"):
+                        if not np.array_equal(got, want):
+                            t = int(np.nonzero((got != want).any(axis=1))[0][0])
+                            rep.errors.append(f"{key}: token {t}: experts {got[t].tolist()}, expected "
+                                              f"{want[t].tolist()} (golden fixtures require identical slots)")
+                    elif key.endswith(".weights"):
+                        diff = float(np.abs(got.astype(np.float64) - want).max()) if want.size else 0.0
+                        if diff > WEIGHT_ABS:
+                            rep.errors.append(f"{key}: max |weight - expected| {diff:.3g} > {WEIGHT_ABS:g}")
+                    else:
+                        w = want.astype(np.float64)
+                        norms = np.linalg.norm(w, axis=1)
+                        floor = max(DELTA_FLOOR * float(np.sqrt(np.mean(norms ** 2))) if norms.size else 0, 1e-30)
+                        rel = np.linalg.norm(got - w, axis=1) / np.maximum(norms, floor)
+                        if rel.size and rel.max() > DELTA_REL:
+                            rep.errors.append(f"{key}: delta row {int(np.argmax(rel))} off expected by "
+                                              f"{rel.max():.3g} relative > {DELTA_REL:g}")
+            status = "PASS" if rep.ok else "FAIL"
+            passed += rep.ok
+            failed += not rep.ok
+            print(f"{status} golden/{case}  {rep.summary()}", flush=True)
+            for e in rep.all_errors()[:8]:
+                print(f"    {e}", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return passed, failed
+
+
 # ---- main -------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -667,6 +756,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--self-test", action="store_true", help="check that the comparator catches errors")
+    ap.add_argument("--golden", action="store_true",
+                    help="run the binary on Tests/Fixtures/golden/* instead of the random cases")
+    ap.add_argument("--golden-dir", default=GOLDEN_DIR)
     args = ap.parse_args(argv)
     if args.self_test:
         return self_test(keep=args.keep)
@@ -683,6 +775,10 @@ def main(argv=None) -> int:
     if not args.binary:
         ap.error("PHATGOOSE_BINARY is required (or --self-test)")
     binary = shlex.split(args.binary)
+    if args.golden:
+        passed, failed = run_golden(binary, args.golden_dir, any_order=args.any_order)
+        print(f"{passed} passed, {failed} failed")
+        return 0 if failed == 0 and passed > 0 else 1
     root = tempfile.mkdtemp(prefix="phatgoose-conformance-")
     passed = failed = 0
     t_start = time.time()

@@ -53,10 +53,11 @@ CASES = {
         "PHATGOOSE, k=2, F32, manifest, T=1 on one module"),
     "phatgoose_k3_rslora_patterns": (
         dict(n_experts=6, modules=mods(24, 48), rank=8, alpha=16.0, use_rslora=True,
-             rank_pattern={"wo": 4, "block.0.layer.0.SelfAttention.q": 2, "q": 16},
+             rank_pattern={"wo": 4, "q": 2, "SelfAttention.q": 16},
              alpha_pattern={"wi": 32, r"SelfAttention\.(q|o)": 8}),
         7, dict(router="phatgoose", top_k=3), {},
-        "PHATGOOSE, k=3, use_rslora, rank_pattern (first match wins) and alpha_pattern (regex)"),
+        "PHATGOOSE, k=3, use_rslora, rank_pattern (first matching key in dict order wins: q -> 2, not 16) and "
+        "alpha_pattern (a regex key)"),
     "phatgoose_k2_bf16": (
         dict(n_experts=4, modules=mods(32, 40), rank=4, alpha=8.0, weight_dtype="BF16", gate_dtype="BF16"),
         6, dict(router="phatgoose", top_k=2), {}, "PHATGOOSE, k=2, BF16 weights and gates"),

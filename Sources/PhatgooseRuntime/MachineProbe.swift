@@ -1,0 +1,63 @@
+import Dispatch
+import Foundation
+import PhatgooseKernels
+
+/// Measures this machine's roofline in one run: peak FLOP/s from a cache-resident SGEMM on every thread at once,
+/// and memory bandwidth from a streaming copy on every thread at once.
+public enum MachineProbe {
+    public struct Result: Sendable {
+        public var threads: Int
+        public var peakGFLOPS: Double
+        public var bandwidthGBps: Double
+    }
+
+    /// Best of several rounds, each `threads` workers at once.
+    public static func measure(threads: Int, seconds: Double = 0.6) -> Result {
+        Result(threads: threads, peakGFLOPS: peakGFLOPS(threads: threads, seconds: seconds / 2),
+               bandwidthGBps: bandwidth(threads: threads, seconds: seconds / 2))
+    }
+
+    static func peakGFLOPS(threads: Int, seconds: Double) -> Double {
+        let m = 192, n = 192, k = 256
+        var best = 0.0
+        let deadline = Date().addingTimeInterval(seconds)
+        repeat {
+            let reps = 20
+            let start = DispatchTime.now().uptimeNanoseconds
+            DispatchQueue.concurrentPerform(iterations: threads) { _ in
+                let a = [Float](repeating: 0.5, count: m * k), b = [Float](repeating: 0.25, count: n * k)
+                var c = [Float](repeating: 0, count: m * n)
+                for _ in 0..<reps { Kernels.gemmNT(a, lda: k, m: m, b, ldb: k, n: n, k: k, into: &c, ldc: n) }
+            }
+            let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+            best = max(best, Double(threads * reps * 2 * m * n * k) / elapsed / 1e9)
+        } while Date() < deadline
+        return best
+    }
+
+    static func bandwidth(threads: Int, seconds: Double) -> Double {
+        let bytesPerThread = 64 << 20
+        let buffers = (0..<threads).map { _ in
+            (UnsafeMutableRawPointer.allocate(byteCount: bytesPerThread, alignment: 64),
+             UnsafeMutableRawPointer.allocate(byteCount: bytesPerThread, alignment: 64))
+        }
+        defer { for (a, b) in buffers { a.deallocate(); b.deallocate() } }
+        for (a, b) in buffers {
+            memset(a, 1, bytesPerThread)
+            memset(b, 2, bytesPerThread)
+        }
+        let addresses = buffers.map { (Int(bitPattern: $0.0), Int(bitPattern: $0.1)) }
+        var best = 0.0
+        let deadline = Date().addingTimeInterval(seconds)
+        repeat {
+            let start = DispatchTime.now().uptimeNanoseconds
+            DispatchQueue.concurrentPerform(iterations: threads) { i in
+                memcpy(UnsafeMutableRawPointer(bitPattern: addresses[i].1)!, UnsafeRawPointer(bitPattern: addresses[i].0)!, bytesPerThread)
+            }
+            let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+            // A copy reads and writes every byte.
+            best = max(best, Double(2 * threads * bytesPerThread) / elapsed / 1e9)
+        } while Date() < deadline
+        return best
+    }
+}

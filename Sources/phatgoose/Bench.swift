@@ -1,0 +1,145 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import PhatgooseFormats
+import PhatgooseKernels
+import PhatgooseLibrary
+import PhatgooseRouting
+import PhatgooseRuntime
+import PhatgooseSynth
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure the machine's roofline, then one routed layer with the runtime, a naive per-token loop and a dense baseline.",
+        discussion: """
+            Each result is the median and p90 time per call over repeated calls on the same batch, its GFLOP/s, and \
+            its fraction of the roofline: max(flops / peak, bytes / bandwidth) / time, with peak and bandwidth \
+            measured in the same run.
+            """
+    )
+
+    @Option(help: "Canonical workload: \(Workload.canonical.map(\.name).joined(separator: ", ")) (default: W1, W2 and W3).")
+    var workload: [String] = []
+
+    @Option(help: "Custom workload: number of experts.") var experts: Int?
+    @Option(name: .customLong("in"), help: "Custom workload: input width.") var inWidth: Int?
+    @Option(name: .customLong("out"), help: "Custom workload: output width.") var outWidth: Int?
+    @Option(help: "Custom workload: LoRA rank.") var rank: Int = 16
+    @Option(help: "Custom workload: tokens per call.") var tokens: Int?
+    @Option(help: "Custom workload: experts per token.") var topK: Int = 2
+
+    @Option(help: "Threads for the machine probe and the runtime.")
+    var threads: Int = ProcessInfo.processInfo.activeProcessorCount
+
+    @Option(help: "Implementations to run: runtime, naive, dense (comma-separated).")
+    var impl: String = "runtime,naive,dense"
+
+    @Option(help: "Weight dtype: f32, f16 or bf16.")
+    var dtype: String = "bf16"
+
+    @Option(help: "Seconds of measurement per (workload, implementation).")
+    var seconds: Double = 1
+
+    @Option(help: "Output format: text or json.")
+    var format: OutputFormat = .text
+
+    func validate() throws {
+        for name in workload where !Workload.canonical.contains(where: { $0.name == name }) {
+            throw ValidationError("--workload: expected one of \(Workload.canonical.map(\.name).joined(separator: ", ")), found \(name)")
+        }
+        let custom = [experts, inWidth, outWidth, tokens].compactMap { $0 }
+        if !custom.isEmpty && custom.count != 4 { throw ValidationError("a custom workload needs --experts, --in, --out and --tokens") }
+        if custom.contains(where: { $0 < 1 }) || rank < 1 || topK < 1 { throw ValidationError("workload sizes must be >= 1") }
+        guard threads >= 1 else { throw ValidationError("--threads: expected at least 1, found \(threads)") }
+        guard DType(userSpelling: dtype)?.isComputeFloat == true else { throw ValidationError("--dtype: expected f32, f16 or bf16, found \(dtype)") }
+        for name in impl.split(separator: ",") where !["runtime", "naive", "dense"].contains(String(name)) {
+            throw ValidationError("--impl: expected runtime, naive or dense, found \(name)")
+        }
+        guard seconds > 0 else { throw ValidationError("--seconds: expected a positive number") }
+    }
+
+    func run() throws {
+        var workloads = Workload.canonical.filter { workload.contains($0.name) }
+        if let experts, let inWidth, let outWidth, let tokens {
+            workloads.append(Workload(name: "custom", experts: experts, inWidth: inWidth, outWidth: outWidth, tokens: tokens, topK: topK, rank: rank))
+        }
+        if workloads.isEmpty { workloads = Workload.canonical.filter { ["W1", "W2", "W3"].contains($0.name) } }
+        let machine = MachineProbe.measure(threads: threads)
+        let weightDType = DType(userSpelling: dtype)!
+        var results: [JSONValue] = []
+        if format == .text {
+            print(String(format: "machine: %d threads, peak %.1f GFLOP/s (SGEMM), bandwidth %.1f GB/s (copy)", threads, machine.peakGFLOPS, machine.bandwidthGBps))
+            print("workload  impl      threads  median us     p90 us   GFLOP/s  roofline")
+        }
+        for workload in workloads {
+            let options = workload.synthOptions(dtype: weightDType)
+            let library = try Synth.library(options)
+            let module = library.modules[0]
+            let x = Synth.activations(options, layer: 0, tokens: workload.tokens, sequenceLength: min(workload.tokens, 64), seed: 1)
+            let router = try LayerRouter(module: module, options: RoutingOptions(topK: workload.topK))
+            let runtime = try Runtime(library: library, options: RoutingOptions(topK: workload.topK))
+            let layer = runtime.layer(named: module.name)!
+            var out = [Float](repeating: 0, count: workload.tokens * workload.outWidth)
+            // Distinct experts the batch chooses, for the bytes a call must move.
+            let probe = LayerExecutor()
+            probe.apply(module, router: router, x: x, ldx: workload.inWidth, tokens: workload.tokens, out: &out, ldo: workload.outWidth)
+            let active = Set(probe.routing.candidates.filter { $0 >= 0 }).count
+            let bytes = workload.bytes(activeExperts: active, weightBytes: weightDType.size)
+            let rooflineSeconds = max(workload.flops / (machine.peakGFLOPS * 1e9), bytes / (machine.bandwidthGBps * 1e9))
+            for name in impl.split(separator: ",").map(String.init) {
+                let naive = NaiveExecutor(), dense = DenseExecutor()
+                let call: () -> Void
+                switch name {
+                case "runtime":
+                    call = {
+                        x.withUnsafeBufferPointer { input in
+                            out.withUnsafeMutableBufferPointer { output in runtime.apply(layer, input: input, tokens: workload.tokens, output: output) }
+                        }
+                    }
+                case "naive":
+                    call = { naive.apply(module, router: router, x: x, ldx: workload.inWidth, tokens: workload.tokens, out: &out, ldo: workload.outWidth) }
+                default:
+                    call = { dense.apply(module, router: router, x: x, ldx: workload.inWidth, tokens: workload.tokens, out: &out, ldo: workload.outWidth) }
+                }
+                let times = Self.time(call, seconds: seconds)
+                let median = times[times.count / 2], p90 = times[min(times.count - 1, times.count * 9 / 10)]
+                let runThreads = 1  // every implementation here runs on the calling thread
+                results.append(.object([
+                    ("workload", .string(workload.name)), ("impl", .string(name)), ("threads", .integer(runThreads)),
+                    ("us_per_call_median", .double(median * 1e6)), ("us_per_call_p90", .double(p90 * 1e6)),
+                    ("gflops", .double(workload.flops / median / 1e9)), ("roofline_fraction", .double(rooflineSeconds / median)),
+                    ("calls", .integer(times.count)), ("active_experts", .integer(active)),
+                ]))
+                if format == .text {
+                    let name8 = name.padding(toLength: 8, withPad: " ", startingAt: 0)
+                    let workload8 = workload.name.padding(toLength: 8, withPad: " ", startingAt: 0)
+                    print(workload8 + "  " + name8 + String(format: "  %7d  %9.1f  %9.1f  %8.2f  %7.1f%%", runThreads, median * 1e6, p90 * 1e6,
+                                                            workload.flops / median / 1e9, 100 * rooflineSeconds / median))
+                }
+            }
+        }
+        if format == .json {
+            print(JSONValue.object([
+                ("machine", .object([("cpus", .integer(ProcessInfo.processInfo.activeProcessorCount)), ("threads", .integer(threads)),
+                                     ("peak_gflops", .double(machine.peakGFLOPS)), ("bandwidth_gbs", .double(machine.bandwidthGBps)),
+                                     ("isa", .string(String(describing: PhatgooseKernels.Kernels.activeISA)))])),
+                ("results", .array(results)),
+            ]).serialized())
+        }
+    }
+
+    /// Per-call times in seconds, sorted: two warm-up calls, then calls until `seconds` pass (at least 5).
+    static func time(_ call: () -> Void, seconds: Double) -> [Double] {
+        call()
+        call()
+        var times: [Double] = []
+        let budget = UInt64(seconds * 1e9)
+        let begin = DispatchTime.now().uptimeNanoseconds
+        while times.count < 5 || (DispatchTime.now().uptimeNanoseconds - begin < budget && times.count < 100_000) {
+            let start = DispatchTime.now().uptimeNanoseconds
+            call()
+            times.append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
+        }
+        return times.sorted()
+    }
+}
