@@ -202,46 +202,67 @@ PG_INL double hsum4d(__m256d v) {
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
+PG_INL __m256d lo4d(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+PG_INL __m256d hi4d(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+
+/* Sums in double with four 4-wide accumulators: 16-element chunks, then one 8-element chunk into the
+ * first two, then the scalar tail in order. */
 PG_TARGET void pg_avx2_layernorm_rows(const float *x, size_t ldx, size_t rows, size_t d, float eps, float *out,
                                       size_t ldo) {
     if (d == 0) return;
-    size_t d8 = d & ~(size_t)7;
+    const size_t d16 = d & ~(size_t)15;
+    const size_t d8 = d & ~(size_t)7;
     for (size_t i = 0; i < rows; i++) {
         const float *xr = x + i * ldx;
         float *orow = out + i * ldo;
 
-        __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
-        for (size_t t = 0; t < d8; t += 8) {
-            __m256 v = _mm256_loadu_ps(xr + t);
-            s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-            s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+        __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd(), s2 = _mm256_setzero_pd(), s3 = _mm256_setzero_pd();
+        for (size_t t = 0; t < d16; t += 16) {
+            __m256 v = _mm256_loadu_ps(xr + t), w = _mm256_loadu_ps(xr + t + 8);
+            s0 = _mm256_add_pd(s0, lo4d(v));
+            s1 = _mm256_add_pd(s1, hi4d(v));
+            s2 = _mm256_add_pd(s2, lo4d(w));
+            s3 = _mm256_add_pd(s3, hi4d(w));
         }
-        double sum = hsum4d(_mm256_add_pd(s0, s1));
+        if (d8 > d16) {
+            __m256 v = _mm256_loadu_ps(xr + d16);
+            s0 = _mm256_add_pd(s0, lo4d(v));
+            s1 = _mm256_add_pd(s1, hi4d(v));
+        }
+        double sum = hsum4d(_mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3)));
         for (size_t t = d8; t < d; t++) sum += (double)xr[t];
-        double mean = sum / (double)d;
+        const double mean = sum / (double)d;
 
         const __m256d vmean = _mm256_set1_pd(mean);
-        __m256d q0 = _mm256_setzero_pd(), q1 = _mm256_setzero_pd();
-        for (size_t t = 0; t < d8; t += 8) {
-            __m256 v = _mm256_loadu_ps(xr + t);
-            __m256d a = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), vmean);
-            __m256d b = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), vmean);
+        __m256d q0 = _mm256_setzero_pd(), q1 = _mm256_setzero_pd(), q2 = _mm256_setzero_pd(), q3 = _mm256_setzero_pd();
+        for (size_t t = 0; t < d16; t += 16) {
+            __m256 v = _mm256_loadu_ps(xr + t), w = _mm256_loadu_ps(xr + t + 8);
+            __m256d a = _mm256_sub_pd(lo4d(v), vmean), b = _mm256_sub_pd(hi4d(v), vmean);
+            __m256d c = _mm256_sub_pd(lo4d(w), vmean), e = _mm256_sub_pd(hi4d(w), vmean);
+            q0 = _mm256_fmadd_pd(a, a, q0);
+            q1 = _mm256_fmadd_pd(b, b, q1);
+            q2 = _mm256_fmadd_pd(c, c, q2);
+            q3 = _mm256_fmadd_pd(e, e, q3);
+        }
+        if (d8 > d16) {
+            __m256 v = _mm256_loadu_ps(xr + d16);
+            __m256d a = _mm256_sub_pd(lo4d(v), vmean), b = _mm256_sub_pd(hi4d(v), vmean);
             q0 = _mm256_fmadd_pd(a, a, q0);
             q1 = _mm256_fmadd_pd(b, b, q1);
         }
-        double ss = hsum4d(_mm256_add_pd(q0, q1));
+        double ss = hsum4d(_mm256_add_pd(_mm256_add_pd(q0, q1), _mm256_add_pd(q2, q3)));
         for (size_t t = d8; t < d; t++) {
             __m128d dv = _mm_set_sd((double)xr[t] - mean);
             ss = _mm_cvtsd_f64(_mm_fmadd_sd(dv, dv, _mm_set_sd(ss)));
         }
-        double var = ss / (double)d;
-        double inv = 1.0 / pg_sqrt(var + (double)eps);
+        const double var = ss / (double)d;
+        const double inv = 1.0 / pg_sqrt(var + (double)eps);
 
         const __m256d vinv = _mm256_set1_pd(inv);
         for (size_t t = 0; t < d8; t += 8) {
             __m256 v = _mm256_loadu_ps(xr + t);
-            __m256d a = _mm256_mul_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), vmean), vinv);
-            __m256d b = _mm256_mul_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), vmean), vinv);
+            __m256d a = _mm256_mul_pd(_mm256_sub_pd(lo4d(v), vmean), vinv);
+            __m256d b = _mm256_mul_pd(_mm256_sub_pd(hi4d(v), vmean), vinv);
             __m256 o = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(a)), _mm256_cvtpd_ps(b), 1);
             _mm256_storeu_ps(orow + t, o);
         }

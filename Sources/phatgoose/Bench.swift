@@ -40,6 +40,9 @@ struct Bench: ParsableCommand {
     @Option(help: "Seconds of measurement per (workload, implementation).")
     var seconds: Double = 1
 
+    @Option(help: "Instead of layers, time opening this library (directory or packed) with the page cache warm.")
+    var open: String?
+
     @Option(help: "Output format: text or json.")
     var format: OutputFormat = .text
 
@@ -59,6 +62,7 @@ struct Bench: ParsableCommand {
     }
 
     func run() throws {
+        if let open { return try timeOpen(open) }
         var workloads = Workload.canonical.filter { workload.contains($0.name) }
         if let experts, let inWidth, let outWidth, let tokens {
             workloads.append(Workload(name: "custom", experts: experts, inWidth: inWidth, outWidth: outWidth, tokens: tokens, topK: topK, rank: rank))
@@ -125,6 +129,32 @@ struct Bench: ParsableCommand {
                                      ("isa", .string(String(describing: PhatgooseKernels.Kernels.activeISA)))])),
                 ("results", .array(results)),
             ]).serialized())
+        }
+    }
+
+    /// Median and p90 of opening `path`, after one untimed open that warms the page cache.
+    func timeOpen(_ path: String) throws {
+        var library: ExpertLibrary? = try ExpertLibrary.load(path: path)
+        let bytes = library!.weightByteCount, modules = library!.modules.count, experts = library!.experts.count
+        library = nil
+        var times: [Double] = []
+        let begin = DispatchTime.now().uptimeNanoseconds
+        while times.count < 3 || (DispatchTime.now().uptimeNanoseconds - begin < UInt64(seconds * 1e9) && times.count < 1000) {
+            let start = DispatchTime.now().uptimeNanoseconds
+            library = try ExpertLibrary.load(path: path)
+            times.append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
+            library = nil
+        }
+        times.sort()
+        let median = times[times.count / 2], p90 = times[min(times.count - 1, times.count * 9 / 10)]
+        switch format {
+        case .json:
+            print(JSONValue.object([("open", .string(path)), ("experts", .integer(experts)), ("modules", .integer(modules)),
+                                    ("bytes", .integer(bytes)), ("opens", .integer(times.count)),
+                                    ("ms_median", .double(median * 1e3)), ("ms_p90", .double(p90 * 1e3))]).serialized())
+        case .text:
+            print(String(format: "open: %d experts x %d modules, ", experts, modules) + LibraryReport.formatBytes(bytes)
+                  + String(format: ": median %.1f ms, p90 %.1f ms over %d opens (page cache warm)", median * 1e3, p90 * 1e3, times.count))
         }
     }
 
