@@ -15,9 +15,9 @@ if [ ! -f "$cache/library.phatpack" ]; then
   "$bin" pack "$cache.tmp/library" --out "$cache.tmp/library.phatpack"
   rm -rf "$cache" && mv "$cache.tmp" "$cache"
 fi
-"$bin" inspect "$cache/library.phatpack" | head -n 6
+"$bin" inspect "$cache/library.phatpack" | sed -n '1,6p'
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 "$bin" apply --library "$cache/library.phatpack" --input "$cache/activations.safetensors" --output "$out/deltas.safetensors"
-"$bin" inspect "$out/deltas.safetensors" | head -n 4
+"$bin" inspect "$out/deltas.safetensors" | sed -n '1,4p'
 echo "main job: applied $( "$bin" inspect "$cache/activations.safetensors" --format json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["tensors"]))') routed layers to 128 tokens"

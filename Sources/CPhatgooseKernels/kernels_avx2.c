@@ -273,63 +273,88 @@ PG_TARGET void pg_avx2_layernorm_rows(const float *x, size_t ldx, size_t rows, s
 /* ================================================================ NT products (gemm, shrink) */
 
 #ifndef NT_MR
-#define NT_MR 4 /* rows of the f32 operand per tile (1..8) */
+#define NT_MR 6 /* rows of the f32 operand per full tile (4 or 6) */
 #endif
-#ifndef NT_NR
-#define NT_NR 3 /* rows of the typed operand per tile (1..3) */
-#endif
+#define NT_MAXNR 8 /* most typed-operand rows in any tile (the one-row tile) */
 #ifndef NT_KC
 #define NT_KC 512 /* k-block (multiple of 8) once k is larger than this */
 #endif
 #ifndef NT_NCMAX
-#define NT_NCMAX 96 /* max typed-operand rows per column block when k-blocking (multiple of NT_NR) */
+#define NT_NCMAX 64 /* most typed-operand rows per column block when k-blocking */
 #endif
-#define NT_SLOT (NT_MR * NT_NR * 8)
+
+/* Typed-operand rows per tile for a tile of mr rows: 8 to 12 accumulators, and at most 16 live vectors. */
+PG_INL int nt_nr_for(int mr) {
+    switch (mr) {
+    case 1: return 8;
+    case 2: return 6;
+    case 3: return 4;
+    case 4: return 3;
+    default: return 2;
+    }
+}
 
 /* One MR x NR tile over the chunks [p0, p1) of k (p0, p1 multiples of 8), then `tail` elements at p1 when
- * tail > 0. Accumulators start at zero or from accbuf (load); at the end they go back to accbuf (store) or
- * are reduced into sums. */
+ * tail > 0. The accumulators start at zero, or from slot (load); at the end they go back to slot (store) or
+ * are reduced into sums. In slot, accumulator (i, j) is at (j * NT_MR + i) * 8. */
 PG_INL void nt_tile(const int MR, const int NR, const int DT, const float *const *ar, const void *b, size_t ldb,
-                    size_t p0, size_t p1, size_t tail, float *accbuf, int load, int store, float sums[NT_MR][NT_NR]) {
-    __m256 acc[NT_MR][NT_NR];
+                    size_t p0, size_t p1, size_t tail, float *slot, int load, int store,
+                    float sums[NT_MR][NT_MAXNR]) {
+    __m256 acc[NT_MR][NT_MAXNR];
     const float *ap[NT_MR];
+    const char *b0 = (const char *)b;
+    const size_t bstride = ldb * (DT == PG_DTYPE_F32 ? 4 : 2);
     PG_UNROLL
     for (int i = 0; i < MR; i++) {
         ap[i] = ar[i];
         PG_UNROLL
         for (int j = 0; j < NR; j++)
-            acc[i][j] = load ? _mm256_loadu_ps(accbuf + (i * NT_NR + j) * 8) : _mm256_setzero_ps();
+            acc[i][j] = load ? _mm256_loadu_ps(slot + (j * NT_MR + i) * 8) : _mm256_setzero_ps();
     }
-    const char *b0 = (const char *)b;
-    const size_t bstride = ldb * (DT == PG_DTYPE_F32 ? 4 : 2);
-    for (size_t p = p0; p < p1; p += 8) {
-        __m256 bv[NT_NR];
-        PG_UNROLL
-        for (int j = 0; j < NR; j++) bv[j] = ld8(DT, b0 + (size_t)j * bstride, p);
-        PG_UNROLL
-        for (int i = 0; i < MR; i++) {
-            __m256 av = _mm256_loadu_ps(ap[i] + p);
+    if (MR > NR) {
+        /* the NR converted b vectors stay in registers, the rows of x stream */
+        for (size_t p = p0; p < p1; p += 8) {
+            __m256 bv[NT_MAXNR];
             PG_UNROLL
-            for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+            for (int j = 0; j < NR; j++) bv[j] = ld8(DT, b0 + (size_t)j * bstride, p);
+            PG_UNROLL
+            for (int i = 0; i < MR; i++) {
+                __m256 av = _mm256_loadu_ps(ap[i] + p);
+                PG_UNROLL
+                for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+            }
+        }
+    } else {
+        /* the MR x vectors stay in registers, the b rows stream */
+        for (size_t p = p0; p < p1; p += 8) {
+            __m256 av[NT_MR];
+            PG_UNROLL
+            for (int i = 0; i < MR; i++) av[i] = _mm256_loadu_ps(ap[i] + p);
+            PG_UNROLL
+            for (int j = 0; j < NR; j++) {
+                __m256 bv = ld8(DT, b0 + (size_t)j * bstride, p);
+                PG_UNROLL
+                for (int i = 0; i < MR; i++) acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
+            }
         }
     }
     if (tail) {
         __m256i mask = tail_mask(tail);
-        __m256 bv[NT_NR];
+        __m256 av[NT_MR];
         PG_UNROLL
-        for (int j = 0; j < NR; j++) bv[j] = ld8_tail(DT, b0 + (size_t)j * bstride, p1, tail);
+        for (int i = 0; i < MR; i++) av[i] = _mm256_maskload_ps(ap[i] + p1, mask);
         PG_UNROLL
-        for (int i = 0; i < MR; i++) {
-            __m256 av = _mm256_maskload_ps(ap[i] + p1, mask);
+        for (int j = 0; j < NR; j++) {
+            __m256 bv = ld8_tail(DT, b0 + (size_t)j * bstride, p1, tail);
             PG_UNROLL
-            for (int j = 0; j < NR; j++) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+            for (int i = 0; i < MR; i++) acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
         }
     }
     if (store) {
         PG_UNROLL
         for (int i = 0; i < MR; i++) {
             PG_UNROLL
-            for (int j = 0; j < NR; j++) _mm256_storeu_ps(accbuf + (i * NT_NR + j) * 8, acc[i][j]);
+            for (int j = 0; j < NR; j++) _mm256_storeu_ps(slot + (j * NT_MR + i) * 8, acc[i][j]);
         }
     } else {
         PG_UNROLL
@@ -340,49 +365,33 @@ PG_INL void nt_tile(const int MR, const int NR, const int DT, const float *const
     }
 }
 
-/* switch cases for every tile shape up to NT_MR x NT_NR */
+/* Every tile shape nt_generic uses: mr rows by nt_nr_for(mr) columns, and 4, 2 or 1 columns at the end. */
 #define NT_CASE(MR, NR)                                                                                          \
     case (MR) * 16 + (NR): nt_tile(MR, NR, DT, ar, bj, ldb, p0, p1, tl, slot, load, store, sums); break;
-#if NT_NR >= 3
-#define NT_CASES(MR) NT_CASE(MR, 1) NT_CASE(MR, 2) NT_CASE(MR, 3)
-#elif NT_NR == 2
-#define NT_CASES(MR) NT_CASE(MR, 1) NT_CASE(MR, 2)
-#else
-#define NT_CASES(MR) NT_CASE(MR, 1)
-#endif
 
 PG_INL void nt_tile_dispatch(const int DT, int mr, int nr, const float *const *ar, const void *bj, size_t ldb,
                              size_t p0, size_t p1, size_t tl, float *slot, int load, int store,
-                             float sums[NT_MR][NT_NR]) {
+                             float sums[NT_MR][NT_MAXNR]) {
     switch (mr * 16 + nr) {
-        NT_CASES(1)
-#if NT_MR >= 2
-        NT_CASES(2)
-#endif
-#if NT_MR >= 3
-        NT_CASES(3)
-#endif
-#if NT_MR >= 4
-        NT_CASES(4)
-#endif
+        NT_CASE(1, 8) NT_CASE(1, 4) NT_CASE(1, 2) NT_CASE(1, 1)
+        NT_CASE(2, 6) NT_CASE(2, 4) NT_CASE(2, 2) NT_CASE(2, 1)
+        NT_CASE(3, 4) NT_CASE(3, 2) NT_CASE(3, 1)
+        NT_CASE(4, 3) NT_CASE(4, 2) NT_CASE(4, 1)
 #if NT_MR >= 5
-        NT_CASES(5)
+        NT_CASE(5, 2) NT_CASE(5, 1)
 #endif
 #if NT_MR >= 6
-        NT_CASES(6)
-#endif
-#if NT_MR >= 7
-        NT_CASES(7)
-#endif
-#if NT_MR >= 8
-        NT_CASES(8)
+        NT_CASE(6, 2) NT_CASE(6, 1)
 #endif
     default: break;
     }
 }
 
 /* out[i*ldo + j] = ((row_scale ? row_scale[i] : 1) * alpha) * dot(x row (rows ? rows[i] : i), b row j),
- * i < m, j < n, over k. */
+ * i < m, j < n, over k.
+ * Blocking: column blocks of b (all of n when k <= NT_KC; otherwise at most NT_NCMAX rows and about 1 MiB,
+ * so that the block stays in L2), then tiles of NT_MR rows of x, then k-blocks of NT_KC (the tile's rows
+ * stay in L1 while the block's columns pass), then the column tiles. */
 PG_INL void nt_generic(const int DT, const float *x, size_t ldx, const int32_t *rows, size_t m, const void *b,
                        size_t ldb, size_t n, size_t k, const float *row_scale, float alpha, float *out,
                        size_t ldo) {
@@ -390,25 +399,22 @@ PG_INL void nt_generic(const int DT, const float *x, size_t ldx, const int32_t *
     const size_t k8 = k & ~(size_t)7;
     const size_t tail = k - k8;
     const int kblocked = k8 > NT_KC;
-    float accbuf[(NT_NCMAX / NT_NR) * NT_SLOT];
+    float accbuf[NT_NCMAX * NT_MR * 8];
 
-    /* Column blocks: all of n when k is small; otherwise at most NT_NCMAX rows of b, and about 1 MiB of
-     * b, so that the block stays in L2 while the rows of x stream past it. */
     size_t nc = n;
     if (kblocked) {
         size_t cap = ((size_t)1 << 20) / (k * es);
-        cap = cap / NT_NR * NT_NR;
-        if (cap < NT_NR) cap = NT_NR;
+        if (cap < 1) cap = 1;
         if (cap > NT_NCMAX) cap = NT_NCMAX;
         size_t nblocks = (n + cap - 1) / cap;
         nc = (n + nblocks - 1) / nblocks;
-        nc = (nc + NT_NR - 1) / NT_NR * NT_NR;
     }
 
     for (size_t jc = 0; jc < n; jc += nc) {
         size_t jend = n - jc > nc ? jc + nc : n;
         for (size_t i0 = 0; i0 < m; i0 += NT_MR) {
             int mr = m - i0 >= NT_MR ? NT_MR : (int)(m - i0);
+            int nrmax = nt_nr_for(mr);
             const float *ar[NT_MR];
             float sc[NT_MR];
             for (int t = 0; t < mr; t++) {
@@ -423,11 +429,13 @@ PG_INL void nt_generic(const int DT, const float *x, size_t ldx, const int32_t *
                 size_t tl = last ? tail : 0;
                 int load = p0 > 0;
                 int store = !last;
-                for (size_t j0 = jc; j0 < jend; j0 += NT_NR) {
-                    int nr = jend - j0 >= NT_NR ? NT_NR : (int)(jend - j0);
+                size_t j0 = jc;
+                while (j0 < jend) {
+                    size_t rem = jend - j0;
+                    int nr = rem >= (size_t)nrmax ? nrmax : rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
                     const void *bj = (const char *)b + j0 * ldb * es;
-                    float *slot = accbuf + ((j0 - jc) / NT_NR) * NT_SLOT;
-                    float sums[NT_MR][NT_NR];
+                    float *slot = accbuf + (j0 - jc) * NT_MR * 8;
+                    float sums[NT_MR][NT_MAXNR];
                     nt_tile_dispatch(DT, mr, nr, ar, bj, ldb, p0, p1, tl, slot, load, store, sums);
                     if (last) {
                         for (int t = 0; t < mr; t++) {
@@ -435,6 +443,7 @@ PG_INL void nt_generic(const int DT, const float *x, size_t ldx, const int32_t *
                             for (int u = 0; u < nr; u++) orow[u] = sc[t] * sums[t][u];
                         }
                     }
+                    j0 += (size_t)nr;
                 }
                 p0 = p1;
             } while (p0 < k8);

@@ -43,6 +43,9 @@ struct Bench: ParsableCommand {
     @Option(help: "Instead of layers, time opening this library (directory or packed) with the page cache warm.")
     var open: String?
 
+    @Flag(help: "Instead of layers, measure each kernel alone on one thread, with every instruction set this CPU has.")
+    var kernels = false
+
     @Option(help: "Output format: text or json.")
     var format: OutputFormat = .text
 
@@ -63,6 +66,7 @@ struct Bench: ParsableCommand {
 
     func run() throws {
         if let open { return try timeOpen(open) }
+        if kernels { return timeKernels() }
         var workloads = Workload.canonical.filter { workload.contains($0.name) }
         if let experts, let inWidth, let outWidth, let tokens {
             workloads.append(Workload(name: "custom", experts: experts, inWidth: inWidth, outWidth: outWidth, tokens: tokens, topK: topK, rank: rank))
@@ -129,6 +133,60 @@ struct Bench: ParsableCommand {
                                      ("isa", .string(String(describing: PhatgooseKernels.Kernels.activeISA)))])),
                 ("results", .array(results)),
             ]).serialized())
+        }
+    }
+
+    /// Each kernel at W1/W2-like sizes on the calling thread, per instruction set, against one core's share of the
+    /// measured all-core peak.
+    func timeKernels() {
+        let machine = MachineProbe.measure(threads: threads)
+        let corePeak = machine.peakGFLOPS / Double(threads)
+        let tokens = 512, experts = 166, inWidth = 2048, outWidth = 2048, rank = 16
+        let x = (0..<(tokens * inWidth)).map { Float(($0 * 7919) % 1000) / 1000 - 0.5 }
+        let gates = (0..<(experts * inWidth)).map { Float(($0 * 104_729) % 1000) / 1000 - 0.5 }
+        let a = (0..<(rank * inWidth)).map { Float(($0 * 31) % 97) / 97 - 0.5 }
+        let bt = (0..<(rank * outWidth)).map { Float(($0 * 17) % 89) / 89 - 0.5 }
+        let aBF16 = SafetensorsWriter.encode(a, as: .bf16), btBF16 = SafetensorsWriter.encode(bt, as: .bf16)
+        var scores = [Float](repeating: 0, count: tokens * experts)
+        var normalized = [Float](repeating: 0, count: tokens * inWidth)
+        var h = [Float](repeating: 0, count: tokens * rank)
+        var y = [Float](repeating: 0, count: tokens * outWidth)
+        let rows = (0..<Int32(tokens)).map { ($0 * 37) % Int32(tokens) }
+        let weights = [Float](repeating: 0.5, count: tokens)
+        typealias Case = (name: String, flops: Double, run: () -> Void)
+        let cases: [Case] = [
+            ("layernorm 512x2048", 5.0 * Double(tokens * inWidth), { Kernels.layerNormRows(x, ldx: inWidth, rows: tokens, width: inWidth, into: &normalized, ldo: inWidth) }),
+            ("scores gemm 512x166x2048", 2.0 * Double(tokens * experts * inWidth), { Kernels.gemmNT(x, lda: inWidth, m: tokens, gates, ldb: inWidth, n: experts, k: inWidth, into: &scores, ldc: experts) }),
+            ("scores gemv 1x166x2048", 2.0 * Double(experts * inWidth), { Kernels.gemmNT(x, lda: inWidth, m: 1, gates, ldb: inWidth, n: experts, k: inWidth, into: &scores, ldc: experts) }),
+            ("shrink F32 512x16x2048", 2.0 * Double(tokens * rank * inWidth), { Kernels.loraShrink(x, ldx: inWidth, rows: rows, count: tokens, a: a, aDType: 0, rank: rank, inWidth: inWidth, rowScale: weights, loraScale: 0.0625, into: &h) }),
+            ("shrink BF16 512x16x2048", 2.0 * Double(tokens * rank * inWidth), { Kernels.loraShrink(x, ldx: inWidth, rows: rows, count: tokens, a: aBF16, aDType: 2, rank: rank, inWidth: inWidth, rowScale: weights, loraScale: 0.0625, into: &h) }),
+            ("expand F32 512x16x2048", 2.0 * Double(tokens * rank * outWidth), { Kernels.loraExpand(h, count: tokens, rank: rank, bTransposed: bt, bDType: 0, outWidth: outWidth, into: &y, ldy: outWidth) }),
+            ("expand BF16 512x16x2048", 2.0 * Double(tokens * rank * outWidth), { Kernels.loraExpand(h, count: tokens, rank: rank, bTransposed: btBF16, bDType: 2, outWidth: outWidth, into: &y, ldy: outWidth) }),
+        ]
+        var results: [JSONValue] = []
+        if format == .text {
+            print(String(format: "one core's share of the measured peak: %.1f GFLOP/s", corePeak))
+            print("kernel                        isa        median us   GFLOP/s  of core peak")
+        }
+        defer { Kernels.setISA(Kernels.bestISA) }
+        for isa in Kernels.ISA.allCases where Kernels.setISA(isa) {
+            for kernel in cases {
+                let times = Self.time(kernel.run, seconds: seconds / Double(cases.count))
+                let median = times[times.count / 2]
+                let gflops = kernel.flops / median / 1e9
+                results.append(.object([("kernel", .string(kernel.name)), ("isa", .string(isa.description)),
+                                        ("us_median", .double(median * 1e6)), ("gflops", .double(gflops)),
+                                        ("core_peak_fraction", .double(gflops / corePeak))]))
+                if format == .text {
+                    print(kernel.name.padding(toLength: 30, withPad: " ", startingAt: 0) + isa.description.padding(toLength: 9, withPad: " ", startingAt: 0)
+                          + String(format: "  %9.1f  %8.2f  %10.1f%%", median * 1e6, gflops, 100 * gflops / corePeak))
+                }
+            }
+        }
+        if format == .json {
+            print(JSONValue.object([("machine", .object([("threads", .integer(threads)), ("peak_gflops", .double(machine.peakGFLOPS)),
+                                                         ("core_peak_gflops", .double(corePeak))])),
+                                    ("kernels", .array(results))]).serialized())
         }
     }
 
