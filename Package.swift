@@ -27,6 +27,8 @@ let package = Package(
     ],
     targets: [
         .target(name: "CPhatgooseKernels"),
+        .target(name: "CPhatgooseSystem"),
+        .systemLibrary(name: "CNuma", providers: [.apt(["libnuma-dev"])]),
         .target(name: "PhatgooseFormats", dependencies: ["CPhatgooseKernels"]),
         .target(name: "PhatgooseKernels", dependencies: ["CPhatgooseKernels", "PhatgooseFormats"]),
         .target(name: "PhatgooseLibrary", dependencies: ["PhatgooseFormats", "PhatgooseKernels"]),
@@ -36,7 +38,10 @@ let package = Package(
             // O(n) invariant checks of the dispatch plan compile into debug builds (the tests) only.
             swiftSettings: [.define("PHATGOOSE_CHECK_INVARIANTS", .when(configuration: .debug))]
         ),
-        .target(name: "PhatgooseRuntime", dependencies: ["PhatgooseRouting", "PhatgooseLibrary"]),
+        .target(
+            name: "PhatgooseRuntime",
+            dependencies: ["CNuma", "CPhatgooseSystem", "PhatgooseFormats", "PhatgooseKernels", "PhatgooseRouting", "PhatgooseLibrary"]
+        ),
         .target(name: "PhatgooseSynth", dependencies: ["PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary"]),
         .executableTarget(
             name: "phatgoose",

@@ -38,7 +38,11 @@ int pg_isa_best(void) {
     return best;
 }
 
+/* A per-thread override set by pg_isa_set_thread (tests and benchmarks), -1 when none. */
+static _Thread_local int pg_thread_isa = -1;
+
 static inline int active(void) {
+    if (pg_thread_isa >= 0) return pg_thread_isa;
     int isa = atomic_load_explicit(&pg_active_isa, memory_order_relaxed);
     if (isa < 0) {
         int expected = -1;
@@ -54,6 +58,14 @@ int pg_isa_active(void) { return active(); }
 int pg_isa_set(int isa) {
     if (isa == PG_ISA_PORTABLE || (isa == PG_ISA_AVX2 && pg_isa_best() == PG_ISA_AVX2)) {
         atomic_store_explicit(&pg_active_isa, isa, memory_order_relaxed);
+        return 0;
+    }
+    return -1;
+}
+
+int pg_isa_set_thread(int isa) {
+    if (isa == -1 || isa == PG_ISA_PORTABLE || (isa == PG_ISA_AVX2 && pg_isa_best() == PG_ISA_AVX2)) {
+        pg_thread_isa = isa;
         return 0;
     }
     return -1;

@@ -38,25 +38,41 @@ PG_INL float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-PG_INL __m256 ld_bf16(const uint16_t *p) {
+/* Data behind void pointers may have any alignment, so it is addressed in bytes and read with unaligned
+ * loads or memcpy only. */
+#define PG_AT(base, idx, size) ((const unsigned char *)(base) + (idx) * (size))
+
+#ifndef PG_BF16_SHUFFLE
+#define PG_BF16_SHUFFLE 1
+#endif
+PG_INL __m256 ld_bf16(const void *p) {
+#if PG_BF16_SHUFFLE
+    /* both 128-bit halves hold the 8 values; the shuffle moves value l into the high half of lane l and
+     * zeroes the low half (one shuffle uop, no shift competing with the FMA ports) */
+    const __m256i ctl = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,
+                                         -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
+    __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(v, ctl));
+#else
     __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+#endif
 }
 
-PG_INL __m256 ld_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+PG_INL __m256 ld_f16(const void *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
 /* 8 elements of dtype DT at element index idx of base, as F32 */
 PG_INL __m256 ld8(const int DT, const void *base, size_t idx) {
-    if (DT == PG_DTYPE_F32) return _mm256_loadu_ps((const float *)base + idx);
-    if (DT == PG_DTYPE_BF16) return ld_bf16((const uint16_t *)base + idx);
-    return ld_f16((const uint16_t *)base + idx);
+    if (DT == PG_DTYPE_F32) return _mm256_loadu_ps((const float *)(const void *)PG_AT(base, idx, 4));
+    if (DT == PG_DTYPE_BF16) return ld_bf16(PG_AT(base, idx, 2));
+    return ld_f16(PG_AT(base, idx, 2));
 }
 
 /* t (< 8) elements, the other lanes zero; reads nothing beyond the t elements */
 PG_INL __m256 ld8_tail(const int DT, const void *base, size_t idx, size_t t) {
-    if (DT == PG_DTYPE_F32) return _mm256_maskload_ps((const float *)base + idx, tail_mask(t));
+    if (DT == PG_DTYPE_F32) return _mm256_maskload_ps((const float *)(const void *)PG_AT(base, idx, 4), tail_mask(t));
     uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    memcpy(tmp, (const uint16_t *)base + idx, t * sizeof(uint16_t));
+    memcpy(tmp, PG_AT(base, idx, 2), t * sizeof(uint16_t));
     return ld8(DT, tmp, 0);
 }
 
@@ -64,11 +80,11 @@ PG_INL __m256 ld8_tail(const int DT, const void *base, size_t idx, size_t t) {
 PG_INL float ld1(const int DT, const void *base, size_t idx) {
     if (DT == PG_DTYPE_F32) {
         float f;
-        memcpy(&f, (const float *)base + idx, sizeof f);
+        memcpy(&f, PG_AT(base, idx, 4), sizeof f);
         return f;
     }
     uint16_t v;
-    memcpy(&v, (const uint16_t *)base + idx, sizeof v);
+    memcpy(&v, PG_AT(base, idx, 2), sizeof v);
     return DT == PG_DTYPE_BF16 ? pg_bf16_to_f32(v) : pg_f16_to_f32(v);
 }
 
@@ -92,15 +108,13 @@ PG_TARGET void pg_avx2_convert_to_f32(const void *src, int dtype, float *dst, si
     if (dtype == PG_DTYPE_F32) {
         memmove(dst, src, n * sizeof(float));
     } else if (dtype == PG_DTYPE_BF16) {
-        const uint16_t *s = (const uint16_t *)src;
-        for (size_t i = 0; i < n8; i += 8) _mm256_storeu_ps(dst + i, ld_bf16(s + i));
-        for (size_t i = n8; i < n; i++) dst[i] = ld1(PG_DTYPE_BF16, s, i);
+        for (size_t i = 0; i < n8; i += 8) _mm256_storeu_ps(dst + i, ld_bf16(PG_AT(src, i, 2)));
+        for (size_t i = n8; i < n; i++) dst[i] = ld1(PG_DTYPE_BF16, src, i);
     } else if (dtype == PG_DTYPE_F16) {
-        const uint16_t *s = (const uint16_t *)src;
-        for (size_t i = 0; i < n8; i += 8) _mm256_storeu_ps(dst + i, ld_f16(s + i));
+        for (size_t i = 0; i < n8; i += 8) _mm256_storeu_ps(dst + i, ld_f16(PG_AT(src, i, 2)));
         if (n8 < n) {
             float tmp[8];
-            _mm256_storeu_ps(tmp, ld8_tail(PG_DTYPE_F16, s, n8, n - n8));
+            _mm256_storeu_ps(tmp, ld8_tail(PG_DTYPE_F16, src, n8, n - n8));
             memcpy(dst + n8, tmp, (n - n8) * sizeof(float));
         }
     }
@@ -111,28 +125,29 @@ PG_TARGET void pg_avx2_convert_from_f32(const float *src, int dtype, void *dst, 
     if (dtype == PG_DTYPE_F32) {
         memmove(dst, src, n * sizeof(float));
     } else if (dtype == PG_DTYPE_BF16) {
-        uint16_t *d = (uint16_t *)dst;
+        unsigned char *d = (unsigned char *)dst;
         size_t n16 = n & ~(size_t)15;
         for (size_t i = 0; i < n16; i += 16) {
             __m256i r0 = bf16_round(_mm256_loadu_si256((const __m256i *)(src + i)));
             __m256i r1 = bf16_round(_mm256_loadu_si256((const __m256i *)(src + i + 8)));
             __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xD8);
-            _mm256_storeu_si256((__m256i *)(d + i), packed);
+            _mm256_storeu_si256((__m256i *)(void *)(d + 2 * i), packed);
         }
         for (size_t i = n16; i < n; i++) {
             uint16_t v = pg_f32_to_bf16(src[i]);
-            memcpy(d + i, &v, sizeof v);
+            memcpy(d + 2 * i, &v, sizeof v);
         }
     } else if (dtype == PG_DTYPE_F16) {
-        uint16_t *d = (uint16_t *)dst;
+        unsigned char *d = (unsigned char *)dst;
         size_t n8 = n & ~(size_t)7;
         for (size_t i = 0; i < n8; i += 8)
-            _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+            _mm_storeu_si128((__m128i *)(void *)(d + 2 * i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
         if (n8 < n) {
             uint16_t tmp[8];
             __m256 v = _mm256_maskload_ps(src + n8, tail_mask(n - n8));
             _mm_storeu_si128((__m128i *)tmp, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-            memcpy(d + n8, tmp, (n - n8) * sizeof(uint16_t));
+            memcpy(d + 2 * n8, tmp, (n - n8) * sizeof(uint16_t));
         }
     }
 }
@@ -149,7 +164,7 @@ PG_TARGET size_t pg_avx2_count_nonfinite(const void *src, int dtype, size_t n) {
     size_t count = 0;
     if (n == 0) return 0;
     if (dtype == PG_DTYPE_F32) {
-        const float *s = (const float *)src;
+        const unsigned char *s = (const unsigned char *)src;
         const __m256i expmask = _mm256_set1_epi32(0x7F800000);
         size_t n8 = n & ~(size_t)7;
         size_t i = 0;
@@ -158,18 +173,18 @@ PG_TARGET size_t pg_avx2_count_nonfinite(const void *src, int dtype, size_t n) {
             size_t end = n8 - i > ((size_t)8 << 20) ? i + ((size_t)8 << 20) : n8;
             __m256i acc = _mm256_setzero_si256();
             for (; i < end; i += 8) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(s + i));
+                __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(s + 4 * i));
                 acc = _mm256_sub_epi32(acc, _mm256_cmpeq_epi32(_mm256_and_si256(v, expmask), expmask));
             }
             count += hsum_epi32_to_size(acc);
         }
         for (; i < n; i++) {
             uint32_t v;
-            memcpy(&v, s + i, sizeof v);
+            memcpy(&v, s + 4 * i, sizeof v);
             count += (v & 0x7F800000u) == 0x7F800000u;
         }
     } else if (dtype == PG_DTYPE_BF16 || dtype == PG_DTYPE_F16) {
-        const uint16_t *s = (const uint16_t *)src;
+        const unsigned char *s = (const unsigned char *)src;
         uint16_t m = dtype == PG_DTYPE_BF16 ? 0x7F80u : 0x7C00u;
         const __m256i expmask = _mm256_set1_epi16((short)m);
         const __m256i ones = _mm256_set1_epi16(1);
@@ -180,14 +195,14 @@ PG_TARGET size_t pg_avx2_count_nonfinite(const void *src, int dtype, size_t n) {
             size_t end = n16 - i > ((size_t)16 << 14) ? i + ((size_t)16 << 14) : n16;
             __m256i acc = _mm256_setzero_si256();
             for (; i < end; i += 16) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(s + i));
+                __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(s + 2 * i));
                 acc = _mm256_sub_epi16(acc, _mm256_cmpeq_epi16(_mm256_and_si256(v, expmask), expmask));
             }
             count += hsum_epi32_to_size(_mm256_madd_epi16(acc, ones));
         }
         for (; i < n; i++) {
             uint16_t v;
-            memcpy(&v, s + i, sizeof v);
+            memcpy(&v, s + 2 * i, sizeof v);
             count += (uint16_t)(v & m) == m;
         }
     }
@@ -277,7 +292,7 @@ PG_TARGET void pg_avx2_layernorm_rows(const float *x, size_t ldx, size_t rows, s
 #endif
 #define NT_MAXNR 8 /* most typed-operand rows in any tile (the one-row tile) */
 #ifndef NT_KC
-#define NT_KC 512 /* k-block (multiple of 8) once k is larger than this */
+#define NT_KC 1024 /* k-block (multiple of 8) once k is larger than this */
 #endif
 #ifndef NT_NCMAX
 #define NT_NCMAX 64 /* most typed-operand rows per column block when k-blocking */
@@ -434,7 +449,7 @@ PG_INL void nt_generic(const int DT, const float *x, size_t ldx, const int32_t *
                     size_t rem = jend - j0;
                     int nr = rem >= (size_t)nrmax ? nrmax : rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
                     const void *bj = (const char *)b + j0 * ldb * es;
-                    float *slot = accbuf + (j0 - jc) * NT_MR * 8;
+                    float *slot = kblocked ? accbuf + (j0 - jc) * NT_MR * 8 : NULL; /* nc <= NT_NCMAX */
                     float sums[NT_MR][NT_MAXNR];
                     nt_tile_dispatch(DT, mr, nr, ar, bj, ldb, p0, p1, tl, slot, load, store, sums);
                     if (last) {
@@ -486,27 +501,59 @@ PG_TARGET void pg_avx2_lora_shrink(const float *x, size_t ldx, const int32_t *ro
 
 /* ================================================================ expand */
 
-#define EX_MR 4 /* rows of h per tile */
-#define EX_NV 3 /* 8-wide column vectors per tile */
+#ifndef EX_MR
+#define EX_MR 6 /* rows of h per full tile (4 or 6) */
+#endif
+#define EX_MAXNV 8 /* most 8-wide column vectors in any tile (the one-row tile) */
+#ifndef EX_OB
+#define EX_OB 0 /* columns per block, rows inside (0: rows outside, all columns inside) */
+#endif
 
-/* MR rows x NV*8 columns starting at column o */
+/* column vectors per tile for a tile of mr rows: 8 to 12 accumulators */
+PG_INL int ex_nv_for(int mr) {
+    switch (mr) {
+    case 1: return 8;
+    case 2: return 6;
+    case 3: return 4;
+    case 4: return 3;
+    default: return 2;
+    }
+}
+
+/* MR rows x NV*8 columns starting at column o: acc = fma(h[i, j], Bt[j, o..], acc) for j = 0..r-1 */
 PG_INL void expand_tile(const int MR, const int NV, const int DT, const float *h, size_t r, const void *bt,
                         size_t d_out, size_t o, float *y, size_t ldy) {
-    __m256 acc[EX_MR][EX_NV];
+    __m256 acc[EX_MR][EX_MAXNV];
     PG_UNROLL
     for (int i = 0; i < MR; i++) {
         PG_UNROLL
         for (int v = 0; v < NV; v++) acc[i][v] = _mm256_setzero_ps();
     }
-    for (size_t j = 0; j < r; j++) {
-        __m256 bv[EX_NV];
-        PG_UNROLL
-        for (int v = 0; v < NV; v++) bv[v] = ld8(DT, bt, j * d_out + o + (size_t)v * 8);
-        PG_UNROLL
-        for (int i = 0; i < MR; i++) {
-            __m256 hv = _mm256_broadcast_ss(h + (size_t)i * r + j);
+    if (MR > NV) {
+        /* the NV Bt vectors stay in registers, the broadcasts of h stream */
+        for (size_t j = 0; j < r; j++) {
+            __m256 bv[EX_MAXNV];
             PG_UNROLL
-            for (int v = 0; v < NV; v++) acc[i][v] = _mm256_fmadd_ps(hv, bv[v], acc[i][v]);
+            for (int v = 0; v < NV; v++) bv[v] = ld8(DT, bt, j * d_out + o + (size_t)v * 8);
+            PG_UNROLL
+            for (int i = 0; i < MR; i++) {
+                __m256 hv = _mm256_broadcast_ss(h + (size_t)i * r + j);
+                PG_UNROLL
+                for (int v = 0; v < NV; v++) acc[i][v] = _mm256_fmadd_ps(hv, bv[v], acc[i][v]);
+            }
+        }
+    } else {
+        /* the MR broadcasts stay in registers, the Bt vectors stream */
+        for (size_t j = 0; j < r; j++) {
+            __m256 hv[EX_MR];
+            PG_UNROLL
+            for (int i = 0; i < MR; i++) hv[i] = _mm256_broadcast_ss(h + (size_t)i * r + j);
+            PG_UNROLL
+            for (int v = 0; v < NV; v++) {
+                __m256 bv = ld8(DT, bt, j * d_out + o + (size_t)v * 8);
+                PG_UNROLL
+                for (int i = 0; i < MR; i++) acc[i][v] = _mm256_fmadd_ps(hv[i], bv, acc[i][v]);
+            }
         }
     }
     PG_UNROLL
@@ -516,34 +563,55 @@ PG_INL void expand_tile(const int MR, const int NV, const int DT, const float *h
     }
 }
 
-#define EX_CALL(MR)                                                                                              \
-    do {                                                                                                         \
-        size_t o = 0;                                                                                            \
-        for (; o + 8 * EX_NV <= d8; o += 8 * EX_NV) expand_tile(MR, EX_NV, DT, hi, r, bt, d_out, o, yi, ldy);    \
-        if (d8 - o == 16) expand_tile(MR, 2, DT, hi, r, bt, d_out, o, yi, ldy);                                 \
-        if (d8 - o == 8) expand_tile(MR, 1, DT, hi, r, bt, d_out, o, yi, ldy);                                  \
-    } while (0)
+/* Every tile shape expand_generic uses: mr rows by ex_nv_for(mr) vectors, and 4, 2 or 1 at the end. */
+#define EX_CASE(MR, NV)                                                                                          \
+    case (MR) * 16 + (NV): expand_tile(MR, NV, DT, h, r, bt, d_out, o, y, ldy); break;
+
+PG_INL void expand_tile_dispatch(const int DT, int mr, int nv, const float *h, size_t r, const void *bt, size_t d_out,
+                                 size_t o, float *y, size_t ldy) {
+    switch (mr * 16 + nv) {
+        EX_CASE(1, 8) EX_CASE(1, 4) EX_CASE(1, 2) EX_CASE(1, 1)
+        EX_CASE(2, 6) EX_CASE(2, 4) EX_CASE(2, 2) EX_CASE(2, 1)
+        EX_CASE(3, 4) EX_CASE(3, 2) EX_CASE(3, 1)
+        EX_CASE(4, 3) EX_CASE(4, 2) EX_CASE(4, 1)
+#if EX_MR >= 5
+        EX_CASE(5, 2) EX_CASE(5, 1)
+#endif
+#if EX_MR >= 6
+        EX_CASE(6, 2) EX_CASE(6, 1)
+#endif
+    default: break;
+    }
+}
 
 PG_INL void expand_generic(const int DT, const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
                            size_t ldy) {
     const size_t d8 = d_out & ~(size_t)7;
-    for (size_t i0 = 0; i0 < n; i0 += EX_MR) {
-        size_t mr = n - i0 >= EX_MR ? EX_MR : n - i0;
-        const float *hi = h + i0 * r;
-        float *yi = y + i0 * ldy;
-        switch (mr) {
-        case 4: EX_CALL(4); break;
-        case 3: EX_CALL(3); break;
-        case 2: EX_CALL(2); break;
-        default: EX_CALL(1); break;
+    const size_t ob = EX_OB > 0 ? (size_t)EX_OB : (d8 > 0 ? d8 : 1);
+    for (size_t o0 = 0; o0 < d8; o0 += ob) {
+        size_t o1 = d8 - o0 > ob ? o0 + ob : d8;
+        for (size_t i0 = 0; i0 < n; i0 += EX_MR) {
+            int mr = n - i0 >= EX_MR ? EX_MR : (int)(n - i0);
+            int nvmax = ex_nv_for(mr);
+            const float *hi = h + i0 * r;
+            float *yi = y + i0 * ldy;
+            size_t o = o0;
+            while (o < o1) {
+                size_t rem = (o1 - o) / 8;
+                int nv = rem >= (size_t)nvmax ? nvmax : rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
+                expand_tile_dispatch(DT, mr, nv, hi, r, bt, d_out, o, yi, ldy);
+                o += (size_t)nv * 8;
+            }
         }
-        /* the last d_out % 8 columns: the same FMA chain, one element at a time */
-        for (size_t t = 0; t < mr; t++) {
+    }
+    /* the last d_out % 8 columns: the same FMA chain, one element at a time */
+    if (d8 < d_out) {
+        for (size_t i = 0; i < n; i++) {
             for (size_t o = d8; o < d_out; o++) {
                 __m128 s = _mm_setzero_ps();
                 for (size_t j = 0; j < r; j++)
-                    s = _mm_fmadd_ss(_mm_set_ss(hi[t * r + j]), _mm_set_ss(ld1(DT, bt, j * d_out + o)), s);
-                yi[t * ldy + o] = _mm_cvtss_f32(s);
+                    s = _mm_fmadd_ss(_mm_set_ss(h[i * r + j]), _mm_set_ss(ld1(DT, bt, j * d_out + o)), s);
+                y[i * ldy + o] = _mm_cvtss_f32(s);
             }
         }
     }

@@ -24,7 +24,7 @@ static inline void load_chunk(const void *base, size_t idx, int dtype, size_t cn
         memcpy(out, (const unsigned char *)base + idx * sizeof(float), cnt * sizeof(float));
     } else {
         uint16_t tmp[PG_L];
-        memcpy(tmp, (const uint16_t *)base + idx, cnt * sizeof(uint16_t));
+        memcpy(tmp, (const unsigned char *)base + idx * sizeof(uint16_t), cnt * sizeof(uint16_t));
         if (dtype == PG_DTYPE_BF16) {
             for (size_t l = 0; l < cnt; l++) out[l] = pg_bf16_to_f32(tmp[l]);
         } else {

@@ -18,10 +18,15 @@ public enum Kernels {
     /// The instruction set in use.
     public static var activeISA: ISA { ISA(rawValue: pg_isa_active()) ?? .portable }
 
-    /// Forces an instruction set (tests and benchmarks). Returns false when this CPU lacks it. Must not be called
+    /// Forces an instruction set for the whole process. Returns false when this CPU lacks it. Must not be called
     /// while kernels run on other threads.
     @discardableResult
     public static func setISA(_ isa: ISA) -> Bool { pg_isa_set(isa.rawValue) == 0 }
+
+    /// Forces an instruction set for kernels called from the calling thread only (nil removes the override), so
+    /// tests and benchmarks can compare ISAs while other threads compute. Returns false when this CPU lacks it.
+    @discardableResult
+    public static func setThreadISA(_ isa: ISA?) -> Bool { pg_isa_set_thread(isa?.rawValue ?? -1) == 0 }
 
     /// Row LayerNorm without affine (mean and biased variance over the row; eps added to the variance).
     @inlinable

@@ -115,6 +115,14 @@ extension ExpertLibrary {
         return .refused("an unknown tensor")
     }
 
+    /// Loads and validates one expert directory (config, adapter, gates) as expert `index`, by the directory rules;
+    /// for adding an expert to a running library.
+    public static func loadExpert(directory: String, name: String, index: ExpertIndex) throws -> (ExpertInfo, [(module: String, piece: ModuleExpert)]) {
+        let config = try AdapterConfig(path: directory + "/adapter_config.json")
+        let expert = ExpertInfo(name: name, path: directory, config: config)
+        return (expert, try loadExpertModules(expert, index: index, directory: directory).map { (module: $0.0, piece: $0.1) })
+    }
+
     static func loadExpertModules(_ expert: ExpertInfo, index: ExpertIndex, directory: String) throws -> [(String, ModuleExpert)] {
         let adapterPath = directory + "/adapter_model.safetensors"
         let gatesPath = directory + "/gates.safetensors"

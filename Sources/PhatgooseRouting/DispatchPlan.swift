@@ -29,6 +29,17 @@ public struct DispatchPlan: Sendable {
     /// Rebuilds the plan from `routing` for a module with `candidates` experts, reusing this plan's storage (no
     /// allocation once it has held a call of this size).
     public mutating func build(from routing: RoutingResult, candidates: Int) {
+        routing.candidates.withUnsafeBufferPointer { chosen in
+            routing.weights.withUnsafeBufferPointer { weights in
+                build(tokens: routing.tokenCount, slots: routing.slots, chosen: chosen.baseAddress!, weights: weights.baseAddress!, candidates: candidates)
+            }
+        }
+    }
+
+    /// Rebuilds the plan from raw routing outputs of `tokens * slots` entries.
+    public mutating func build(tokens tokenTotal: Int, slots slotCount: Int, chosen: UnsafePointer<Int32>,
+                               weights chosenWeights: UnsafePointer<Float>, candidates: Int) {
+        let routing = (tokenCount: tokenTotal, slots: slotCount, candidates: chosen, weights: chosenWeights)
         tokenCount = routing.tokenCount
         slots = routing.slots
         candidateCount = candidates
@@ -64,7 +75,12 @@ public struct DispatchPlan: Sendable {
         for c in stride(from: candidates, to: 0, by: -1) { offsets[c] = offsets[c - 1] }
         offsets[0] = 0
         #if PHATGOOSE_CHECK_INVARIANTS
-        checkInvariants(against: routing)
+        var copy = RoutingResult(tokenCount: tokenTotal, slots: slotCount)
+        for i in 0..<(tokenTotal * slotCount) {
+            copy.candidates[i] = chosen[i]
+            copy.weights[i] = chosenWeights[i]
+        }
+        checkInvariants(against: copy)
         #endif
     }
 

@@ -86,13 +86,26 @@ public struct LayerRouter: Sendable {
     public func route(_ x: UnsafePointer<Float>, ldx: Int, tokens: Int, scratch: UnsafeMutablePointer<Float>,
                       into result: inout RoutingResult) {
         precondition(result.tokenCount == tokens && result.slots == slots, "result sized for another call")
+        guard tokens > 0 else { return }
+        result.candidates.withUnsafeMutableBufferPointer { candidates in
+            result.weights.withUnsafeMutableBufferPointer { weights in
+                route(x, ldx: ldx, tokens: tokens, scratch: scratch, candidates: candidates.baseAddress!, weights: weights.baseAddress!)
+            }
+        }
+    }
+
+    /// Routes into raw outputs of `tokens * slots` entries each (for callers that split tokens across threads: the
+    /// result of a token does not depend on the other tokens in the call, except that per-sequence routing needs
+    /// whole sequences).
+    public func route(_ x: UnsafePointer<Float>, ldx: Int, tokens: Int, scratch: UnsafeMutablePointer<Float>,
+                      candidates: UnsafeMutablePointer<Int32>, weights: UnsafeMutablePointer<Float>) {
         let n = candidateCount
         if options.router == .uniform {
             let weight = Float(1.0 / Double(n))
             for t in 0..<tokens {
                 for j in 0..<n {
-                    result.candidates[t * n + j] = Int32(j)
-                    result.weights[t * n + j] = weight
+                    candidates[t * n + j] = Int32(j)
+                    weights[t * n + j] = weight
                 }
             }
             return
@@ -137,18 +150,18 @@ public struct LayerRouter: Sendable {
                 var bestValue = -Float.infinity
                 for i in 0..<n where p[i] > bestValue || (best < 0 && p[i] == bestValue) {
                     var taken = false
-                    for previous in 0..<j where result.candidates[firstToken * slots + previous] == Int32(i) { taken = true; break }
+                    for previous in 0..<j where candidates[firstToken * slots + previous] == Int32(i) { taken = true; break }
                     if !taken { best = i; bestValue = p[i] }
                 }
-                result.candidates[firstToken * slots + j] = Int32(best)
-                result.weights[firstToken * slots + j] = bestValue
+                candidates[firstToken * slots + j] = Int32(best)
+                weights[firstToken * slots + j] = bestValue
                 sum += bestValue
             }
             let denominator = sum + 1e-6
-            for j in 0..<k { result.weights[firstToken * slots + j] /= denominator }
+            for j in 0..<k { weights[firstToken * slots + j] /= denominator }
             for j in k..<slots {
-                result.candidates[firstToken * slots + j] = -1
-                result.weights[firstToken * slots + j] = 0
+                candidates[firstToken * slots + j] = -1
+                weights[firstToken * slots + j] = 0
             }
         }
         if case let .sequence(length) = options.granularity {
@@ -156,8 +169,8 @@ public struct LayerRouter: Sendable {
                 let first = s * length, end = min(tokens, first + length)
                 for t in (first + 1)..<max(end, first + 1) {
                     for j in 0..<slots {
-                        result.candidates[t * slots + j] = result.candidates[first * slots + j]
-                        result.weights[t * slots + j] = result.weights[first * slots + j]
+                        candidates[t * slots + j] = candidates[first * slots + j]
+                        weights[t * slots + j] = weights[first * slots + j]
                     }
                 }
             }

@@ -1,53 +1,371 @@
+import Dispatch
+import Foundation
+import PhatgooseFormats
 import PhatgooseLibrary
 import PhatgooseRouting
+import Synchronization
 
-/// A handle to one routed layer of a ``Runtime``, resolved once from its module name.
+/// A handle to one routed layer, resolved once from its module name and reused for every call.
 public struct LayerHandle: Hashable, Sendable {
-    public let index: Int
+    /// The module name.
     public let name: String
+    /// Position of the module in the library when the handle was made.
+    public let index: Int
+    let snapshot: Int
 }
 
-/// An opened expert library ready to serve: resolve layer names to handles once, then apply layers from any number
-/// of threads at once.
+/// How a ``Runtime`` serves.
+public struct RuntimeOptions: Sendable {
+    /// Routing (router, top-k, granularity); nil takes the library's defaults.
+    public var routing: RoutingOptions?
+    /// Worker threads besides the caller; nil: one fewer than the CPUs of the topology.
+    public var workers: Int?
+    public var executor: ExecutorKind
+    /// nil: detect with libnuma.
+    public var topology: Topology?
+    public var placement: PlacementPolicy
+    /// Measured share of tokens per expert (for example from `phatgoose profile`), to balance placement by load.
+    public var loadProfile: [Double]?
+    /// Most bytes of expert weights the runtime may hold (copies included); loading more fails with `.memoryCap`.
+    public var memoryCapBytes: Int?
+    /// Most calls admitted at once (running plus waiting); further calls fail at once with `.overloaded`.
+    public var maxQueuedCalls: Int
+    /// Rows per work item; nil chooses from the call's size.
+    public var tileRows: Int?
+    /// How long idle pinned workers spin before sleeping on a futex.
+    public var spinMicroseconds: Int
+    /// Sees every phase of every call; nil costs nothing.
+    public var observer: (any RuntimeObserver)?
+
+    public init(routing: RoutingOptions? = nil, workers: Int? = nil, executor: ExecutorKind = .pinned, topology: Topology? = nil,
+                placement: PlacementPolicy = .distribute, loadProfile: [Double]? = nil, memoryCapBytes: Int? = nil,
+                maxQueuedCalls: Int = 64, tileRows: Int? = nil, spinMicroseconds: Int = 50, observer: (any RuntimeObserver)? = nil) {
+        self.routing = routing
+        self.workers = workers
+        self.executor = executor
+        self.topology = topology
+        self.placement = placement
+        self.loadProfile = loadProfile
+        self.memoryCapBytes = memoryCapBytes
+        self.maxQueuedCalls = maxQueuedCalls
+        self.tileRows = tileRows
+        self.spinMicroseconds = spinMicroseconds
+        self.observer = observer
+    }
+}
+
+/// Counters since the runtime started.
+public struct RuntimeStatistics: Sendable, Equatable {
+    public var calls: Int = 0
+    public var tokens: Int = 0
+    /// Calls refused by admission control.
+    public var rejected: Int = 0
+    /// Token assignments per expert index (a token choosing two experts counts once for each).
+    public var tokensPerExpert: [Int] = []
+}
+
+/// The result of an array-based call.
+public struct LayerOutput: Sendable {
+    /// The mixture delta, [tokens, out].
+    public var delta: [Float]
+    /// Expert index per (token, slot), [tokens, slots]; -1 for padding.
+    public var experts: [Int32]
+    /// Mixture weight per (token, slot).
+    public var weights: [Float]
+    public var slots: Int
+}
+
+/// Serves an expert library: open it once, resolve layer names to handles once, then apply layers from any number of
+/// threads at once.
+///
+/// Each call routes its tokens, builds a dispatch plan and runs every chosen expert once over its gathered tokens on
+/// the worker threads that own the expert's weights (see `docs/threading.md`). Results equal the single-threaded
+/// `LayerExecutor`'s bit for bit.
 ///
 /// # Thread safety
-/// The library and routers are immutable after `init`; every call takes its own executor (scratch) from a
-/// mutex-protected pool, so concurrent calls share nothing mutable.
+/// All methods may be called from any thread at any time. Calls share the executor one at a time (the execution
+/// lock); waiting calls are bounded by `maxQueuedCalls`, beyond which a call fails at once with `.overloaded`.
+/// `addExpert`/`removeExpert` publish a new snapshot atomically; calls in flight finish on the snapshot they began
+/// with. After `shutdown()`, calls fail with `.shutDown`.
 public final class Runtime: Sendable {
-    public let library: ExpertLibrary
-    public let options: RoutingOptions
-    private let routers: [LayerRouter]
-    private let executors = ExecutorPool()
+    public let options: RuntimeOptions
+    public let topology: Topology
+    /// Routing in force (the library's defaults with `options.routing` applied).
+    public let routing: RoutingOptions
+    private let current: Mutex<LibrarySnapshot>
+    private let changes = Mutex<Int>(0)
+    private let scheduler: Mutex<LayerScheduler>
+    private let executor: any ParallelExecutor
+    private let admitted = Atomic<Int>(0)
+    private let isShutDown = Atomic<Bool>(false)
+    private let statistics = Mutex<RuntimeStatistics>(RuntimeStatistics())
 
-    /// Opens `library` with `options` (the library's routing defaults when nil).
-    public init(library: ExpertLibrary, options: RoutingOptions? = nil) throws {
-        self.library = library
-        let options = options ?? RoutingOptions(defaults: library.routing)
+    /// Serves `library`.
+    public init(library: ExpertLibrary, options: RuntimeOptions = RuntimeOptions()) throws {
         self.options = options
-        routers = try library.modules.map { try LayerRouter(module: $0, options: options) }
+        let topology = options.topology ?? Topology.detect()
+        self.topology = topology
+        routing = options.routing ?? RoutingOptions(defaults: library.routing)
+        guard options.maxQueuedCalls >= 1 else { throw RuntimeError(.option, "max queued calls: expected at least 1, found \(options.maxQueuedCalls)") }
+        let workers = options.workers ?? max(0, topology.cpuCount - 1)
+        guard workers >= 0 && workers <= 1024 else { throw RuntimeError(.option, "workers: expected 0 to 1024, found \(workers)") }
+        if let tile = options.tileRows, tile < 1 { throw RuntimeError(.option, "tile rows: expected at least 1, found \(tile)") }
+        let snapshot = try LibrarySnapshot.build(id: 0, library: library, retired: [], options: routing, topology: topology,
+                                                 policy: options.placement, load: options.loadProfile, memoryCap: options.memoryCapBytes)
+        current = Mutex(snapshot)
+        switch options.executor {
+        case .pinned: executor = PinnedWorkerPool(topology: topology, workers: workers, spinMicroseconds: options.spinMicroseconds)
+        case .dispatch: executor = DispatchParallelExecutor(topology: topology, workers: workers)
+        }
+        let scheduler = LayerScheduler(executor: executor)
+        scheduler.tileRows = options.tileRows
+        scheduler.observer = options.observer
+        self.scheduler = Mutex(scheduler)
+        statistics.withLock { $0.tokensPerExpert = [Int](repeating: 0, count: library.experts.count) }
     }
+
+    /// Opens and serves the library at `path` (a directory or a packed file).
+    public convenience init(path: String, options: RuntimeOptions = RuntimeOptions()) throws {
+        try self.init(library: ExpertLibrary.load(path: path), options: options)
+    }
+
+    deinit { executor.shutdown() }
+
+    /// The library currently served.
+    public var library: ExpertLibrary { current.withLock { $0 }.library }
+
+    /// Participants per call (workers plus the caller) and the executor kind.
+    public var participants: Int { executor.participantCount }
+    public var executorKind: ExecutorKind { executor.kind }
+    /// CPU each participant is pinned to (nil for the caller or unpinned workers), and its node.
+    public var participantCPUs: [Int?] { executor.participantCPUs }
+    public var participantNodes: [Int] { executor.participantNodes }
 
     /// The handle of the module named `name`, or nil.
     public func layer(named name: String) -> LayerHandle? {
-        library.moduleIndex(of: name).map { LayerHandle(index: $0, name: name) }
+        let snapshot = current.withLock { $0 }
+        return snapshot.library.moduleIndex(of: name).map { LayerHandle(name: name, index: $0, snapshot: snapshot.id) }
     }
 
-    /// Adds the mixture delta of `layer` for `tokens` rows of `input` ([tokens, in], row-major) into `output`
-    /// ([tokens, out]). When `routing` is given, it receives each token's expert indices and weights ([tokens, k]).
-    public func apply(_ layer: LayerHandle, input: UnsafeBufferPointer<Float>, tokens: Int,
-                      output: UnsafeMutableBufferPointer<Float>,
-                      routing: ((_ experts: [Int32], _ weights: [Float]) -> Void)? = nil) {
-        let module = library.modules[layer.index]
-        precondition(input.count >= tokens * module.inWidth, "input holds \(input.count) floats, expected \(tokens) x \(module.inWidth)")
-        precondition(output.count >= tokens * module.outWidth, "output holds \(output.count) floats, expected \(tokens) x \(module.outWidth)")
-        guard tokens > 0 else { return }
-        executors.withExecutor { executor in
-            executor.apply(module, router: routers[layer.index], x: input.baseAddress!, ldx: module.inWidth, tokens: tokens,
-                           out: output.baseAddress!, ldo: module.outWidth)
-            if let routing {
-                let chosen = executor.routing.candidates.map { $0 < 0 ? -1 : module.experts[Int($0)].expert.rawValue }
-                routing(chosen, executor.routing.weights)
+    /// Output slots per token of `layer` (k, or the candidate count for the uniform router).
+    public func slots(of layer: LayerHandle) throws -> Int {
+        let snapshot = current.withLock { $0 }
+        return snapshot.routers[try resolve(layer, in: snapshot)].slots
+    }
+
+    /// Widths of `layer`: (in, out).
+    public func widths(of layer: LayerHandle) throws -> (inWidth: Int, outWidth: Int) {
+        let snapshot = current.withLock { $0 }
+        let module = snapshot.library.modules[try resolve(layer, in: snapshot)]
+        return (module.inWidth, module.outWidth)
+    }
+
+    private func resolve(_ layer: LayerHandle, in snapshot: LibrarySnapshot) throws(RuntimeError) -> Int {
+        if layer.snapshot == snapshot.id { return layer.index }
+        guard let index = snapshot.library.moduleIndex(of: layer.name) else {
+            throw RuntimeError(.notFound, "layer \(layer.name): expected a module of the library, found none (its last expert was removed)")
+        }
+        return index
+    }
+
+    /// Adds the mixture delta of `layer` for `tokens` rows of `input` ([tokens, in], row-major F32) into `output`
+    /// ([tokens, out]). When given, `experts` and `weights` ([tokens, slots]) receive each token's choices.
+    public func apply(_ layer: LayerHandle, input: UnsafeBufferPointer<Float>, tokens: Int, output: UnsafeMutableBufferPointer<Float>,
+                      experts: UnsafeMutableBufferPointer<Int32>? = nil, weights: UnsafeMutableBufferPointer<Float>? = nil) throws {
+        try apply([layer], input: input, tokens: tokens, outputs: [output], experts: experts.map { [$0] }, weights: weights.map { [$0] })
+    }
+
+    /// Several layers that share one input (q, k and v): one admission, one turn of the executor, each layer's
+    /// delta added into its own output.
+    public func apply(_ layers: [LayerHandle], input: UnsafeBufferPointer<Float>, tokens: Int, outputs: [UnsafeMutableBufferPointer<Float>],
+                      experts: [UnsafeMutableBufferPointer<Int32>]? = nil, weights: [UnsafeMutableBufferPointer<Float>]? = nil) throws {
+        guard !isShutDown.load(ordering: .acquiring) else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
+        guard outputs.count == layers.count, experts.map({ $0.count == layers.count }) ?? true, weights.map({ $0.count == layers.count }) ?? true,
+              (experts == nil) == (weights == nil)
+        else { throw RuntimeError(.shape, "apply: expected one output (and routing buffers, both or neither) per layer, found \(layers.count) layers and \(outputs.count) outputs") }
+        guard tokens >= 0 else { throw RuntimeError(.shape, "apply: expected tokens >= 0, found \(tokens)") }
+        let snapshot = current.withLock { $0 }
+        var modules: [Int] = []
+        for (i, layer) in layers.enumerated() {
+            let m = try resolve(layer, in: snapshot)
+            let module = snapshot.library.modules[m]
+            if i > 0 && module.inWidth != snapshot.library.modules[modules[0]].inWidth {
+                throw RuntimeError(.shape, "layer \(layer.name): expected input width \(snapshot.library.modules[modules[0]].inWidth) shared with \(layers[0].name), found \(module.inWidth)")
+            }
+            guard input.count >= tokens * module.inWidth else {
+                throw RuntimeError(.shape, "layer \(layer.name): expected an input of \(tokens) x \(module.inWidth) floats, found \(input.count)")
+            }
+            guard outputs[i].count >= tokens * module.outWidth else {
+                throw RuntimeError(.shape, "layer \(layer.name): expected an output of \(tokens) x \(module.outWidth) floats, found \(outputs[i].count)")
+            }
+            let slots = snapshot.routers[m].slots
+            if let experts, let weights, experts[i].count < tokens * slots || weights[i].count < tokens * slots {
+                throw RuntimeError(.shape, "layer \(layer.name): expected routing buffers of \(tokens) x \(slots), found \(experts[i].count) and \(weights[i].count)")
+            }
+            modules.append(m)
+        }
+        guard tokens > 0, let base = input.baseAddress else { return }
+        // Admission control: a bounded number of calls may run or wait; the rest fail at once.
+        let admittedNow = admitted.add(1, ordering: .sequentiallyConsistent).newValue
+        defer { admitted.subtract(1, ordering: .sequentiallyConsistent) }
+        guard admittedNow <= options.maxQueuedCalls else {
+            statistics.withLock { $0.rejected += 1 }
+            throw RuntimeError(.overloaded, "runtime: expected at most \(options.maxQueuedCalls) calls queued, found \(admittedNow): call refused")
+        }
+        let queuedAt = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+        var countsPerModule: [[Int]] = []
+        scheduler.withLock { scheduler in
+            guard !isShutDown.load(ordering: .acquiring) else { return }
+            if let observer = options.observer {
+                observer.observe(RuntimeEvent(kind: .queued, worker: 0, node: scheduler.nodes[0], layer: modules[0], expert: -1, rows: tokens,
+                                              start: queuedAt, end: DispatchTime.now().uptimeNanoseconds))
+            }
+            for (i, m) in modules.enumerated() {
+                var counts = [Int](repeating: 0, count: snapshot.library.modules[m].experts.count)
+                let callStart = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+                counts.withUnsafeMutableBufferPointer { countBuffer in
+                    scheduler.execute(snapshot, module: m, x: base, tokens: tokens, out: outputs[i].baseAddress!,
+                                      expertsOut: experts?[i].baseAddress, weightsOut: weights?[i].baseAddress, counts: countBuffer.baseAddress)
+                }
+                if let observer = options.observer {
+                    observer.observe(RuntimeEvent(kind: .call, worker: 0, node: scheduler.nodes[0], layer: m, expert: -1, rows: tokens,
+                                                  start: callStart, end: DispatchTime.now().uptimeNanoseconds))
+                }
+                countsPerModule.append(counts)
             }
         }
+        guard !isShutDown.load(ordering: .acquiring) || !countsPerModule.isEmpty else {
+            throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down")
+        }
+        statistics.withLock { stats in
+            stats.calls += modules.count
+            stats.tokens += tokens * modules.count
+            for (i, m) in modules.enumerated() {
+                for (c, piece) in snapshot.library.modules[m].experts.enumerated() {
+                    let e = piece.expert.int
+                    if e >= stats.tokensPerExpert.count { stats.tokensPerExpert += [Int](repeating: 0, count: e + 1 - stats.tokensPerExpert.count) }
+                    stats.tokensPerExpert[e] += countsPerModule[i][c]
+                }
+            }
+        }
+    }
+
+    /// The array form: returns the delta (not added to anything) and each token's choices.
+    public func apply(_ layer: LayerHandle, input: [Float], tokens: Int) throws -> LayerOutput {
+        let (_, outWidth) = try widths(of: layer)
+        let slots = try self.slots(of: layer)
+        var delta = [Float](repeating: 0, count: tokens * outWidth)
+        var experts = [Int32](repeating: -1, count: tokens * slots)
+        var weights = [Float](repeating: 0, count: tokens * slots)
+        try input.withUnsafeBufferPointer { x in
+            try delta.withUnsafeMutableBufferPointer { out in
+                try experts.withUnsafeMutableBufferPointer { e in
+                    try weights.withUnsafeMutableBufferPointer { w in
+                        try apply(layer, input: x, tokens: tokens, output: out, experts: e, weights: w)
+                    }
+                }
+            }
+        }
+        return LayerOutput(delta: delta, experts: experts, weights: weights, slots: slots)
+    }
+
+    /// The async form, for Swift concurrency: the call runs on a Dispatch thread, so it never blocks the cooperative
+    /// pool. (A distinct name, so synchronous callers in async contexts are not forced to await.)
+    public func applyAsync(_ layer: LayerHandle, input: [Float], tokens: Int) async throws -> LayerOutput {
+        try await withCheckedThrowingContinuation { continuation in
+            DispatchQueue.global(qos: .userInitiated).async {
+                continuation.resume(with: Result { try self.apply(layer, input: input, tokens: tokens) })
+            }
+        }
+    }
+
+    /// Counters since start.
+    public func statisticsSnapshot() -> RuntimeStatistics { statistics.withLock { $0 } }
+
+    /// Bytes of expert weights held (copies included).
+    public var residentBytes: Int { current.withLock { $0 }.residentBytes }
+
+    /// Where each node's shard memory really is, as the kernel reports it (move_pages), next to where it was meant to be.
+    public func placementReport() -> [(node: Int, memoryNode: Int, bytes: Int, experts: [String], pagesByNode: [Int: Int])] {
+        let snapshot = current.withLock { $0 }
+        return snapshot.arenas.map { arena in
+            let experts = snapshot.placement.nodes.indices.filter { snapshot.placement.nodes[$0].contains(arena.node) && !snapshot.retired.contains(ExpertIndex($0)) }
+                .map { snapshot.library.experts[$0].name }
+            return (arena.node, arena.memoryNode, arena.byteCount, experts, arena.pageNodes())
+        }
+    }
+
+    /// Adds the expert in `directory` (PEFT layout) under `name`, with the next expert index; calls in flight are
+    /// unaffected, later calls see it. Fails, changing nothing, if the expert is invalid, disagrees with a module's
+    /// widths, has a name in use, or would exceed the memory cap.
+    @discardableResult
+    public func addExpert(directory: String, name: String) throws -> ExpertIndex {
+        try changes.withLock { generation in
+            let old = current.withLock { $0 }
+            guard !old.library.experts.enumerated().contains(where: { $0.element.name == name && !old.retired.contains(ExpertIndex($0.offset)) }) else {
+                throw RuntimeError(.library, "expert \"\(name)\": expected a new name, found one already served")
+            }
+            let index = ExpertIndex(old.library.experts.count)
+            let (info, pieces) = try ExpertLibrary.loadExpert(directory: directory, name: name, index: index)
+            var modules = old.library.modules
+            var changed = Set<String>()
+            for (moduleName, piece) in pieces {
+                if let m = old.library.moduleIndex(of: moduleName) {
+                    let module = modules[m]
+                    guard module.inWidth == piece.a.shape[1], module.outWidth == piece.bTransposed.shape[1] else {
+                        throw RuntimeError(.library, "expert \"\(name)\", module \(moduleName): expected in \(module.inWidth), out \(module.outWidth), found in \(piece.a.shape[1]), out \(piece.bTransposed.shape[1])")
+                    }
+                    modules[m] = RoutedModule(name: moduleName, inWidth: module.inWidth, outWidth: module.outWidth, experts: module.experts + [piece])
+                } else {
+                    modules.append(RoutedModule(name: moduleName, inWidth: piece.a.shape[1], outWidth: piece.bTransposed.shape[1], experts: [piece]))
+                }
+                changed.insert(moduleName)
+            }
+            let library = ExpertLibrary(source: old.library.source, experts: old.library.experts + [info], modules: modules, routing: old.library.routing)
+            try publish(library, retired: old.retired, changed: changed, old: old, generation: &generation)
+            statistics.withLock { $0.tokensPerExpert.append(0) }
+            return index
+        }
+    }
+
+    /// Removes the expert named `name`: later calls no longer route to it (its index stays reserved); calls in
+    /// flight finish with it. A module left without candidates disappears, and its handles then fail with `.notFound`.
+    public func removeExpert(named name: String) throws {
+        try changes.withLock { generation in
+            let old = current.withLock { $0 }
+            guard let e = old.library.experts.indices.first(where: { old.library.experts[$0].name == name && !old.retired.contains(ExpertIndex($0)) }) else {
+                throw RuntimeError(.notFound, "expert \"\(name)\": expected an expert being served, found none of that name")
+            }
+            let expert = ExpertIndex(e)
+            var changed = Set<String>()
+            var modules: [RoutedModule] = []
+            for module in old.library.modules {
+                guard module.experts.contains(where: { $0.expert == expert }) else { modules.append(module); continue }
+                changed.insert(module.name)
+                let remaining = module.experts.filter { $0.expert != expert }
+                if !remaining.isEmpty {
+                    modules.append(RoutedModule(name: module.name, inWidth: module.inWidth, outWidth: module.outWidth, experts: remaining))
+                }
+            }
+            let library = ExpertLibrary(source: old.library.source, experts: old.library.experts, modules: modules, routing: old.library.routing)
+            try publish(library, retired: old.retired.union([expert]), changed: changed, old: old, generation: &generation)
+        }
+    }
+
+    private func publish(_ library: ExpertLibrary, retired: Set<ExpertIndex>, changed: Set<String>, old: LibrarySnapshot, generation: inout Int) throws {
+        generation += 1
+        var reuse: [String: LayerRouter] = [:]
+        for (m, module) in old.library.modules.enumerated() where !changed.contains(module.name) { reuse[module.name] = old.routers[m] }
+        var load = options.loadProfile
+        if let profile = load, profile.count < library.experts.count { load = profile + [Double](repeating: 0, count: library.experts.count - profile.count) }
+        let snapshot = try LibrarySnapshot.build(id: generation, library: library, retired: retired, options: routing, topology: topology,
+                                                 policy: options.placement, load: load, memoryCap: options.memoryCapBytes, reuse: reuse)
+        current.withLock { $0 = snapshot }
+    }
+
+    /// Stops the workers. Calls in progress finish; later calls fail with `.shutDown`. Idempotent.
+    public func shutdown() {
+        guard !isShutDown.exchange(true, ordering: .sequentiallyConsistent) else { return }
+        scheduler.withLock { _ in executor.shutdown() }
     }
 }

@@ -31,8 +31,11 @@ struct Bench: ParsableCommand {
     @Option(help: "Threads for the machine probe and the runtime.")
     var threads: Int = ProcessInfo.processInfo.activeProcessorCount
 
-    @Option(help: "Implementations to run: runtime, naive, dense (comma-separated).")
-    var impl: String = "runtime,naive,dense"
+    @Option(help: "Implementations to run (comma-separated): runtime (pinned workers, at 1 thread and at --threads), dispatch (the runtime on Dispatch, at --threads), naive, dense.")
+    var impl: String = "runtime,dispatch,naive,dense"
+
+    @Flag(help: "Instead of layers, measure the fan-out and join overhead of an empty parallel phase, pinned pool vs Dispatch.")
+    var overhead = false
 
     @Option(help: "Weight dtype: f32, f16 or bf16.")
     var dtype: String = "bf16"
@@ -58,8 +61,8 @@ struct Bench: ParsableCommand {
         if custom.contains(where: { $0 < 1 }) || rank < 1 || topK < 1 { throw ValidationError("workload sizes must be >= 1") }
         guard threads >= 1 else { throw ValidationError("--threads: expected at least 1, found \(threads)") }
         guard DType(userSpelling: dtype)?.isComputeFloat == true else { throw ValidationError("--dtype: expected f32, f16 or bf16, found \(dtype)") }
-        for name in impl.split(separator: ",") where !["runtime", "naive", "dense"].contains(String(name)) {
-            throw ValidationError("--impl: expected runtime, naive or dense, found \(name)")
+        for name in impl.split(separator: ",") where !["runtime", "dispatch", "naive", "dense"].contains(String(name)) {
+            throw ValidationError("--impl: expected runtime, dispatch, naive or dense, found \(name)")
         }
         guard seconds > 0 else { throw ValidationError("--seconds: expected a positive number") }
     }
@@ -67,6 +70,7 @@ struct Bench: ParsableCommand {
     func run() throws {
         if let open { return try timeOpen(open) }
         if kernels { return timeKernels() }
+        if overhead { return timeOverhead() }
         var workloads = Workload.canonical.filter { workload.contains($0.name) }
         if let experts, let inWidth, let outWidth, let tokens {
             workloads.append(Workload(name: "custom", experts: experts, inWidth: inWidth, outWidth: outWidth, tokens: tokens, topK: topK, rank: rank))
@@ -84,9 +88,8 @@ struct Bench: ParsableCommand {
             let library = try Synth.library(options)
             let module = library.modules[0]
             let x = Synth.activations(options, layer: 0, tokens: workload.tokens, sequenceLength: min(workload.tokens, 64), seed: 1)
-            let router = try LayerRouter(module: module, options: RoutingOptions(topK: workload.topK))
-            let runtime = try Runtime(library: library, options: RoutingOptions(topK: workload.topK))
-            let layer = runtime.layer(named: module.name)!
+            let routing = RoutingOptions(topK: workload.topK)
+            let router = try LayerRouter(module: module, options: routing)
             var out = [Float](repeating: 0, count: workload.tokens * workload.outWidth)
             // Distinct experts the batch chooses, for the bytes a call must move.
             let probe = LayerExecutor()
@@ -94,35 +97,48 @@ struct Bench: ParsableCommand {
             let active = Set(probe.routing.candidates.filter { $0 >= 0 }).count
             let bytes = workload.bytes(activeExperts: active, weightBytes: weightDType.size)
             let rooflineSeconds = max(workload.flops / (machine.peakGFLOPS * 1e9), bytes / (machine.bandwidthGBps * 1e9))
+            var runs: [(name: String, threads: Int, call: () throws -> Void)] = []
             for name in impl.split(separator: ",").map(String.init) {
-                let naive = NaiveExecutor(), dense = DenseExecutor()
-                let call: () -> Void
                 switch name {
-                case "runtime":
-                    call = {
-                        x.withUnsafeBufferPointer { input in
-                            out.withUnsafeMutableBufferPointer { output in runtime.apply(layer, input: input, tokens: workload.tokens, output: output) }
-                        }
+                case "runtime", "dispatch":
+                    let counts = name == "dispatch" ? [threads] : (threads > 1 ? [1, threads] : [1])
+                    for count in counts {
+                        let runtime = try Runtime(library: library, options: RuntimeOptions(
+                            routing: routing, workers: count - 1, executor: name == "dispatch" ? .dispatch : .pinned, placement: .distribute))
+                        let layer = runtime.layer(named: module.name)!
+                        runs.append((name, count, {
+                            try x.withUnsafeBufferPointer { input in
+                                try out.withUnsafeMutableBufferPointer { output in try runtime.apply(layer, input: input, tokens: workload.tokens, output: output) }
+                            }
+                        }))
                     }
                 case "naive":
-                    call = { naive.apply(module, router: router, x: x, ldx: workload.inWidth, tokens: workload.tokens, out: &out, ldo: workload.outWidth) }
+                    let naive = NaiveExecutor()
+                    runs.append((name, 1, { naive.apply(module, router: router, x: x, ldx: workload.inWidth, tokens: workload.tokens, out: &out, ldo: workload.outWidth) }))
                 default:
-                    call = { dense.apply(module, router: router, x: x, ldx: workload.inWidth, tokens: workload.tokens, out: &out, ldo: workload.outWidth) }
+                    let dense = DenseExecutor()
+                    runs.append((name, 1, { dense.apply(module, router: router, x: x, ldx: workload.inWidth, tokens: workload.tokens, out: &out, ldo: workload.outWidth) }))
                 }
-                let times = Self.time(call, seconds: seconds)
+            }
+            var single: Double? = nil
+            for run in runs {
+                let times = try Self.time(run.call, seconds: seconds)
                 let median = times[times.count / 2], p90 = times[min(times.count - 1, times.count * 9 / 10)]
-                let runThreads = 1  // every implementation here runs on the calling thread
+                if run.name == "runtime" && run.threads == 1 { single = median }
+                let speedup = run.name == "runtime" && run.threads > 1 ? single.map { $0 / median } : nil
                 results.append(.object([
-                    ("workload", .string(workload.name)), ("impl", .string(name)), ("threads", .integer(runThreads)),
+                    ("workload", .string(workload.name)), ("impl", .string(run.name)), ("threads", .integer(run.threads)),
                     ("us_per_call_median", .double(median * 1e6)), ("us_per_call_p90", .double(p90 * 1e6)),
                     ("gflops", .double(workload.flops / median / 1e9)), ("roofline_fraction", .double(rooflineSeconds / median)),
                     ("calls", .integer(times.count)), ("active_experts", .integer(active)),
+                    ("speedup_vs_1_thread", speedup.map { .double($0) } ?? .null),
                 ]))
                 if format == .text {
-                    let name8 = name.padding(toLength: 8, withPad: " ", startingAt: 0)
+                    let name8 = run.name.padding(toLength: 8, withPad: " ", startingAt: 0)
                     let workload8 = workload.name.padding(toLength: 8, withPad: " ", startingAt: 0)
-                    print(workload8 + "  " + name8 + String(format: "  %7d  %9.1f  %9.1f  %8.2f  %7.1f%%", runThreads, median * 1e6, p90 * 1e6,
-                                                            workload.flops / median / 1e9, 100 * rooflineSeconds / median))
+                    print(workload8 + "  " + name8 + String(format: "  %7d  %9.1f  %9.1f  %8.2f  %7.1f%%", run.threads, median * 1e6, p90 * 1e6,
+                                                            workload.flops / median / 1e9, 100 * rooflineSeconds / median)
+                          + (speedup.map { String(format: "  %.2fx vs 1 thread", $0) } ?? ""))
                 }
             }
         }
@@ -168,8 +184,8 @@ struct Bench: ParsableCommand {
             print(String(format: "one core's share of the measured peak: %.1f GFLOP/s", corePeak))
             print("kernel                        isa        median us   GFLOP/s  of core peak")
         }
-        defer { Kernels.setISA(Kernels.bestISA) }
-        for isa in Kernels.ISA.allCases where Kernels.setISA(isa) {
+        defer { Kernels.setThreadISA(nil) }
+        for isa in Kernels.ISA.allCases where Kernels.setThreadISA(isa) {
             for kernel in cases {
                 let times = Self.time(kernel.run, seconds: seconds / Double(cases.count))
                 let median = times[times.count / 2]
@@ -188,6 +204,25 @@ struct Bench: ParsableCommand {
                                                          ("core_peak_gflops", .double(corePeak))])),
                                     ("kernels", .array(results))]).serialized())
         }
+    }
+
+    /// Fan-out and join of an empty phase on every participant, pinned pool against Dispatch.
+    func timeOverhead() {
+        let topology = Topology.detect()
+        var rows: [JSONValue] = []
+        for kind in ExecutorKind.allCases {
+            let executor: any ParallelExecutor = kind == .pinned
+                ? PinnedWorkerPool(topology: topology, workers: threads - 1) : DispatchParallelExecutor(topology: topology, workers: threads - 1)
+            defer { executor.shutdown() }
+            let times = Self.time({ executor.run { _ in } }, seconds: seconds)
+            let median = times[times.count / 2], p90 = times[min(times.count - 1, times.count * 9 / 10)]
+            rows.append(.object([("executor", .string(kind.rawValue)), ("participants", .integer(threads)),
+                                 ("us_median", .double(median * 1e6)), ("us_p90", .double(p90 * 1e6)), ("runs", .integer(times.count))]))
+            if format == .text {
+                print(kind.rawValue + String(format: " executor, %d participants: fan-out + join median %.2f us, p90 %.2f us over %d runs", threads, median * 1e6, p90 * 1e6, times.count))
+            }
+        }
+        if format == .json { print(JSONValue.object([("overhead", .array(rows))]).serialized()) }
     }
 
     /// Median and p90 of opening `path`, after one untimed open that warms the page cache.
@@ -217,15 +252,15 @@ struct Bench: ParsableCommand {
     }
 
     /// Per-call times in seconds, sorted: two warm-up calls, then calls until `seconds` pass (at least 5).
-    static func time(_ call: () -> Void, seconds: Double) -> [Double] {
-        call()
-        call()
+    static func time(_ call: () throws -> Void, seconds: Double) rethrows -> [Double] {
+        try call()
+        try call()
         var times: [Double] = []
         let budget = UInt64(seconds * 1e9)
         let begin = DispatchTime.now().uptimeNanoseconds
         while times.count < 5 || (DispatchTime.now().uptimeNanoseconds - begin < budget && times.count < 100_000) {
             let start = DispatchTime.now().uptimeNanoseconds
-            call()
+            try call()
             times.append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
         }
         return times.sorted()

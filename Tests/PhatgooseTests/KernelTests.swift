@@ -14,8 +14,8 @@ func randomFloats(_ count: Int, seed: UInt64) -> [Float] {
 
 /// Runs `body` once per instruction set this CPU supports, restoring the best one afterwards.
 func forEachISA(_ body: (Kernels.ISA) throws -> Void) rethrows {
-    defer { Kernels.setISA(Kernels.bestISA) }
-    for isa in Kernels.ISA.allCases where Kernels.setISA(isa) {
+    defer { Kernels.setThreadISA(nil) }
+    for isa in Kernels.ISA.allCases where Kernels.setThreadISA(isa) {
         try body(isa)
     }
 }

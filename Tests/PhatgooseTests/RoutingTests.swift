@@ -177,33 +177,4 @@ struct RoutingTests {
             #expect(abs(cosine - 1) < 1e-4, "expert \(c): |cos| = \(cosine)")
         }
     }
-
-    @Test("the runtime serves many threads at once with the single-threaded executor's results")
-    func concurrentRuntime() throws {
-        let directory = TemporaryDirectory()
-        let library = try standardLibrary(directory, experts: 4)
-        let runtime = try Runtime(library: library)
-        let layer = try #require(runtime.layer(named: wo))
-        let module = library.module(named: wo)!
-        let tokens = 17
-        let inputs = (0..<8).map { randomFloats(tokens * 24, seed: UInt64(30 + $0)) }
-        let expected: [[Float]] = try inputs.map { x in
-            var out = [Float](repeating: 0, count: tokens * 16)
-            LayerExecutor().apply(module, router: try LayerRouter(module: module, options: runtime.options), x: x, ldx: 24, tokens: tokens, out: &out, ldo: 16)
-            return out
-        }
-        let results = Mutex<[Int: [Float]]>([:])
-        DispatchQueue.concurrentPerform(iterations: 64) { i in
-            var out = [Float](repeating: 0, count: tokens * 16)
-            inputs[i % 8].withUnsafeBufferPointer { input in
-                out.withUnsafeMutableBufferPointer { output in
-                    runtime.apply(layer, input: input, tokens: tokens, output: output)
-                }
-            }
-            results.withLock { $0[i] = out }
-        }
-        let all = results.withLock { $0 }
-        #expect(all.count == 64)
-        #expect(all.allSatisfy { $0.value == expected[$0.key % 8] })
-    }
 }

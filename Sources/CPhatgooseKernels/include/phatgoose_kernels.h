@@ -47,6 +47,11 @@ int pg_isa_active(void);
  * results computed around the switch would mix ISAs. */
 int pg_isa_set(int isa);
 
+/* Forces an ISA for kernels called from the calling thread only (-1 removes the override); other threads keep
+ * the process-wide choice. Returns 0 on success, -1 if the ISA is unsupported here. For tests and benchmarks that
+ * compare ISAs while other threads compute. */
+int pg_isa_set_thread(int isa);
+
 /* A static name for an ISA: "portable", "avx2", or "unknown". */
 const char *pg_isa_name(int isa);
 

@@ -1,0 +1,3 @@
+/* libnuma, from Debian's libnuma-dev (scripts/setup.sh installs it). */
+#include <numa.h>
+#include <numaif.h>

@@ -1,0 +1,1 @@
+/* All functions are static inline in the header. */

@@ -1,0 +1,117 @@
+import CNuma
+import CPhatgooseSystem
+import PhatgooseFormats
+import PhatgooseLibrary
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where expert weights live.
+public enum PlacementPolicy: Sendable, Equatable {
+    /// Experts spread over all nodes, balanced by bytes (or by measured load when a profile is given). The default.
+    case distribute
+    /// Every expert on one node.
+    case isolate(node: Int)
+    /// Like `distribute`, plus the `count` hottest experts (by the load profile, else by bytes) copied to every node.
+    case replicateHot(count: Int)
+    /// No copies: weights stay where the library has them (the file mapping). For memory-constrained embedding.
+    case inPlace
+}
+
+/// Memory bound to one NUMA node (libnuma's `numa_alloc_onnode`, or ordinary page-aligned memory where NUMA is
+/// unavailable), holding expert weights copied in by the runtime.
+///
+/// # Thread safety
+/// Filled by its creator before it is shared, then read-only; freed in `deinit`. Hence `@unchecked Sendable`.
+public final class NodeArena: @unchecked Sendable {
+    public let node: Int
+    public let memoryNode: Int
+    public let base: UnsafeMutableRawPointer
+    public let capacity: Int
+    private(set) var used = 0
+    private let numaAllocated: Bool
+
+    init(node: Int, memoryNode: Int, capacity: Int) {
+        self.node = node
+        self.memoryNode = memoryNode
+        let size = max(capacity, 4096)
+        self.capacity = size
+        if Topology.canBindMemory, let memory = numa_alloc_onnode(size, Int32(memoryNode)) {
+            base = memory
+            numaAllocated = true
+        } else {
+            var memory: UnsafeMutableRawPointer? = nil
+            precondition(posix_memalign(&memory, 4096, size) == 0, "cannot allocate \(size) bytes")
+            base = memory!
+            numaAllocated = false
+        }
+    }
+
+    deinit {
+        if numaAllocated { numa_free(base, capacity) } else { free(base) }
+    }
+
+    /// Copies `tensor` in (64-byte aligned) and returns the copy.
+    func copy(_ tensor: WeightTensor) -> WeightTensor {
+        let offset = (used + 63) & ~63
+        precondition(offset + tensor.byteCount <= capacity, "arena sized too small")
+        let destination = base + offset
+        destination.copyMemory(from: tensor.pointer, byteCount: tensor.byteCount)
+        used = offset + tensor.byteCount
+        return WeightTensor(dtype: tensor.dtype, shape: tensor.shape, owner: self, pointer: UnsafeRawPointer(destination))
+    }
+
+    /// Where the kernel says this arena's pages are: pages per physical node (negative keys are errno values, e.g.
+    /// -14 EFAULT for pages never touched). Samples at most `maximumPages` pages evenly.
+    public func pageNodes(maximumPages: Int = 4096) -> [Int: Int] {
+        let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let pages = max(1, (used + pageSize - 1) / pageSize)
+        let step = max(1, pages / maximumPages)
+        var addresses: [UnsafeMutableRawPointer?] = stride(from: 0, to: pages, by: step).map { base + $0 * pageSize }
+        var status = [Int32](repeating: 0, count: addresses.count)
+        guard pg_query_page_nodes(UInt(addresses.count), &addresses, &status) == 0 else { return [-Int(errno): addresses.count] }
+        var counts: [Int: Int] = [:]
+        for s in status { counts[Int(s), default: 0] += 1 }
+        return counts
+    }
+
+    /// Bytes in use.
+    public var byteCount: Int { used }
+}
+
+/// The plan of where each expert's weights go: nodes per expert (more than one when replicated).
+public struct PlacementPlan: Sendable, Equatable {
+    /// `nodes[e]`: the nodes holding expert e (first = primary). Empty for an expert with no weights.
+    public var nodes: [[Int]]
+
+    /// Assigns experts to the topology's nodes under `policy`. `bytes[e]` is expert e's weight size; `load[e]`, when
+    /// given, its measured share of tokens (balanced instead of bytes).
+    public static func make(policy: PlacementPolicy, topology: Topology, bytes: [Int], load: [Double]?) throws(RuntimeError) -> PlacementPlan {
+        let nodeCount = topology.nodes.count
+        let cost: [Double] = load ?? bytes.map(Double.init)
+        var nodes = [[Int]](repeating: [], count: bytes.count)
+        switch policy {
+        case let .isolate(node):
+            guard (0..<nodeCount).contains(node) else {
+                throw RuntimeError(.option, "placement isolate: expected a node in 0..<\(nodeCount), found \(node)")
+            }
+            for e in bytes.indices where bytes[e] > 0 { nodes[e] = [node] }
+        case .distribute, .replicateHot, .inPlace:
+            // Longest-processing-time first: the costliest expert goes to the least-loaded node; ties to the lower node.
+            var loadPerNode = [Double](repeating: 0, count: nodeCount)
+            let order = bytes.indices.filter { bytes[$0] > 0 }.sorted { cost[$0] > cost[$1] || (cost[$0] == cost[$1] && $0 < $1) }
+            for e in order {
+                let node = loadPerNode.indices.min { loadPerNode[$0] < loadPerNode[$1] || (loadPerNode[$0] == loadPerNode[$1] && $0 < $1) }!
+                nodes[e] = [node]
+                loadPerNode[node] += cost[e]
+            }
+            if case let .replicateHot(count) = policy {
+                guard count >= 0 else { throw RuntimeError(.option, "placement replicate: expected a count >= 0, found \(count)") }
+                for e in order.prefix(count) {
+                    nodes[e] = [nodes[e][0]] + (0..<nodeCount).filter { $0 != nodes[e][0] }
+                }
+            }
+        }
+        return PlacementPlan(nodes: nodes)
+    }
+}

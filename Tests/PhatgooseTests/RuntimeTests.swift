@@ -1,0 +1,282 @@
+import Dispatch
+import Foundation
+import PhatgooseLibrary
+import PhatgooseRouting
+import PhatgooseRuntime
+import PhatgooseSynth
+import Synchronization
+import Testing
+
+/// The single-threaded executor's delta and routing for one module: the reference the runtime must equal bit for bit.
+func singleThreaded(_ library: ExpertLibrary, module name: String, options: RoutingOptions, x: [Float], tokens: Int) throws -> (delta: [Float], experts: [Int32], weights: [Float]) {
+    let module = library.module(named: name)!
+    let router = try LayerRouter(module: module, options: options)
+    var out = [Float](repeating: 0, count: tokens * module.outWidth)
+    let executor = LayerExecutor()
+    executor.apply(module, router: router, x: x, ldx: module.inWidth, tokens: tokens, out: &out, ldo: module.outWidth)
+    let experts = executor.routing.candidates.map { $0 < 0 ? -1 : module.experts[Int($0)].expert.rawValue }
+    return (out, experts, executor.routing.weights)
+}
+
+/// A synthetic in-memory library with several layer shapes.
+func synthLibrary(experts: Int = 12, coverage: Double = 0.8, seed: UInt64 = 5) throws -> ExpertLibrary {
+    let shape = ModelShape(name: "test", layers: [
+        .init(name: "encoder.block.0.layer.0.SelfAttention.q", inWidth: 64, outWidth: 64),
+        .init(name: "encoder.block.0.layer.0.SelfAttention.k", inWidth: 64, outWidth: 48),
+        .init(name: "encoder.block.0.layer.1.DenseReluDense.wo", inWidth: 96, outWidth: 64),
+    ])
+    return try Synth.library(SynthOptions(shape: shape, experts: experts, rank: 8, weightDType: .bf16, seed: seed, tasks: 4, coverage: coverage))
+}
+
+/// Blocks the first routing event until released, to hold a call inside the runtime.
+final class GateObserver: RuntimeObserver, @unchecked Sendable {
+    let entered = DispatchSemaphore(value: 0)
+    let release = DispatchSemaphore(value: 0)
+    private let armed = Atomic<Bool>(true)
+    func observe(_ event: RuntimeEvent) {
+        if event.kind == .plan, armed.exchange(false, ordering: .sequentiallyConsistent) {
+            entered.signal()
+            release.wait()
+        }
+    }
+}
+
+/// Records every event.
+final class RecordingObserver: RuntimeObserver, Sendable {
+    let events = Mutex<[RuntimeEvent]>([])
+    func observe(_ event: RuntimeEvent) { events.withLock { $0.append(event) } }
+}
+
+@Suite("runtime", .serialized)
+struct RuntimeTests {
+    static let configurations: [(executor: ExecutorKind, workers: Int, tile: Int?, topology: String?)] = [
+        (.pinned, 0, nil, nil), (.pinned, 1, nil, nil), (.pinned, 3, 3, nil), (.dispatch, 2, nil, nil), (.pinned, 1, 5, "0;1"), (.pinned, 3, nil, "0;1;0;1"),
+    ]
+
+    @Test("results equal the single-threaded executor bit for bit, for every executor, worker count, tile size and topology",
+          arguments: configurations.indices)
+    func matchesSingleThreaded(_ configuration: Int) throws {
+        let (executor, workers, tile, spec) = Self.configurations[configuration]
+        let library = try synthLibrary()
+        for routing in [RoutingOptions(topK: 2), RoutingOptions(router: .arrow, topK: 3), RoutingOptions(router: .uniform),
+                        RoutingOptions(topK: 2, granularity: .sequence(length: 7))] {
+            let runtime = try Runtime(library: library, options: RuntimeOptions(
+                routing: routing, workers: workers, executor: executor, topology: try spec.map { try Topology.modelled($0) }, tileRows: tile))
+            defer { runtime.shutdown() }
+            for module in library.modules {
+                for tokens in [1, 5, 300] {
+                    let x = randomFloats(tokens * module.inWidth, seed: UInt64(tokens))
+                    let expected = try singleThreaded(library, module: module.name, options: routing, x: x, tokens: tokens)
+                    let got = try runtime.apply(runtime.layer(named: module.name)!, input: x, tokens: tokens)
+                    let same = got.delta == expected.delta, sameRouting = got.experts == expected.experts && got.weights == expected.weights
+                    #expect(same && sameRouting, "\(executor) \(workers) workers, \(routing.router) \(routing.granularity), \(module.name), T=\(tokens): delta equal \(same), routing equal \(sameRouting), first difference at \(String(describing: zip(got.delta, expected.delta).enumerated().first { $0.element.0 != $0.element.1 }))")
+                }
+            }
+        }
+    }
+
+    @Test("many threads call at once and each gets the single-threaded result")
+    func concurrentCallers() throws {
+        let library = try synthLibrary()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, maxQueuedCalls: 1000))
+        defer { runtime.shutdown() }
+        let name = library.modules[2].name
+        let layer = try #require(runtime.layer(named: name))
+        let inputs = (0..<6).map { randomFloats(40 * 96, seed: UInt64(50 + $0)) }
+        let expected = try inputs.map { try singleThreaded(library, module: name, options: runtime.routing, x: $0, tokens: 40).delta }
+        let mismatches = Atomic<Int>(0)
+        DispatchQueue.concurrentPerform(iterations: 96) { i in
+            guard let got = try? runtime.apply(layer, input: inputs[i % 6], tokens: 40), got.delta == expected[i % 6] else {
+                mismatches.add(1, ordering: .relaxed)
+                return
+            }
+        }
+        #expect(mismatches.load(ordering: .relaxed) == 0)
+        #expect(runtime.statisticsSnapshot().calls == 96)
+    }
+
+    @Test("several layers sharing one input give the same deltas as separate calls")
+    func batchedLayers() throws {
+        let library = try synthLibrary()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1))
+        defer { runtime.shutdown() }
+        let q = runtime.layer(named: library.modules[0].name)!, k = runtime.layer(named: library.modules[1].name)!
+        let x = randomFloats(20 * 64, seed: 9)
+        var outQ = [Float](repeating: 0, count: 20 * 64), outK = [Float](repeating: 0, count: 20 * 48)
+        try x.withUnsafeBufferPointer { input in
+            try outQ.withUnsafeMutableBufferPointer { oq in
+                try outK.withUnsafeMutableBufferPointer { ok in try runtime.apply([q, k], input: input, tokens: 20, outputs: [oq, ok]) }
+            }
+        }
+        #expect(outQ == (try runtime.apply(q, input: x, tokens: 20)).delta)
+        #expect(outK == (try runtime.apply(k, input: x, tokens: 20)).delta)
+    }
+
+    @Test("the async form returns the synchronous result")
+    func asyncForm() async throws {
+        let library = try synthLibrary()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1))
+        defer { runtime.shutdown() }
+        let layer = runtime.layer(named: library.modules[0].name)!
+        let x = randomFloats(9 * 64, seed: 10)
+        let viaAsync = try await runtime.applyAsync(layer, input: x, tokens: 9)
+        let viaSync = try runtime.apply(layer, input: x, tokens: 9)
+        #expect(viaAsync.delta == viaSync.delta && viaAsync.experts == viaSync.experts)
+    }
+
+    @Test("beyond the admission bound a call fails at once with .overloaded")
+    func admissionControl() throws {
+        let library = try synthLibrary()
+        let gate = GateObserver()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, maxQueuedCalls: 1, observer: gate))
+        defer { runtime.shutdown() }
+        let layer = runtime.layer(named: library.modules[0].name)!
+        let x = randomFloats(4 * 64, seed: 11)
+        let first = DispatchGroup()
+        DispatchQueue.global().async(group: first) { _ = try? runtime.apply(layer, input: x, tokens: 4) }
+        gate.entered.wait()
+        let started = DispatchTime.now()
+        var code: RuntimeError.Code?
+        do { _ = try runtime.apply(layer, input: x, tokens: 4) } catch let error as RuntimeError { code = error.code } catch {}
+        let waited = Double(DispatchTime.now().uptimeNanoseconds - started.uptimeNanoseconds) / 1e9
+        gate.release.signal()
+        first.wait()
+        #expect(code == .overloaded)
+        #expect(waited < 5, "the refusal came at once, not after the running call")
+        #expect(runtime.statisticsSnapshot().rejected == 1)
+        #expect((try? runtime.apply(layer, input: x, tokens: 4)) != nil, "after the running call ends, calls are admitted again")
+    }
+
+    @Test("adding and removing experts while calls are in flight: every call sees one whole library")
+    func liveChanges() throws {
+        let directory = TemporaryDirectory()
+        // Library of 6 experts on disk, plus one more expert directory to add.
+        let shape = ModelShape(name: "t", layers: [.init(name: "encoder.block.0.layer.0.SelfAttention.q", inWidth: 32, outWidth: 32)])
+        try Synth.writeLibrary(SynthOptions(shape: shape, experts: 7, rank: 4, seed: 3, tasks: 7, manifest: false), to: directory.file("all"))
+        let base = directory.file("base")
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        for e in 0..<6 { try FileManager.default.copyItem(atPath: directory.file("all/expert\(e)"), toPath: base + "/expert\(e)") }
+        let library = try ExpertLibrary.load(path: base)
+        let runtime = try Runtime(library: library, options: RuntimeOptions(routing: RoutingOptions(topK: 2), workers: 1, maxQueuedCalls: 1000))
+        defer { runtime.shutdown() }
+        let layer = runtime.layer(named: "encoder.block.0.layer.0.SelfAttention.q")!
+        let x = randomFloats(64 * 32, seed: 12)
+        let before = try runtime.apply(layer, input: x, tokens: 64)
+
+        let withSeventh = try ExpertLibrary.load(path: directory.file("all"))
+        let afterAdd = try singleThreaded(withSeventh, module: layer.name, options: RoutingOptions(topK: 2), x: x, tokens: 64)
+        #expect(afterAdd.delta != before.delta, "the added expert changes routing, so a mixture would be visible")
+
+        let bad = Atomic<Int>(0), seen = Mutex<Set<Int>>([])
+        let callers = DispatchGroup()
+        let stop = Atomic<Bool>(false)
+        for _ in 0..<3 {
+            DispatchQueue.global().async(group: callers) {
+                while !stop.load(ordering: .relaxed) {
+                    guard let got = try? runtime.apply(layer, input: x, tokens: 64) else { bad.add(1, ordering: .relaxed); continue }
+                    if got.delta == before.delta { seen.withLock { _ = $0.insert(0) } }
+                    else if got.delta == afterAdd.delta { seen.withLock { _ = $0.insert(1) } }
+                    else { bad.add(1, ordering: .relaxed) }
+                }
+            }
+        }
+        for _ in 0..<5 {
+            let index = try runtime.addExpert(directory: directory.file("all/expert6"), name: "expert6")
+            #expect(index == ExpertIndex(6 + (runtime.library.experts.count - 7)))
+            Thread.sleep(forTimeInterval: 0.01)
+            try runtime.removeExpert(named: "expert6")
+            Thread.sleep(forTimeInterval: 0.01)
+        }
+        try runtime.addExpert(directory: directory.file("all/expert6"), name: "expert6")
+        Thread.sleep(forTimeInterval: 0.02)
+        stop.store(true, ordering: .relaxed)
+        callers.wait()
+        #expect(bad.load(ordering: .relaxed) == 0, "no call saw a half-updated library")
+        // The last added expert has index 11 (indices are never reused) but routes like expert 6 of the 7-expert library.
+        let final = try runtime.apply(layer, input: x, tokens: 64)
+        #expect(final.delta == afterAdd.delta)
+        #expect(Set(final.experts).isSubset(of: [0, 1, 2, 3, 4, 5, 11]))
+        #expect(throws: RuntimeError.self) { try runtime.addExpert(directory: directory.file("all/expert6"), name: "expert6") }
+        try runtime.removeExpert(named: "expert6")
+        #expect(try runtime.apply(layer, input: x, tokens: 64).delta == before.delta)
+        #expect(throws: RuntimeError.self) { try runtime.removeExpert(named: "expert6") }
+    }
+
+    @Test("a memory cap below the library's weights is refused with a clear error")
+    func memoryCap() throws {
+        let library = try synthLibrary()
+        do {
+            _ = try Runtime(library: library, options: RuntimeOptions(workers: 0, memoryCapBytes: 1000))
+            Issue.record("expected a memory-cap error")
+        } catch let error as RuntimeError {
+            #expect(error.code == .memoryCap)
+            #expect(error.message.contains("expected at most 1000 bytes"))
+        }
+        let fits = try Runtime(library: library, options: RuntimeOptions(workers: 0, memoryCapBytes: 100 << 20))
+        #expect(fits.residentBytes > 0)
+    }
+
+    @Test("the observer sees routing, plan, every item, combine and the call; statistics add up")
+    func observerAndStatistics() throws {
+        let library = try synthLibrary()
+        let recorder = RecordingObserver()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(routing: RoutingOptions(topK: 2), workers: 1, tileRows: 4, observer: recorder))
+        defer { runtime.shutdown() }
+        let layer = runtime.layer(named: library.modules[0].name)!
+        _ = try runtime.apply(layer, input: randomFloats(50 * 64, seed: 13), tokens: 50)
+        let events = recorder.events.withLock { $0 }
+        let kinds = Set(events.map(\.kind))
+        #expect(kinds.isSuperset(of: [.queued, .routing, .plan, .item, .combine, .call]))
+        #expect(events.filter { $0.kind == .item || $0.kind == .steal }.reduce(0) { $0 + $1.rows } == 100)
+        #expect(events.filter { $0.kind == .routing }.reduce(0) { $0 + $1.rows } == 50)
+        #expect(events.allSatisfy { $0.end >= $0.start })
+        let stats = runtime.statisticsSnapshot()
+        #expect(stats.calls == 1 && stats.tokens == 50 && stats.tokensPerExpert.reduce(0, +) == 100)
+    }
+
+    @Test("after shutdown, calls fail with .shutDown")
+    func shutdown() throws {
+        let library = try synthLibrary()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1))
+        let layer = runtime.layer(named: library.modules[0].name)!
+        runtime.shutdown()
+        runtime.shutdown()
+        #expect(throws: RuntimeError.self) { _ = try runtime.apply(layer, input: randomFloats(64, seed: 1), tokens: 1) }
+    }
+
+    @Test("placement on a modelled 2-node topology: distribute balances, isolate uses one node, replicate copies hot experts")
+    func placement() throws {
+        let topology = try Topology.modelled("0;1")
+        #expect(topology.nodes.map(\.cpus) == [[0], [1]])
+        let bytes = [100, 100, 50, 50, 0, 200]
+        let distribute = try PlacementPlan.make(policy: .distribute, topology: topology, bytes: bytes, load: nil)
+        // Longest first: 200 -> node 0, 100 -> node 1, 100 -> node 1, 50 -> node 0 (tie, lower node), 50 -> node 1.
+        #expect(distribute.nodes == [[1], [1], [0], [1], [], [0]])
+        let isolate = try PlacementPlan.make(policy: .isolate(node: 1), topology: topology, bytes: bytes, load: nil)
+        #expect(isolate.nodes == [[1], [1], [1], [1], [], [1]])
+        let replicate = try PlacementPlan.make(policy: .replicateHot(count: 1), topology: topology, bytes: bytes, load: [0.1, 0.5, 0.1, 0.1, 0, 0.2])
+        #expect(replicate.nodes[1] == [0, 1] && replicate.nodes.filter { $0.count == 2 }.count == 1)
+        #expect(throws: RuntimeError.self) { _ = try PlacementPlan.make(policy: .isolate(node: 2), topology: topology, bytes: bytes, load: nil) }
+
+        let library = try synthLibrary()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, topology: topology))
+        defer { runtime.shutdown() }
+        #expect(runtime.participantNodes == [0, 1])
+        #expect(runtime.participantCPUs == [nil, 1])
+        let report = runtime.placementReport()
+        #expect(report.map(\.node) == [0, 1])
+        #expect(report.allSatisfy { $0.bytes > 0 && !$0.experts.isEmpty })
+        // On this machine both modelled nodes bind memory to its one real node; the kernel must report the pages there.
+        for shard in report where Topology.canBindMemory {
+            #expect(shard.pagesByNode.keys.sorted() == [shard.memoryNode], "pages of node \(shard.node): \(shard.pagesByNode)")
+        }
+    }
+
+    @Test("topology specs are validated")
+    func topologySpecs() {
+        #expect(throws: RuntimeError.self) { _ = try Topology.modelled("0;x") }
+        #expect(throws: RuntimeError.self) { _ = try Topology.modelled("0;;1") }
+        #expect(throws: RuntimeError.self) { _ = try Topology.modelled("0;4096") }
+        #expect(Topology.detect().cpuCount == Topology.allowedCPUs().count)
+    }
+}
