@@ -295,15 +295,16 @@ PG_TARGET void pg_avx2_layernorm_rows(const float *x, size_t ldx, size_t rows, s
 #define NT_KC 1024 /* k-block (multiple of 8) once k is larger than this */
 #endif
 #ifndef NT_NCMAX
-#define NT_NCMAX 64 /* most typed-operand rows per column block when k-blocking */
+#define NT_NCMAX 128 /* most typed-operand rows per column block when k-blocking (stack: NT_NCMAX * NT_MR * 32 bytes) */
 #endif
 
-/* Typed-operand rows per tile for a tile of mr rows: 8 to 12 accumulators, and at most 16 live vectors. */
+/* Typed-operand rows per tile for a tile of mr rows: 8 to 12 accumulators and at most 16 live vectors
+ * (shapes needing all 16, or 15 with the BF16 shuffle control, made clang spill an accumulator). */
 PG_INL int nt_nr_for(int mr) {
     switch (mr) {
     case 1: return 8;
-    case 2: return 6;
-    case 3: return 4;
+    case 2: return 5;
+    case 3: return 3;
     case 4: return 3;
     default: return 2;
     }
@@ -389,8 +390,8 @@ PG_INL void nt_tile_dispatch(const int DT, int mr, int nr, const float *const *a
                              float sums[NT_MR][NT_MAXNR]) {
     switch (mr * 16 + nr) {
         NT_CASE(1, 8) NT_CASE(1, 4) NT_CASE(1, 2) NT_CASE(1, 1)
-        NT_CASE(2, 6) NT_CASE(2, 4) NT_CASE(2, 2) NT_CASE(2, 1)
-        NT_CASE(3, 4) NT_CASE(3, 2) NT_CASE(3, 1)
+        NT_CASE(2, 5) NT_CASE(2, 4) NT_CASE(2, 2) NT_CASE(2, 1)
+        NT_CASE(3, 3) NT_CASE(3, 2) NT_CASE(3, 1)
         NT_CASE(4, 3) NT_CASE(4, 2) NT_CASE(4, 1)
 #if NT_MR >= 5
         NT_CASE(5, 2) NT_CASE(5, 1)
@@ -505,24 +506,38 @@ PG_TARGET void pg_avx2_lora_shrink(const float *x, size_t ldx, const int32_t *ro
 #define EX_MR 6 /* rows of h per full tile (4 or 6) */
 #endif
 #define EX_MAXNV 8 /* most 8-wide column vectors in any tile (the one-row tile) */
-#ifndef EX_OB
-#define EX_OB 0 /* columns per block, rows inside (0: rows outside, all columns inside) */
-#endif
 
-/* column vectors per tile for a tile of mr rows: 8 to 12 accumulators */
+/* Column vectors per tile for a tile of mr rows: 8 to 12 accumulators, leaving registers for the BF16
+ * pair loads (larger shapes made clang spill an accumulator). */
 PG_INL int ex_nv_for(int mr) {
     switch (mr) {
     case 1: return 8;
-    case 2: return 6;
-    case 3: return 4;
-    case 4: return 3;
+    case 2: return 4;
+    case 3: return 3;
     default: return 2;
     }
+}
+
+#ifndef EX_BF16_PAIRS
+#define EX_BF16_PAIRS 1
+#endif
+
+/* Vector v of an expand tile's row j of Bt. With `pairs` (BF16, NV even), 16 values come from one 32-byte load
+ * as two vectors: the even columns (low halves shifted up) in vector 2q and the odd columns (high halves
+ * masked) in vector 2q + 1; the tile un-interleaves its accumulators before storing. */
+PG_INL __m256 ex_ld(const int DT, const int pairs, const void *bt, size_t idx, int v) {
+    if (pairs) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(const void *)PG_AT(bt, idx + (size_t)(v / 2) * 16, 2));
+        if (v % 2 == 0) return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        return _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u)));
+    }
+    return ld8(DT, bt, idx + (size_t)v * 8);
 }
 
 /* MR rows x NV*8 columns starting at column o: acc = fma(h[i, j], Bt[j, o..], acc) for j = 0..r-1 */
 PG_INL void expand_tile(const int MR, const int NV, const int DT, const float *h, size_t r, const void *bt,
                         size_t d_out, size_t o, float *y, size_t ldy) {
+    const int pairs = EX_BF16_PAIRS && DT == PG_DTYPE_BF16 && NV % 2 == 0;
     __m256 acc[EX_MR][EX_MAXNV];
     PG_UNROLL
     for (int i = 0; i < MR; i++) {
@@ -534,7 +549,7 @@ PG_INL void expand_tile(const int MR, const int NV, const int DT, const float *h
         for (size_t j = 0; j < r; j++) {
             __m256 bv[EX_MAXNV];
             PG_UNROLL
-            for (int v = 0; v < NV; v++) bv[v] = ld8(DT, bt, j * d_out + o + (size_t)v * 8);
+            for (int v = 0; v < NV; v++) bv[v] = ex_ld(DT, pairs, bt, j * d_out + o, v);
             PG_UNROLL
             for (int i = 0; i < MR; i++) {
                 __m256 hv = _mm256_broadcast_ss(h + (size_t)i * r + j);
@@ -550,7 +565,7 @@ PG_INL void expand_tile(const int MR, const int NV, const int DT, const float *h
             for (int i = 0; i < MR; i++) hv[i] = _mm256_broadcast_ss(h + (size_t)i * r + j);
             PG_UNROLL
             for (int v = 0; v < NV; v++) {
-                __m256 bv = ld8(DT, bt, j * d_out + o + (size_t)v * 8);
+                __m256 bv = ex_ld(DT, pairs, bt, j * d_out + o, v);
                 PG_UNROLL
                 for (int i = 0; i < MR; i++) acc[i][v] = _mm256_fmadd_ps(hv[i], bv, acc[i][v]);
             }
@@ -558,8 +573,19 @@ PG_INL void expand_tile(const int MR, const int NV, const int DT, const float *h
     }
     PG_UNROLL
     for (int i = 0; i < MR; i++) {
-        PG_UNROLL
-        for (int v = 0; v < NV; v++) _mm256_storeu_ps(y + (size_t)i * ldy + o + (size_t)v * 8, acc[i][v]);
+        float *yr = y + (size_t)i * ldy + o;
+        if (pairs) {
+            PG_UNROLL
+            for (int q = 0; q < NV / 2; q++) {
+                __m256 lo = _mm256_unpacklo_ps(acc[i][2 * q], acc[i][2 * q + 1]); /* 0 1 2 3 | 8 9 10 11 */
+                __m256 hi = _mm256_unpackhi_ps(acc[i][2 * q], acc[i][2 * q + 1]); /* 4 5 6 7 | 12 13 14 15 */
+                _mm256_storeu_ps(yr + 16 * q, _mm256_permute2f128_ps(lo, hi, 0x20));
+                _mm256_storeu_ps(yr + 16 * q + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+            }
+        } else {
+            PG_UNROLL
+            for (int v = 0; v < NV; v++) _mm256_storeu_ps(yr + (size_t)v * 8, acc[i][v]);
+        }
     }
 }
 
@@ -571,9 +597,9 @@ PG_INL void expand_tile_dispatch(const int DT, int mr, int nv, const float *h, s
                                  size_t o, float *y, size_t ldy) {
     switch (mr * 16 + nv) {
         EX_CASE(1, 8) EX_CASE(1, 4) EX_CASE(1, 2) EX_CASE(1, 1)
-        EX_CASE(2, 6) EX_CASE(2, 4) EX_CASE(2, 2) EX_CASE(2, 1)
-        EX_CASE(3, 4) EX_CASE(3, 2) EX_CASE(3, 1)
-        EX_CASE(4, 3) EX_CASE(4, 2) EX_CASE(4, 1)
+        EX_CASE(2, 4) EX_CASE(2, 2) EX_CASE(2, 1)
+        EX_CASE(3, 3) EX_CASE(3, 2) EX_CASE(3, 1)
+        EX_CASE(4, 2) EX_CASE(4, 1)
 #if EX_MR >= 5
         EX_CASE(5, 2) EX_CASE(5, 1)
 #endif
@@ -587,21 +613,18 @@ PG_INL void expand_tile_dispatch(const int DT, int mr, int nv, const float *h, s
 PG_INL void expand_generic(const int DT, const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
                            size_t ldy) {
     const size_t d8 = d_out & ~(size_t)7;
-    const size_t ob = EX_OB > 0 ? (size_t)EX_OB : (d8 > 0 ? d8 : 1);
-    for (size_t o0 = 0; o0 < d8; o0 += ob) {
-        size_t o1 = d8 - o0 > ob ? o0 + ob : d8;
-        for (size_t i0 = 0; i0 < n; i0 += EX_MR) {
-            int mr = n - i0 >= EX_MR ? EX_MR : (int)(n - i0);
-            int nvmax = ex_nv_for(mr);
-            const float *hi = h + i0 * r;
-            float *yi = y + i0 * ldy;
-            size_t o = o0;
-            while (o < o1) {
-                size_t rem = (o1 - o) / 8;
-                int nv = rem >= (size_t)nvmax ? nvmax : rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
-                expand_tile_dispatch(DT, mr, nv, hi, r, bt, d_out, o, yi, ldy);
-                o += (size_t)nv * 8;
-            }
+    /* rows outside, columns inside: the tile's rows of h stay in L1 while Bt (L2) streams past */
+    for (size_t i0 = 0; i0 < n; i0 += EX_MR) {
+        int mr = n - i0 >= EX_MR ? EX_MR : (int)(n - i0);
+        int nvmax = ex_nv_for(mr);
+        const float *hi = h + i0 * r;
+        float *yi = y + i0 * ldy;
+        size_t o = 0;
+        while (o < d8) {
+            size_t rem = (d8 - o) / 8;
+            int nv = rem >= (size_t)nvmax ? nvmax : rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
+            expand_tile_dispatch(DT, mr, nv, hi, r, bt, d_out, o, yi, ldy);
+            o += (size_t)nv * 8;
         }
     }
     /* the last d_out % 8 columns: the same FMA chain, one element at a time */

@@ -74,7 +74,8 @@ public struct LayerRouter: Sendable {
         return rows * inWidth * 2 + rows * candidateCount
     }
 
-    func routedRowCount(tokens: Int) -> Int {
+    /// Rows scored for a call of `tokens` tokens: the tokens, or the sequences.
+    public func routedRowCount(tokens: Int) -> Int {
         switch options.granularity {
         case .token: return tokens
         case let .sequence(length): return (tokens + length - 1) / length
@@ -96,9 +97,73 @@ public struct LayerRouter: Sendable {
 
     /// Routes into raw outputs of `tokens * slots` entries each (for callers that split tokens across threads: the
     /// result of a token does not depend on the other tokens in the call, except that per-sequence routing needs
-    /// whole sequences).
+    /// whole sequences). The same as ``prepare(_:ldx:tokens:scratch:)``, ``score(_:ld:rows:columns:into:)`` over
+    /// every candidate, then ``select(_:rows:tokens:candidates:weights:)``.
     public func route(_ x: UnsafePointer<Float>, ldx: Int, tokens: Int, scratch: UnsafeMutablePointer<Float>,
                       candidates: UnsafeMutablePointer<Int32>, weights: UnsafeMutablePointer<Float>) {
+        if options.router == .uniform {
+            select(scratch, rows: 0, tokens: tokens, candidates: candidates, weights: weights)
+            return
+        }
+        let prepared = prepare(x, ldx: ldx, tokens: tokens, scratch: scratch)
+        let scores = scoresPointer(scratch, tokens: tokens)
+        score(prepared.rows, ld: prepared.ld, rows: prepared.count, columns: 0..<candidateCount, into: scores)
+        select(scores, rows: prepared.count, tokens: tokens, candidates: candidates, weights: weights)
+    }
+
+    /// Where the scores live in `scratch` for a call of `tokens` tokens ([routed rows, candidates]).
+    public func scoresPointer(_ scratch: UnsafeMutablePointer<Float>, tokens: Int) -> UnsafeMutablePointer<Float> {
+        scratch + routedRowCount(tokens: tokens) * inWidth * 2
+    }
+
+    /// Step 1: the rows that are scored: layer-normalised tokens (PHATGOOSE) or raw tokens (Arrow); per sequence,
+    /// the sequence means first. Uses the first part of `scratch`.
+    public func prepare(_ x: UnsafePointer<Float>, ldx: Int, tokens: Int, scratch: UnsafeMutablePointer<Float>)
+        -> (rows: UnsafePointer<Float>, ld: Int, count: Int)
+    {
+        // Scratch layout: [rows * in] normalised rows, [rows * in] sequence means, [rows * n] scores.
+        let rows = routedRowCount(tokens: tokens)
+        var input = x, ldInput = ldx
+        if case let .sequence(length) = options.granularity {
+            let meanRows = scratch + rows * inWidth
+            for s in 0..<rows {
+                let begin = s * length, end = min(tokens, begin + length)
+                let mean = meanRows + s * inWidth
+                for c in 0..<inWidth { mean[c] = 0 }
+                // Sum in F32 in token order, then scale: the same at every split of the call.
+                for t in begin..<end {
+                    let row = x + t * ldx
+                    for c in 0..<inWidth { mean[c] += row[c] }
+                }
+                let inverse = 1 / Float(end - begin)
+                for c in 0..<inWidth { mean[c] *= inverse }
+            }
+            input = UnsafePointer(meanRows)
+            ldInput = inWidth
+        }
+        guard options.router == .phatgoose else { return (input, ldInput, rows) }
+        Kernels.layerNormRows(input, ldx: ldInput, rows: rows, width: inWidth, into: scratch, ldo: inWidth)
+        return (UnsafePointer(scratch), inWidth, rows)
+    }
+
+    /// Step 2: raw scores of `rows` prepared rows against the candidates in `columns`, into `scores` ([rows,
+    /// candidates], leading dimension = candidate count). Each element is computed independently, so callers may
+    /// split the columns (or rows) across threads.
+    public func score(_ prepared: UnsafePointer<Float>, ld: Int, rows: Int, columns: Range<Int>, into scores: UnsafeMutablePointer<Float>) {
+        guard !columns.isEmpty, rows > 0 else { return }
+        let n = candidateCount
+        let matrix = scoreMatrix!.pointer.assumingMemoryBound(to: Float.self) + columns.lowerBound * inWidth
+        Kernels.gemmNT(prepared, lda: ld, m: rows, matrix, ldb: inWidth, n: columns.count, k: inWidth, alpha: scoreScale,
+                       into: scores + columns.lowerBound, ldc: n)
+        if options.router == .arrow {
+            for r in 0..<rows { for c in columns { scores[r * n + c] = abs(scores[r * n + c]) } }
+        }
+    }
+
+    /// Step 3: softmax, top-k and renormalisation of each routed row's scores (in place), written to the tokens'
+    /// slots; per sequence, copied to every token of the sequence. The uniform router ignores the scores.
+    public func select(_ scores: UnsafeMutablePointer<Float>, rows: Int, tokens: Int,
+                       candidates: UnsafeMutablePointer<Int32>, weights: UnsafeMutablePointer<Float>) {
         let n = candidateCount
         if options.router == .uniform {
             let weight = Float(1.0 / Double(n))
@@ -109,33 +174,6 @@ public struct LayerRouter: Sendable {
                 }
             }
             return
-        }
-        // The rows that are routed: tokens, or the mean activation of each sequence.
-        let rows = routedRowCount(tokens: tokens)
-        var input = x, ldInput = ldx
-        if case let .sequence(length) = options.granularity {
-            let meanRows = scratch + rows * inWidth
-            for s in 0..<rows {
-                let begin = s * length, end = min(tokens, begin + length)
-                for c in 0..<inWidth {
-                    var sum = 0.0
-                    for t in begin..<end { sum += Double(x[t * ldx + c]) }
-                    meanRows[s * inWidth + c] = Float(sum / Double(end - begin))
-                }
-            }
-            input = UnsafePointer(meanRows)
-            ldInput = inWidth
-        }
-        // Scratch layout: [rows * in] normalised rows, [rows * in] sequence means, [rows * n] scores.
-        let normalized = scratch
-        let scores = scratch + rows * inWidth * 2
-        let matrix = scoreMatrix!.pointer.assumingMemoryBound(to: Float.self)
-        if options.router == .phatgoose {
-            Kernels.layerNormRows(input, ldx: ldInput, rows: rows, width: inWidth, into: normalized, ldo: inWidth)
-            Kernels.gemmNT(normalized, lda: inWidth, m: rows, matrix, ldb: inWidth, n: n, k: inWidth, alpha: scoreScale, into: scores, ldc: n)
-        } else {
-            Kernels.gemmNT(input, lda: ldInput, m: rows, matrix, ldb: inWidth, n: n, k: inWidth, alpha: scoreScale, into: scores, ldc: n)
-            for i in 0..<(rows * n) { scores[i] = abs(scores[i]) }
         }
         let k = min(options.topK, n)
         let slots = self.slots

@@ -89,24 +89,44 @@ final class LayerScheduler: @unchecked Sendable {
         let weightsAll = chosenWeights.reserve(tokens * slots)
         let observer = self.observer
 
-        // Phase A: routing. Per-sequence routing splits on sequence boundaries.
+        // Phase A: routing. With enough routed rows, participants split the rows (whole sequences when routing per
+        // sequence); with few rows (decode), the caller prepares them, participants split the candidates' scores
+        // (each reads only its part of the gate matrix), and the caller selects.
         let unit: Int
         if case let .sequence(length) = router.options.granularity { unit = min(length, tokens) } else { unit = 1 }
         let units = (tokens + unit - 1) / unit
-        let routingParticipants = min(participants, units)
-        for p in 0..<routingParticipants { routeScratch[p].reserve(router.scratchCount(tokens: (units / routingParticipants + 1) * unit)) }
-        let routePhase: (Int) -> Void = { p in
-            guard p < routingParticipants else { return }
-            let t0 = min(tokens, units * p / routingParticipants * unit), t1 = min(tokens, units * (p + 1) / routingParticipants * unit)
-            guard t1 > t0 else { return }
-            let start = self.now()
-            router.route(x + t0 * inWidth, ldx: inWidth, tokens: t1 - t0, scratch: self.routeScratch[p].pointer,
-                         candidates: candidatesOut + t0 * slots, weights: weightsAll + t0 * slots)
+        if router.options.router == .uniform {
+            router.select(routeScratch[0].reserve(1), rows: 0, tokens: tokens, candidates: candidatesOut, weights: weightsAll)
+        } else if units >= participants * 2 || participants == 1 {
+            let routingParticipants = min(participants, units)
+            for p in 0..<routingParticipants { routeScratch[p].reserve(router.scratchCount(tokens: (units / routingParticipants + 1) * unit)) }
+            let routePhase: (Int) -> Void = { p in
+                guard p < routingParticipants else { return }
+                let t0 = min(tokens, units * p / routingParticipants * unit), t1 = min(tokens, units * (p + 1) / routingParticipants * unit)
+                guard t1 > t0 else { return }
+                let start = self.now()
+                router.route(x + t0 * inWidth, ldx: inWidth, tokens: t1 - t0, scratch: self.routeScratch[p].pointer,
+                             candidates: candidatesOut + t0 * slots, weights: weightsAll + t0 * slots)
+                if let observer {
+                    observer.observe(RuntimeEvent(kind: .routing, worker: p, node: self.nodes[p], layer: m, expert: -1, rows: t1 - t0, start: start, end: pg_now_ns()))
+                }
+            }
+            if routingParticipants > 1 { executor.run(routePhase) } else { routePhase(0) }
+        } else {
+            let scratch = routeScratch[0].reserve(router.scratchCount(tokens: tokens))
+            let start = now()
+            let prepared = router.prepare(x, ldx: inWidth, tokens: tokens, scratch: scratch)
+            let scores = router.scoresPointer(scratch, tokens: tokens)
+            let n = router.candidateCount
+            executor.run { p in
+                let c0 = n * p / self.participants, c1 = n * (p + 1) / self.participants
+                router.score(prepared.rows, ld: prepared.ld, rows: prepared.count, columns: c0..<c1, into: scores)
+            }
+            router.select(scores, rows: prepared.count, tokens: tokens, candidates: candidatesOut, weights: weightsAll)
             if let observer {
-                observer.observe(RuntimeEvent(kind: .routing, worker: p, node: self.nodes[p], layer: m, expert: -1, rows: t1 - t0, start: start, end: pg_now_ns()))
+                observer.observe(RuntimeEvent(kind: .routing, worker: 0, node: nodes[0], layer: m, expert: -1, rows: tokens, start: start, end: pg_now_ns()))
             }
         }
-        if routingParticipants > 1 { executor.run(routePhase) } else { routePhase(0) }
 
         // The plan, on the caller.
         let planStart = now()

@@ -7,6 +7,7 @@ import PhatgooseLibrary
 import PhatgooseRouting
 import PhatgooseRuntime
 import PhatgooseSynth
+import Synchronization
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -33,6 +34,9 @@ struct Bench: ParsableCommand {
 
     @Option(help: "Implementations to run (comma-separated): runtime (pinned workers, at 1 thread and at --threads), dispatch (the runtime on Dispatch, at --threads), naive, dense.")
     var impl: String = "runtime,dispatch,naive,dense"
+
+    @Flag(help: "Also report, for the runtime, the time per call spent in each phase (routing, plan, items, combine), from the observer.")
+    var breakdown = false
 
     @Flag(help: "Instead of layers, measure the fan-out and join overhead of an empty parallel phase, pinned pool vs Dispatch.")
     var overhead = false
@@ -133,6 +137,10 @@ struct Bench: ParsableCommand {
                     ("calls", .integer(times.count)), ("active_experts", .integer(active)),
                     ("speedup_vs_1_thread", speedup.map { .double($0) } ?? .null),
                 ]))
+                if breakdown && run.name == "runtime" {
+                    let phases = try Self.phaseBreakdown(library: library, module: module.name, routing: routing, threads: run.threads, x: x, tokens: workload.tokens)
+                    if format == .text { print("          phases: " + phases.map { $0.0 + String(format: " %.0f us", $0.1) }.joined(separator: ", ")) }
+                }
                 if format == .text {
                     let name8 = run.name.padding(toLength: 8, withPad: " ", startingAt: 0)
                     let workload8 = workload.name.padding(toLength: 8, withPad: " ", startingAt: 0)
@@ -206,6 +214,20 @@ struct Bench: ParsableCommand {
         }
     }
 
+    /// Mean wall time per call of each phase kind over 20 calls, summed over participants (so parallel phases count
+    /// each participant's time).
+    static func phaseBreakdown(library: ExpertLibrary, module: String, routing: RoutingOptions, threads: Int, x: [Float], tokens: Int) throws -> [(String, Double)] {
+        let recorder = PhaseTotals()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(routing: routing, workers: threads - 1, observer: recorder))
+        defer { runtime.shutdown() }
+        let layer = runtime.layer(named: module)!
+        for _ in 0..<3 { _ = try runtime.apply(layer, input: x, tokens: tokens) }
+        recorder.totals.withLock { $0 = [:] }
+        for _ in 0..<20 { _ = try runtime.apply(layer, input: x, tokens: tokens) }
+        let totals = recorder.totals.withLock { $0 }
+        return ["call", "routing", "plan", "item", "steal", "combine"].map { ($0, Double(totals[$0] ?? 0) / 20 / 1000) }
+    }
+
     /// Fan-out and join of an empty phase on every participant, pinned pool against Dispatch.
     func timeOverhead() {
         let topology = Topology.detect()
@@ -265,4 +287,10 @@ struct Bench: ParsableCommand {
         }
         return times.sorted()
     }
+}
+
+/// Sums event durations by kind.
+final class PhaseTotals: RuntimeObserver, Sendable {
+    let totals = Mutex<[String: UInt64]>([:])
+    func observe(_ event: RuntimeEvent) { totals.withLock { $0[event.kind.rawValue, default: 0] += event.end - event.start } }
 }

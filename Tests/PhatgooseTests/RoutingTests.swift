@@ -94,7 +94,8 @@ struct RoutingTests {
         let perToken = try LayerRouter(module: module, options: RoutingOptions(topK: 2))
         for (s, range) in [0..<4, 4..<8, 8..<10].enumerated() {
             var mean = [Float](repeating: 0, count: 16)
-            for c in 0..<16 { mean[c] = Float(range.reduce(0.0) { $0 + Double(x[$1 * 16 + c]) } / Double(range.count)) }
+            // The mean as the router computes it: an F32 sum in token order, times 1/count.
+            for c in 0..<16 { mean[c] = range.reduce(Float(0)) { $0 + x[$1 * 16 + c] } * (1 / Float(range.count)) }
             var single = RoutingResult(tokenCount: 1, slots: 2)
             var singleScratch = [Float](repeating: 0, count: perToken.scratchCount(tokens: 1))
             perToken.route(mean, ldx: 16, tokens: 1, scratch: &singleScratch, into: &single)
