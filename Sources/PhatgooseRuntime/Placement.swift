@@ -64,6 +64,7 @@ public final class NodeArena: @unchecked Sendable {
     /// Where the kernel says this arena's pages are: pages per physical node (negative keys are errno values, e.g.
     /// -14 EFAULT for pages never touched). Samples at most `maximumPages` pages evenly.
     public func pageNodes(maximumPages: Int = 4096) -> [Int: Int] {
+        guard used > 0 else { return [:] }
         let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
         let pages = max(1, (used + pageSize - 1) / pageSize)
         let step = max(1, pages / maximumPages)

@@ -2,6 +2,7 @@ import ArgumentParser
 import PhatgooseFormats
 import PhatgooseLibrary
 import PhatgooseRouting
+import PhatgooseRuntime
 import PhatgooseSynth
 #if canImport(Glibc)
 import Glibc
@@ -14,7 +15,7 @@ struct Phatgoose: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "phatgoose",
         abstract: "Serve PHATGOOSE routing among LoRA experts on CPUs.",
-        subcommands: [Inspect.self, SynthCommand.self, Pack.self, Apply.self, Bench.self]
+        subcommands: [Inspect.self, SynthCommand.self, Pack.self, Apply.self, Bench.self, PlacementCommand.self]
     )
 
     static func main() {
@@ -56,7 +57,7 @@ struct Phatgoose: ParsableCommand {
 
 /// Errors of Phatgoose's own modules, which describe bad input or data.
 func isDataError(_ error: any Error) -> Bool {
-    error is FormatError || error is LibraryError || error is RoutingError || error is SynthError
+    error is FormatError || error is LibraryError || error is RoutingError || error is SynthError || error is RuntimeError
 }
 
 func printError(_ message: String) {

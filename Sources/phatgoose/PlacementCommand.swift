@@ -1,0 +1,97 @@
+import ArgumentParser
+import PhatgooseFormats
+import PhatgooseLibrary
+import PhatgooseRuntime
+
+/// Options that choose the runtime's executor, workers, topology and placement.
+struct RuntimeFlags: ParsableArguments {
+    @Option(help: "Worker threads besides the caller (default: CPUs - 1).")
+    var workers: Int?
+
+    @Option(help: "Executor: pinned or dispatch.")
+    var executor: String = "pinned"
+
+    @Option(help: "Model a NUMA topology instead of detecting it: CPU lists per node, e.g. \"0;1\" or \"0-3;4-7\".")
+    var topology: String?
+
+    @Option(help: "Placement: distribute, isolate:NODE, replicate:COUNT, or in-place.")
+    var placement: String = "distribute"
+
+    @Option(help: "Memory cap on expert weights, in bytes.")
+    var memoryCap: Int?
+
+    func validate() throws {
+        guard ExecutorKind(rawValue: executor) != nil else { throw ValidationError("--executor: expected pinned or dispatch, found \(executor)") }
+        _ = try placementPolicy()
+        if let workers, workers < 0 { throw ValidationError("--workers: expected at least 0, found \(workers)") }
+    }
+
+    func placementPolicy() throws -> PlacementPolicy {
+        let parts = placement.split(separator: ":", maxSplits: 1).map(String.init)
+        switch (parts.first, parts.count) {
+        case ("distribute"?, 1): return .distribute
+        case ("in-place"?, 1): return .inPlace
+        case ("isolate"?, 2): if let node = Int(parts[1]) { return .isolate(node: node) }
+        case ("replicate"?, 2): if let count = Int(parts[1]) { return .replicateHot(count: count) }
+        default: break
+        }
+        throw ValidationError("--placement: expected distribute, isolate:NODE, replicate:COUNT or in-place, found \(placement)")
+    }
+
+    func options(routing: RoutingFlags? = nil, defaults: RoutingDefaults) throws -> RuntimeOptions {
+        RuntimeOptions(routing: routing?.options(defaults: defaults, tokens: 0), workers: workers, executor: ExecutorKind(rawValue: executor)!,
+                       topology: try topology.map { try Topology.modelled($0) }, placement: try placementPolicy(), memoryCapBytes: memoryCap)
+    }
+}
+
+struct PlacementCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "placement",
+        abstract: "Place a library's experts on NUMA nodes and report where the kernel really put each shard's pages.",
+        discussion: "Asks the kernel (move_pages) for the node of every page of each node's shard memory, next to the node it was bound to."
+    )
+
+    @Argument(help: "A library directory or packed library.")
+    var library: String
+
+    @OptionGroup var runtimeFlags: RuntimeFlags
+
+    @Option(help: "Output format: text or json.")
+    var format: OutputFormat = .text
+
+    func run() throws {
+        let loaded = try ExpertLibrary.load(path: library)
+        let runtime = try Runtime(library: loaded, options: runtimeFlags.options(defaults: loaded.routing))
+        defer { runtime.shutdown() }
+        let report = runtime.placementReport()
+        let workers = (1..<runtime.participants).map { p -> JSONValue in
+            .object([("participant", .integer(p)), ("node", .integer(runtime.participantNodes[p])),
+                     ("cpu", runtime.participantCPUs[p].map { .integer($0) } ?? .null)])
+        }
+        let shards: [JSONValue] = report.map { shard in
+            let onTarget = shard.pagesByNode[shard.memoryNode] ?? 0
+            let sampled = shard.pagesByNode.values.reduce(0, +)
+            return .object([
+                ("node", .integer(shard.node)), ("bound_to_memory_node", .integer(shard.memoryNode)), ("bytes", .integer(shard.bytes)),
+                ("experts", .array(shard.experts.map { .string($0) })),
+                ("pages_sampled", .integer(sampled)), ("pages_on_bound_node", .integer(onTarget)),
+                ("pages_by_node", .object(shard.pagesByNode.sorted { $0.key < $1.key }.map { (String($0.key), JSONValue.integer($0.value)) })),
+            ])
+        }
+        switch format {
+        case .json:
+            print(JSONValue.object([("topology", .string(runtime.topology.description)), ("numa_available", .bool(Topology.canBindMemory)),
+                                    ("workers", .array(workers)), ("shards", .array(shards))]).serialized())
+        case .text:
+            print("topology: \(runtime.topology.description)\(Topology.canBindMemory ? "" : " (libnuma unavailable: memory not bound)")")
+            for p in 1..<runtime.participants {
+                print("worker \(p): node \(runtime.participantNodes[p]), cpu \(runtime.participantCPUs[p].map(String.init) ?? "unpinned")")
+            }
+            for shard in report {
+                let sampled = shard.pagesByNode.values.reduce(0, +)
+                let where_ = shard.pagesByNode.sorted { $0.key < $1.key }.map { "\($0.value) on node \($0.key)" }.joined(separator: ", ")
+                print("shard of node \(shard.node): \(shard.experts.count) experts, \(LibraryReport.formatBytes(shard.bytes)), bound to memory node \(shard.memoryNode); pages sampled \(sampled): \(where_)")
+            }
+        }
+    }
+}
