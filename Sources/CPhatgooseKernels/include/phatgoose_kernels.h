@@ -11,7 +11,9 @@
  *    through it (for example, any size argument that makes the output empty is zero).
  *  - Outputs must not overlap inputs, except where a function says otherwise.
  *  - No function allocates, starts threads or keeps state, apart from the ISA choice. All kernels are
- *    safe to call concurrently from several threads on disjoint outputs.
+ *    safe to call concurrently from several threads on disjoint outputs. Stack use is at most ~20 KiB.
+ *  - Speed: F32 rows that start on a 64-byte boundary avoid cache-line-split loads (10-20% faster);
+ *    typed weights behind void pointers may sit at any byte address.
  *  - Determinism: for a given ISA every output element is bitwise reproducible. Its value does not
  *    depend on how many rows or columns the call covers, where the row sits in the batch, or how the
  *    caller splits the work into calls. Different ISAs may differ in the last bits (FMA versus
@@ -55,8 +57,9 @@ int pg_isa_set_thread(int isa);
 /* A static name for an ISA: "portable", "avx2", or "unknown". */
 const char *pg_isa_name(int isa);
 
-/* dst[i] = src[i] as F32, for n elements of type dtype. Exact for every dtype (F16 subnormals too);
- * a NaN stays a NaN, made quiet, with sign and payload kept. */
+/* dst[i] = src[i] as F32, for n elements of type dtype. Exact for every dtype (F16 subnormals too).
+ * BF16 is widened bit for bit (u16 << 16), F32 copied; an F16 NaN becomes a quiet NaN with sign and
+ * payload kept (as VCVTPH2PS). */
 void pg_convert_to_f32(const void *src, int dtype, float *dst, size_t n);
 
 /* dst[i] = src[i] rounded to dtype, for n elements: round to nearest, ties to even; overflow gives
