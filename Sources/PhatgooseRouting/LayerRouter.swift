@@ -105,11 +105,27 @@ public struct LayerRouter: Sendable {
             select(scratch, rows: 0, tokens: tokens, candidates: candidates, weights: weights)
             return
         }
-        let prepared = prepare(x, ldx: ldx, tokens: tokens, scratch: scratch)
         let scores = scoresPointer(scratch, tokens: tokens)
-        score(prepared.rows, ld: prepared.ld, rows: prepared.count, columns: 0..<candidateCount, into: scores)
-        select(scores, rows: prepared.count, tokens: tokens, candidates: candidates, weights: weights)
+        if case .token = options.granularity {
+            // Blocks of rows small enough that the normalised rows stay in cache between LayerNorm and the GEMM
+            // (each row's result is the same whatever the block).
+            var begin = 0
+            while begin < tokens {
+                let count = min(Self.blockRows, tokens - begin)
+                let prepared = prepare(x + begin * ldx, ldx: ldx, tokens: count, scratch: scratch)
+                score(prepared.rows, ld: prepared.ld, rows: count, columns: 0..<candidateCount, into: scores + begin * candidateCount)
+                begin += count
+            }
+            select(scores, rows: tokens, tokens: tokens, candidates: candidates, weights: weights)
+        } else {
+            let prepared = prepare(x, ldx: ldx, tokens: tokens, scratch: scratch)
+            score(prepared.rows, ld: prepared.ld, rows: prepared.count, columns: 0..<candidateCount, into: scores)
+            select(scores, rows: prepared.count, tokens: tokens, candidates: candidates, weights: weights)
+        }
     }
+
+    /// Rows normalised and scored together by ``route(_:ldx:tokens:scratch:candidates:weights:)``.
+    static let blockRows = 32
 
     /// Where the scores live in `scratch` for a call of `tokens` tokens ([routed rows, candidates]).
     public func scoresPointer(_ scratch: UnsafeMutablePointer<Float>, tokens: Int) -> UnsafeMutablePointer<Float> {

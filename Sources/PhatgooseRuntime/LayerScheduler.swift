@@ -62,6 +62,8 @@ final class LayerScheduler: @unchecked Sendable {
     private let queueStart = RawBuffer<Int>()
     private let cursors = RawBuffer<Int64>()
     private let ownerLoad = RawBuffer<Int>()
+    /// Per-candidate assignment counts of the last call.
+    let counts = RawBuffer<Int>()
     private let routeScratch: [RawBuffer<Float>]
     private let shrinkScratch: [RawBuffer<Float>]
 
@@ -100,7 +102,7 @@ final class LayerScheduler: @unchecked Sendable {
         } else if units >= participants * 2 || participants == 1 {
             let routingParticipants = min(participants, units)
             for p in 0..<routingParticipants { routeScratch[p].reserve(router.scratchCount(tokens: (units / routingParticipants + 1) * unit)) }
-            let routePhase: (Int) -> Void = { p in
+            func routePhase(_ p: Int) {
                 guard p < routingParticipants else { return }
                 let t0 = min(tokens, units * p / routingParticipants * unit), t1 = min(tokens, units * (p + 1) / routingParticipants * unit)
                 guard t1 > t0 else { return }
@@ -194,7 +196,7 @@ final class LayerScheduler: @unchecked Sendable {
         plan.tokens.withUnsafeBufferPointer { planTokens in
             plan.weights.withUnsafeBufferPointer { planWeights in
                 let tokenList = planTokens.baseAddress, weightList = planWeights.baseAddress
-                let expertPhase: (Int) -> Void = { p in
+                func expertPhase(_ p: Int) {
                     let h = self.shrinkScratch[p].pointer
                     let myNode = self.nodes[p]
                     // Own queue first, then steal from participants of the same node.
@@ -227,7 +229,7 @@ final class LayerScheduler: @unchecked Sendable {
 
         // Phase C: combine, split by tokens.
         let combineParticipants = min(participants, max(1, tokens / 8))
-        let combinePhase: (Int) -> Void = { p in
+        func combinePhase(_ p: Int) {
             guard p < combineParticipants else { return }
             let t0 = tokens * p / combineParticipants, t1 = tokens * (p + 1) / combineParticipants
             guard t1 > t0 else { return }

@@ -170,82 +170,122 @@ public final class Runtime: Sendable {
 
     /// Adds the mixture delta of `layer` for `tokens` rows of `input` ([tokens, in], row-major F32) into `output`
     /// ([tokens, out]). When given, `experts` and `weights` ([tokens, slots]) receive each token's choices.
+    ///
+    /// Allocation-free once the runtime has served a call of this size.
     public func apply(_ layer: LayerHandle, input: UnsafeBufferPointer<Float>, tokens: Int, output: UnsafeMutableBufferPointer<Float>,
                       experts: UnsafeMutableBufferPointer<Int32>? = nil, weights: UnsafeMutableBufferPointer<Float>? = nil) throws {
-        try apply([layer], input: input, tokens: tokens, outputs: [output], experts: experts.map { [$0] }, weights: weights.map { [$0] })
+        let snapshot = try begin(tokens: tokens)
+        let m = try check(layer, in: snapshot, input: input, tokens: tokens, output: output, experts: experts, weights: weights, sharedInWidth: nil)
+        guard tokens > 0 else { return }
+        try admit()
+        defer { admitted.subtract(1, ordering: .sequentiallyConsistent) }
+        let queuedAt = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+        let ran = scheduler.withLock { scheduler in
+            guard !isShutDown.load(ordering: .acquiring) else { return false }
+            observeQueued(scheduler, layer: m, tokens: tokens, since: queuedAt)
+            run(scheduler, snapshot, module: m, input: input.baseAddress!, tokens: tokens, output: output.baseAddress!,
+                experts: experts?.baseAddress, weights: weights?.baseAddress)
+            return true
+        }
+        guard ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
     }
 
-    /// Several layers that share one input (q, k and v): one admission, one turn of the executor, each layer's
+    /// Several layers that share one input (q, k and v): one admission, one turn of the executor lock, each layer's
     /// delta added into its own output.
     public func apply(_ layers: [LayerHandle], input: UnsafeBufferPointer<Float>, tokens: Int, outputs: [UnsafeMutableBufferPointer<Float>],
                       experts: [UnsafeMutableBufferPointer<Int32>]? = nil, weights: [UnsafeMutableBufferPointer<Float>]? = nil) throws {
-        guard !isShutDown.load(ordering: .acquiring) else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
-        guard outputs.count == layers.count, experts.map({ $0.count == layers.count }) ?? true, weights.map({ $0.count == layers.count }) ?? true,
-              (experts == nil) == (weights == nil)
+        guard !layers.isEmpty, outputs.count == layers.count, experts.map({ $0.count == layers.count }) ?? true,
+              weights.map({ $0.count == layers.count }) ?? true, (experts == nil) == (weights == nil)
         else { throw RuntimeError(.shape, "apply: expected one output (and routing buffers, both or neither) per layer, found \(layers.count) layers and \(outputs.count) outputs") }
-        guard tokens >= 0 else { throw RuntimeError(.shape, "apply: expected tokens >= 0, found \(tokens)") }
-        let snapshot = current.withLock { $0 }
+        let snapshot = try begin(tokens: tokens)
         var modules: [Int] = []
         for (i, layer) in layers.enumerated() {
-            let m = try resolve(layer, in: snapshot)
-            let module = snapshot.library.modules[m]
-            if i > 0 && module.inWidth != snapshot.library.modules[modules[0]].inWidth {
-                throw RuntimeError(.shape, "layer \(layer.name): expected input width \(snapshot.library.modules[modules[0]].inWidth) shared with \(layers[0].name), found \(module.inWidth)")
-            }
-            guard input.count >= tokens * module.inWidth else {
-                throw RuntimeError(.shape, "layer \(layer.name): expected an input of \(tokens) x \(module.inWidth) floats, found \(input.count)")
-            }
-            guard outputs[i].count >= tokens * module.outWidth else {
-                throw RuntimeError(.shape, "layer \(layer.name): expected an output of \(tokens) x \(module.outWidth) floats, found \(outputs[i].count)")
-            }
-            let slots = snapshot.routers[m].slots
-            if let experts, let weights, experts[i].count < tokens * slots || weights[i].count < tokens * slots {
-                throw RuntimeError(.shape, "layer \(layer.name): expected routing buffers of \(tokens) x \(slots), found \(experts[i].count) and \(weights[i].count)")
-            }
-            modules.append(m)
+            let shared = i == 0 ? nil : snapshot.library.modules[modules[0]].inWidth
+            modules.append(try check(layer, in: snapshot, input: input, tokens: tokens, output: outputs[i], experts: experts?[i],
+                                     weights: weights?[i], sharedInWidth: shared))
         }
-        guard tokens > 0, let base = input.baseAddress else { return }
-        // Admission control: a bounded number of calls may run or wait; the rest fail at once.
-        let admittedNow = admitted.add(1, ordering: .sequentiallyConsistent).newValue
+        guard tokens > 0 else { return }
+        try admit()
         defer { admitted.subtract(1, ordering: .sequentiallyConsistent) }
+        let queuedAt = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+        let ran = scheduler.withLock { scheduler in
+            guard !isShutDown.load(ordering: .acquiring) else { return false }
+            observeQueued(scheduler, layer: modules[0], tokens: tokens, since: queuedAt)
+            for (i, m) in modules.enumerated() {
+                run(scheduler, snapshot, module: m, input: input.baseAddress!, tokens: tokens, output: outputs[i].baseAddress!,
+                    experts: experts?[i].baseAddress, weights: weights?[i].baseAddress)
+            }
+            return true
+        }
+        guard ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
+    }
+
+    /// The current snapshot, once the runtime is known to be running and `tokens` valid.
+    private func begin(tokens: Int) throws(RuntimeError) -> LibrarySnapshot {
+        guard !isShutDown.load(ordering: .acquiring) else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
+        guard tokens >= 0 else { throw RuntimeError(.shape, "apply: expected tokens >= 0, found \(tokens)") }
+        return current.withLock { $0 }
+    }
+
+    /// Resolves `layer` and checks every buffer's size; returns the module index.
+    private func check(_ layer: LayerHandle, in snapshot: LibrarySnapshot, input: UnsafeBufferPointer<Float>, tokens: Int,
+                       output: UnsafeMutableBufferPointer<Float>, experts: UnsafeMutableBufferPointer<Int32>?,
+                       weights: UnsafeMutableBufferPointer<Float>?, sharedInWidth: Int?) throws(RuntimeError) -> Int {
+        let m = try resolve(layer, in: snapshot)
+        let module = snapshot.library.modules[m]
+        if let sharedInWidth, module.inWidth != sharedInWidth {
+            throw RuntimeError(.shape, "layer \(layer.name): expected the input width \(sharedInWidth) shared by the batch, found \(module.inWidth)")
+        }
+        guard input.count >= tokens * module.inWidth, tokens == 0 || input.baseAddress != nil else {
+            throw RuntimeError(.shape, "layer \(layer.name): expected an input of \(tokens) x \(module.inWidth) floats, found \(input.count)")
+        }
+        guard output.count >= tokens * module.outWidth, tokens == 0 || output.baseAddress != nil else {
+            throw RuntimeError(.shape, "layer \(layer.name): expected an output of \(tokens) x \(module.outWidth) floats, found \(output.count)")
+        }
+        guard (experts == nil) == (weights == nil) else {
+            throw RuntimeError(.shape, "layer \(layer.name): expected both routing buffers (experts and weights) or neither")
+        }
+        let slots = snapshot.routers[m].slots
+        if let experts, let weights, experts.count < tokens * slots || weights.count < tokens * slots || (tokens > 0 && (experts.baseAddress == nil || weights.baseAddress == nil)) {
+            throw RuntimeError(.shape, "layer \(layer.name): expected routing buffers of \(tokens) x \(slots), found \(experts.count) and \(weights.count)")
+        }
+        return m
+    }
+
+    /// Admission control: a bounded number of calls may run or wait; the rest fail at once. On success the caller
+    /// must decrement `admitted` when done.
+    private func admit() throws(RuntimeError) {
+        let admittedNow = admitted.add(1, ordering: .sequentiallyConsistent).newValue
         guard admittedNow <= options.maxQueuedCalls else {
+            admitted.subtract(1, ordering: .sequentiallyConsistent)
             statistics.withLock { $0.rejected += 1 }
             throw RuntimeError(.overloaded, "runtime: expected at most \(options.maxQueuedCalls) calls queued, found \(admittedNow): call refused")
         }
-        let queuedAt = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-        var countsPerModule: [[Int]] = []
-        scheduler.withLock { scheduler in
-            guard !isShutDown.load(ordering: .acquiring) else { return }
-            if let observer = options.observer {
-                observer.observe(RuntimeEvent(kind: .queued, worker: 0, node: scheduler.nodes[0], layer: modules[0], expert: -1, rows: tokens,
-                                              start: queuedAt, end: DispatchTime.now().uptimeNanoseconds))
-            }
-            for (i, m) in modules.enumerated() {
-                var counts = [Int](repeating: 0, count: snapshot.library.modules[m].experts.count)
-                let callStart = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-                counts.withUnsafeMutableBufferPointer { countBuffer in
-                    scheduler.execute(snapshot, module: m, x: base, tokens: tokens, out: outputs[i].baseAddress!,
-                                      expertsOut: experts?[i].baseAddress, weightsOut: weights?[i].baseAddress, counts: countBuffer.baseAddress)
-                }
-                if let observer = options.observer {
-                    observer.observe(RuntimeEvent(kind: .call, worker: 0, node: scheduler.nodes[0], layer: m, expert: -1, rows: tokens,
-                                                  start: callStart, end: DispatchTime.now().uptimeNanoseconds))
-                }
-                countsPerModule.append(counts)
-            }
-        }
-        guard !isShutDown.load(ordering: .acquiring) || !countsPerModule.isEmpty else {
-            throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down")
+    }
+
+    private func observeQueued(_ scheduler: LayerScheduler, layer: Int, tokens: Int, since: UInt64) {
+        guard let observer = options.observer else { return }
+        observer.observe(RuntimeEvent(kind: .queued, worker: 0, node: scheduler.nodes[0], layer: layer, expert: -1, rows: tokens,
+                                      start: since, end: DispatchTime.now().uptimeNanoseconds))
+    }
+
+    /// One layer under the scheduler lock, then its statistics.
+    private func run(_ scheduler: LayerScheduler, _ snapshot: LibrarySnapshot, module m: Int, input: UnsafePointer<Float>, tokens: Int,
+                     output: UnsafeMutablePointer<Float>, experts: UnsafeMutablePointer<Int32>?, weights: UnsafeMutablePointer<Float>?) {
+        let module = snapshot.library.modules[m]
+        let counts = scheduler.counts.reserve(module.experts.count)
+        let callStart = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+        scheduler.execute(snapshot, module: m, x: input, tokens: tokens, out: output, expertsOut: experts, weightsOut: weights, counts: counts)
+        if let observer = options.observer {
+            observer.observe(RuntimeEvent(kind: .call, worker: 0, node: scheduler.nodes[0], layer: m, expert: -1, rows: tokens,
+                                          start: callStart, end: DispatchTime.now().uptimeNanoseconds))
         }
         statistics.withLock { stats in
-            stats.calls += modules.count
-            stats.tokens += tokens * modules.count
-            for (i, m) in modules.enumerated() {
-                for (c, piece) in snapshot.library.modules[m].experts.enumerated() {
-                    let e = piece.expert.int
-                    if e >= stats.tokensPerExpert.count { stats.tokensPerExpert += [Int](repeating: 0, count: e + 1 - stats.tokensPerExpert.count) }
-                    stats.tokensPerExpert[e] += countsPerModule[i][c]
-                }
+            stats.calls += 1
+            stats.tokens += tokens
+            for (c, piece) in module.experts.enumerated() {
+                let e = piece.expert.int
+                if e < stats.tokensPerExpert.count { stats.tokensPerExpert[e] += counts[c] }
             }
         }
     }

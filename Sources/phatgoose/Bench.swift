@@ -19,7 +19,7 @@ struct Bench: ParsableCommand {
             """
     )
 
-    @Option(help: "Canonical workload: \(Workload.canonical.map(\.name).joined(separator: ", ")) (default: W1, W2 and W3).")
+    @Option(help: "Canonical workload: \(Workload.canonical.map(\.name).joined(separator: ", ")), or M1 (a T5-XL model pass) (default: W1, W2 and W3).")
     var workload: [String] = []
 
     @Option(help: "Custom workload: number of experts.") var experts: Int?
@@ -44,6 +44,12 @@ struct Bench: ParsableCommand {
     @Option(help: "Weight dtype: f32, f16 or bf16.")
     var dtype: String = "bf16"
 
+    @Option(help: "M1: experts in the T5-XL library (36 for P3, 166 for FLAN).")
+    var modelExperts: Int = 36
+
+    @Option(help: "M1: tokens per pass (comma-separated).")
+    var modelTokens: String = "64,512"
+
     @Option(help: "Seconds of measurement per (workload, implementation).")
     var seconds: Double = 1
 
@@ -57,7 +63,7 @@ struct Bench: ParsableCommand {
     var format: OutputFormat = .text
 
     func validate() throws {
-        for name in workload where !Workload.canonical.contains(where: { $0.name == name }) {
+        for name in workload where name != "M1" && !Workload.canonical.contains(where: { $0.name == name }) {
             throw ValidationError("--workload: expected one of \(Workload.canonical.map(\.name).joined(separator: ", ")), found \(name)")
         }
         let custom = [experts, inWidth, outWidth, tokens].compactMap { $0 }
@@ -79,7 +85,7 @@ struct Bench: ParsableCommand {
         if let experts, let inWidth, let outWidth, let tokens {
             workloads.append(Workload(name: "custom", experts: experts, inWidth: inWidth, outWidth: outWidth, tokens: tokens, topK: topK, rank: rank))
         }
-        if workloads.isEmpty { workloads = Workload.canonical.filter { ["W1", "W2", "W3"].contains($0.name) } }
+        if workloads.isEmpty && !workload.contains("M1") { workloads = Workload.canonical.filter { ["W1", "W2", "W3"].contains($0.name) } }
         let machine = MachineProbe.measure(threads: threads)
         let weightDType = DType(userSpelling: dtype)!
         var results: [JSONValue] = []
@@ -149,6 +155,9 @@ struct Bench: ParsableCommand {
                           + (speedup.map { String(format: "  %.2fx vs 1 thread", $0) } ?? ""))
                 }
             }
+        }
+        if workload.contains("M1") {
+            results += try modelPasses(weightDType: weightDType)
         }
         if format == .json {
             print(JSONValue.object([
@@ -226,6 +235,34 @@ struct Bench: ParsableCommand {
         for _ in 0..<20 { _ = try runtime.apply(layer, input: x, tokens: tokens) }
         let totals = recorder.totals.withLock { $0 }
         return ["call", "routing", "plan", "item", "steal", "combine"].map { ($0, Double(totals[$0] ?? 0) / 20 / 1000) }
+    }
+
+    /// M1: every routed layer of T5-XL (432) in model order, per pass, for each token count; tokens per second.
+    func modelPasses(weightDType: DType) throws -> [JSONValue] {
+        let options = SynthOptions(shape: ModelShape.presets["t5-xl"]!, experts: modelExperts, rank: 16, weightDType: weightDType)
+        let built = DispatchTime.now().uptimeNanoseconds
+        let library = try Synth.library(options)
+        if format == .text {
+            print("M1: built T5-XL x \(modelExperts) experts (" + LibraryReport.formatBytes(library.weightByteCount)
+                  + String(format: ") in memory in %.1f s", Double(DispatchTime.now().uptimeNanoseconds - built) / 1e9))
+        }
+        var rows: [JSONValue] = []
+        for tokenCount in modelTokens.split(separator: ",").compactMap({ Int($0) }) {
+            let runtime = try Runtime(library: library, options: RuntimeOptions(routing: RoutingOptions(topK: 2), workers: threads - 1, placement: .inPlace))
+            defer { runtime.shutdown() }
+            let pass = ModelPass(runtime: runtime, tokens: tokenCount)
+            let times = try Self.time({ try pass.run() }, seconds: seconds * 3)
+            let median = times[times.count / 2], p90 = times[min(times.count - 1, times.count * 9 / 10)]
+            rows.append(.object([("workload", .string("M1")), ("impl", .string("runtime")), ("threads", .integer(threads)),
+                                 ("tokens", .integer(tokenCount)), ("layers", .integer(pass.layerCount)), ("experts", .integer(modelExperts)),
+                                 ("ms_per_pass_median", .double(median * 1e3)), ("ms_per_pass_p90", .double(p90 * 1e3)),
+                                 ("tokens_per_second", .double(Double(tokenCount) / median)), ("passes", .integer(times.count))]))
+            if format == .text {
+                print(String(format: "M1 T=%d: %d layers, median %.1f ms per pass (p90 %.1f), %.0f tokens/s, %d threads", tokenCount, pass.layerCount,
+                             median * 1e3, p90 * 1e3, Double(tokenCount) / median, threads))
+            }
+        }
+        return rows
     }
 
     /// Fan-out and join of an empty phase on every participant, pinned pool against Dispatch.

@@ -1,0 +1,1 @@
+../../../include/phatgoose.h

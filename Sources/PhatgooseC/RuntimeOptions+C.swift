@@ -1,0 +1,85 @@
+import CPhatgoose
+import PhatgooseLibrary
+import PhatgooseRouting
+import PhatgooseRuntime
+
+/// The defaults `phatgoose_runtime_options_init` writes.
+private let defaultOptions = phatgoose_runtime_options(
+    struct_size: UInt32(MemoryLayout<phatgoose_runtime_options>.size),
+    router: Int32(PHATGOOSE_ROUTER_DEFAULT.rawValue), top_k: 0, sequence_length: 0, arrow_temperature: 10, arrow_scaled: 0,
+    workers: PHATGOOSE_WORKERS_DEFAULT, executor: Int32(PHATGOOSE_EXECUTOR_PINNED.rawValue),
+    placement: Int32(PHATGOOSE_PLACEMENT_DISTRIBUTE.rawValue), placement_argument: 0,
+    max_queued_calls: Int32(RuntimeOptions().maxQueuedCalls), reserved: 0, memory_cap_bytes: 0)
+
+/// The smallest `struct_size` accepted: the struct of ABI version 1, which is all there is so far.
+private let minimumOptionsSize = MemoryLayout<phatgoose_runtime_options>.size
+
+@c @implementation
+func phatgoose_runtime_options_init(_ options: UnsafeMutablePointer<phatgoose_runtime_options>?, _ structSize: Int) -> phatgoose_status {
+    abiCall {
+        let out = try required(options, "options")
+        guard structSize >= minimumOptionsSize else {
+            throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "options struct_size: expected at least \(minimumOptionsSize), found \(UInt(bitPattern: structSize))")
+        }
+        // Fields beyond the ones this library knows (a caller built against a newer header) are left to the caller.
+        var defaults = defaultOptions
+        defaults.struct_size = UInt32(clamping: structSize)
+        withUnsafeBytes(of: &defaults) { UnsafeMutableRawPointer(out).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+    }
+}
+
+/// `RuntimeOptions` from the caller's struct (nil: every default), for serving `library`. Checks every field, so
+/// nothing out of range reaches the runtime.
+func runtimeOptions(_ pointer: UnsafePointer<phatgoose_runtime_options>?, library: ExpertLibrary) throws(ABIError) -> RuntimeOptions {
+    var c = defaultOptions
+    if let pointer {
+        let size = Int(UnsafeRawPointer(pointer).loadUnaligned(as: UInt32.self))
+        guard size >= minimumOptionsSize else {
+            throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "options struct_size: expected at least \(minimumOptionsSize) (initialise with phatgoose_runtime_options_init), found \(size)")
+        }
+        // Read only the fields this library knows; a newer caller's extra fields are ignored.
+        withUnsafeMutableBytes(of: &c) { $0.copyMemory(from: UnsafeRawBufferPointer(start: pointer, count: minimumOptionsSize)) }
+    }
+    func invalid(_ field: String, _ expected: String, _ found: some CustomStringConvertible) -> ABIError {
+        ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "options \(field): expected \(expected), found \(found)")
+    }
+    guard c.reserved == 0 else { throw invalid("reserved", "0", c.reserved) }
+
+    var routing = RoutingOptions(defaults: library.routing)
+    switch UInt32(bitPattern: c.router) {
+    case PHATGOOSE_ROUTER_DEFAULT.rawValue: break
+    case PHATGOOSE_ROUTER_PHATGOOSE.rawValue: routing.router = .phatgoose
+    case PHATGOOSE_ROUTER_ARROW.rawValue: routing.router = .arrow
+    case PHATGOOSE_ROUTER_UNIFORM.rawValue: routing.router = .uniform
+    default: throw invalid("router", "a phatgoose_router (0 to 3)", c.router)
+    }
+    guard (0...PHATGOOSE_MAX_TOP_K).contains(c.top_k) else { throw invalid("top_k", "0 (the library's) to \(PHATGOOSE_MAX_TOP_K)", c.top_k) }
+    if c.top_k > 0 { routing.topK = Int(c.top_k) }
+    guard c.sequence_length >= 0 else { throw invalid("sequence_length", "0 (per token) or more", c.sequence_length) }
+    if c.sequence_length > 0 { routing.granularity = .sequence(length: Int(c.sequence_length)) }
+    guard c.arrow_temperature.isFinite && c.arrow_temperature > 0 else { throw invalid("arrow_temperature", "a positive number", c.arrow_temperature) }
+    routing.arrowTemperature = c.arrow_temperature
+    routing.arrowScaled = c.arrow_scaled != 0
+
+    var options = RuntimeOptions(routing: routing)
+    guard c.workers == PHATGOOSE_WORKERS_DEFAULT || (0...1024).contains(c.workers) else {
+        throw invalid("workers", "0 to 1024 or PHATGOOSE_WORKERS_DEFAULT (-1)", c.workers)
+    }
+    options.workers = c.workers == PHATGOOSE_WORKERS_DEFAULT ? nil : Int(c.workers)
+    switch UInt32(bitPattern: c.executor) {
+    case PHATGOOSE_EXECUTOR_PINNED.rawValue: options.executor = .pinned
+    case PHATGOOSE_EXECUTOR_DISPATCH.rawValue: options.executor = .dispatch
+    default: throw invalid("executor", "a phatgoose_executor (0 or 1)", c.executor)
+    }
+    switch UInt32(bitPattern: c.placement) {
+    case PHATGOOSE_PLACEMENT_DISTRIBUTE.rawValue: options.placement = .distribute
+    case PHATGOOSE_PLACEMENT_ISOLATE.rawValue: options.placement = .isolate(node: Int(c.placement_argument))
+    case PHATGOOSE_PLACEMENT_REPLICATE_HOT.rawValue: options.placement = .replicateHot(count: Int(c.placement_argument))
+    case PHATGOOSE_PLACEMENT_IN_PLACE.rawValue: options.placement = .inPlace
+    default: throw invalid("placement", "a phatgoose_placement (0 to 3)", c.placement)
+    }
+    guard c.max_queued_calls >= 1 else { throw invalid("max_queued_calls", "at least 1", c.max_queued_calls) }
+    options.maxQueuedCalls = Int(c.max_queued_calls)
+    options.memoryCapBytes = c.memory_cap_bytes == 0 ? nil : Int(clamping: c.memory_cap_bytes)
+    return options
+}
