@@ -42,17 +42,54 @@ final class RawBuffer<T> {
 /// token's combine is computed by the same kernels in the same order whatever the split (the kernels are
 /// tiling-invariant).
 ///
+/// The scheduler is itself the ``ParallelJob`` the executor runs: the state of the phase in flight lives in its
+/// `call` field, so publishing a phase allocates nothing.
+///
 /// # Thread safety
-/// Owned by the runtime's execution lock: one call at a time uses it, and during that call the participants touch
-/// only disjoint parts of its buffers (their own scratch, their own token ranges, rows of the items they claimed
-/// through the atomic cursors). Hence `@unchecked Sendable`.
-final class LayerScheduler: @unchecked Sendable {
+/// Owned by the runtime's execution lock: one call at a time uses it. The caller writes `call` and the buffers
+/// before publishing a phase; during a phase the participants only read `call` and touch disjoint parts of the
+/// buffers (their own scratch, their own token ranges, rows of the items they claimed through the atomic cursors).
+/// Hence `@unchecked Sendable`.
+final class LayerScheduler: ParallelJob, @unchecked Sendable {
+    enum Phase {
+        case route
+        case score
+        case experts
+        case combine
+    }
+
+    /// Everything a phase needs, set by the caller before it publishes the phase.
+    struct CallState {
+        var phase = Phase.route
+        var snapshot: LibrarySnapshot?
+        var module = 0
+        var x: UnsafePointer<Float>?
+        var out: UnsafeMutablePointer<Float>?
+        var tokens = 0
+        var slots = 0
+        var inWidth = 0
+        var outWidth = 0
+        var unit = 1
+        var units = 0
+        var activeParticipants = 0
+        var candidatesOut: UnsafeMutablePointer<Int32>?
+        var weightsAll: UnsafeMutablePointer<Float>?
+        var prepared: UnsafePointer<Float>?
+        var preparedLD = 0
+        var preparedRows = 0
+        var scores: UnsafeMutablePointer<Float>?
+        var tokenList: UnsafePointer<Int32>?
+        var weightList: UnsafePointer<Float>?
+        var rows: UnsafeMutablePointer<Float>?
+    }
+
     let executor: any ParallelExecutor
     let participants: Int
     let nodes: [Int]
     var tileRows: Int?
     var observer: (any RuntimeObserver)?
 
+    private var call = CallState()
     private let chosen = RawBuffer<Int32>()
     private let chosenWeights = RawBuffer<Float>()
     private var plan = DispatchPlan()
@@ -78,53 +115,64 @@ final class LayerScheduler: @unchecked Sendable {
     @inline(__always)
     private func now() -> UInt64 { observer == nil ? 0 : pg_now_ns() }
 
+    /// Runs `phase` on every participant (or only on the caller when `parallel` is false).
+    private func runPhase(_ phase: Phase, parallel: Bool) {
+        call.phase = phase
+        if parallel && participants > 1 { executor.run(self) } else { run(participant: 0) }
+    }
+
+    /// One participant's share of the phase in flight.
+    func run(participant p: Int) {
+        switch call.phase {
+        case .route: routeShare(p)
+        case .score: scoreShare(p)
+        case .experts: expertShare(p)
+        case .combine: combineShare(p)
+        }
+    }
+
     /// Applies module `m` of `snapshot` to `tokens` rows of `x`, adding into `out`. Fills `expertsOut`/`weightsOut`
-    /// ([tokens * slots]) when given. Returns per-candidate token counts through `counts` when given.
+    /// ([tokens * slots]) when given, and per-candidate assignment counts into `counts`.
     func execute(_ snapshot: LibrarySnapshot, module m: Int, x: UnsafePointer<Float>, tokens: Int,
                  out: UnsafeMutablePointer<Float>, expertsOut: UnsafeMutablePointer<Int32>?, weightsOut: UnsafeMutablePointer<Float>?,
                  counts: UnsafeMutablePointer<Int>?) {
         let module = snapshot.library.modules[m]
         let router = snapshot.routers[m]
-        let inWidth = module.inWidth, outWidth = module.outWidth
-        let slots = router.slots
-        let candidatesOut = chosen.reserve(tokens * slots)
-        let weightsAll = chosenWeights.reserve(tokens * slots)
-        let observer = self.observer
+        call = CallState()
+        call.snapshot = snapshot
+        call.module = m
+        call.x = x
+        call.out = out
+        call.tokens = tokens
+        call.slots = router.slots
+        call.inWidth = module.inWidth
+        call.outWidth = module.outWidth
+        call.candidatesOut = chosen.reserve(tokens * router.slots)
+        call.weightsAll = chosenWeights.reserve(tokens * router.slots)
 
         // Phase A: routing. With enough routed rows, participants split the rows (whole sequences when routing per
         // sequence); with few rows (decode), the caller prepares them, participants split the candidates' scores
         // (each reads only its part of the gate matrix), and the caller selects.
-        let unit: Int
-        if case let .sequence(length) = router.options.granularity { unit = min(length, tokens) } else { unit = 1 }
-        let units = (tokens + unit - 1) / unit
+        if case let .sequence(length) = router.options.granularity { call.unit = min(length, tokens) } else { call.unit = 1 }
+        call.units = (tokens + call.unit - 1) / call.unit
         if router.options.router == .uniform {
-            router.select(routeScratch[0].reserve(1), rows: 0, tokens: tokens, candidates: candidatesOut, weights: weightsAll)
-        } else if units >= participants * 2 || participants == 1 {
-            let routingParticipants = min(participants, units)
-            for p in 0..<routingParticipants { routeScratch[p].reserve(router.scratchCount(tokens: (units / routingParticipants + 1) * unit)) }
-            func routePhase(_ p: Int) {
-                guard p < routingParticipants else { return }
-                let t0 = min(tokens, units * p / routingParticipants * unit), t1 = min(tokens, units * (p + 1) / routingParticipants * unit)
-                guard t1 > t0 else { return }
-                let start = self.now()
-                router.route(x + t0 * inWidth, ldx: inWidth, tokens: t1 - t0, scratch: self.routeScratch[p].pointer,
-                             candidates: candidatesOut + t0 * slots, weights: weightsAll + t0 * slots)
-                if let observer {
-                    observer.observe(RuntimeEvent(kind: .routing, worker: p, node: self.nodes[p], layer: m, expert: -1, rows: t1 - t0, start: start, end: pg_now_ns()))
-                }
+            router.select(routeScratch[0].reserve(1), rows: 0, tokens: tokens, candidates: call.candidatesOut!, weights: call.weightsAll!)
+        } else if call.units >= participants * 2 || participants == 1 {
+            call.activeParticipants = min(participants, call.units)
+            for p in 0..<call.activeParticipants {
+                routeScratch[p].reserve(router.scratchCount(tokens: (call.units / call.activeParticipants + 1) * call.unit))
             }
-            if routingParticipants > 1 { executor.run(routePhase) } else { routePhase(0) }
+            runPhase(.route, parallel: call.activeParticipants > 1)
         } else {
             let scratch = routeScratch[0].reserve(router.scratchCount(tokens: tokens))
             let start = now()
-            let prepared = router.prepare(x, ldx: inWidth, tokens: tokens, scratch: scratch)
-            let scores = router.scoresPointer(scratch, tokens: tokens)
-            let n = router.candidateCount
-            executor.run { p in
-                let c0 = n * p / self.participants, c1 = n * (p + 1) / self.participants
-                router.score(prepared.rows, ld: prepared.ld, rows: prepared.count, columns: c0..<c1, into: scores)
-            }
-            router.select(scores, rows: prepared.count, tokens: tokens, candidates: candidatesOut, weights: weightsAll)
+            let prepared = router.prepare(x, ldx: module.inWidth, tokens: tokens, scratch: scratch)
+            call.prepared = prepared.rows
+            call.preparedLD = prepared.ld
+            call.preparedRows = prepared.count
+            call.scores = router.scoresPointer(scratch, tokens: tokens)
+            runPhase(.score, parallel: true)
+            router.select(call.scores!, rows: prepared.count, tokens: tokens, candidates: call.candidatesOut!, weights: call.weightsAll!)
             if let observer {
                 observer.observe(RuntimeEvent(kind: .routing, worker: 0, node: nodes[0], layer: m, expert: -1, rows: tokens, start: start, end: pg_now_ns()))
             }
@@ -132,7 +180,7 @@ final class LayerScheduler: @unchecked Sendable {
 
         // The plan, on the caller.
         let planStart = now()
-        plan.build(tokens: tokens, slots: slots, chosen: candidatesOut, weights: weightsAll, candidates: module.experts.count)
+        plan.build(tokens: tokens, slots: call.slots, chosen: call.candidatesOut!, weights: call.weightsAll!, candidates: module.experts.count)
         let assignments = plan.assignmentCount
         if let observer {
             observer.observe(RuntimeEvent(kind: .plan, worker: 0, node: nodes[0], layer: m, expert: -1, rows: assignments, start: planStart, end: pg_now_ns()))
@@ -140,15 +188,12 @@ final class LayerScheduler: @unchecked Sendable {
         if let counts {
             for c in 0..<module.experts.count { counts[c] = plan.range(of: c).count }
         }
-        let rowBuffer = rows.reserve(assignments * outWidth)
+        call.rows = rows.reserve(assignments * module.outWidth)
 
         // Work items: tiles of each candidate's tokens, so a popular expert cannot serialise the layer.
         let tile = max(1, tileRows ?? min(256, max(16, (assignments + participants * 4 - 1) / (participants * 4))))
         var itemCount = 0
-        for c in 0..<module.experts.count {
-            let range = plan.range(of: c)
-            itemCount += (range.count + tile - 1) / tile
-        }
+        for c in 0..<module.experts.count { itemCount += (plan.range(of: c).count + tile - 1) / tile }
         let itemList = items.reserve(itemCount)
         let sorted = sortedItems.reserve(itemCount)
         let load = ownerLoad.reserve(participants)
@@ -167,8 +212,7 @@ final class LayerScheduler: @unchecked Sendable {
             }
         }
         // Owners: the least-loaded participant on a node holding the candidate (any participant when no participant
-        // sits on such a node). Items come in candidate order, largest tiles first within a candidate, which is close
-        // to longest-first because tiles are equal-sized.
+        // sits on such a node).
         let copies = snapshot.copies[m]
         for i in 0..<itemCount {
             let holders = copies[Int(itemList[i].candidate)].nodes
@@ -195,58 +239,91 @@ final class LayerScheduler: @unchecked Sendable {
         for p in 0..<participants { shrinkScratch[p].reserve(tile * maxRank) }
         plan.tokens.withUnsafeBufferPointer { planTokens in
             plan.weights.withUnsafeBufferPointer { planWeights in
-                let tokenList = planTokens.baseAddress, weightList = planWeights.baseAddress
-                func expertPhase(_ p: Int) {
-                    let h = self.shrinkScratch[p].pointer
-                    let myNode = self.nodes[p]
-                    // Own queue first, then steal from participants of the same node.
-                    for offset in 0..<self.participants {
-                        let q = (p + offset) % self.participants
-                        if offset > 0 && self.nodes[q] != myNode { continue }
-                        let end = Int64(starts[q + 1])
-                        while true {
-                            let i = pg_atomic_fetch_add_i64(cursor + q, 1)
-                            if i >= end { break }
-                            let item = sorted[Int(i)]
-                            let start = self.now()
-                            let candidate = copies[Int(item.candidate)]
-                            let slot = candidate.nodes.firstIndex(of: myNode) ?? 0
-                            let piece = candidate.pieces[slot]
-                            let begin = Int(item.begin), count = Int(item.count)
-                            LayerExecutor.runExpert(piece, x: x, ldx: inWidth, inWidth: inWidth, outWidth: outWidth,
-                                                    tokens: tokenList! + begin, weights: weightList! + begin, count: count,
-                                                    h: h, rows: rowBuffer + begin * outWidth)
-                            if let observer {
-                                observer.observe(RuntimeEvent(kind: offset == 0 ? .item : .steal, worker: p, node: myNode, layer: m,
-                                                              expert: piece.expert.rawValue, rows: count, start: start, end: pg_now_ns()))
-                            }
-                        }
-                    }
-                }
-                if itemCount > 1 && participants > 1 { executor.run(expertPhase) } else if itemCount > 0 { expertPhase(0) }
+                call.tokenList = planTokens.baseAddress
+                call.weightList = planWeights.baseAddress
+                if itemCount > 0 { runPhase(.experts, parallel: itemCount > 1) }
+                call.tokenList = nil
+                call.weightList = nil
             }
         }
 
         // Phase C: combine, split by tokens.
-        let combineParticipants = min(participants, max(1, tokens / 8))
-        func combinePhase(_ p: Int) {
-            guard p < combineParticipants else { return }
-            let t0 = tokens * p / combineParticipants, t1 = tokens * (p + 1) / combineParticipants
-            guard t1 > t0 else { return }
-            let start = self.now()
-            LayerExecutor.combine(self.plan, rows: rowBuffer, outWidth: outWidth, tokenRange: t0..<t1, out: out, ldo: outWidth)
-            if let observer {
-                observer.observe(RuntimeEvent(kind: .combine, worker: p, node: self.nodes[p], layer: m, expert: -1, rows: t1 - t0, start: start, end: pg_now_ns()))
-            }
-        }
-        if combineParticipants > 1 { executor.run(combinePhase) } else { combinePhase(0) }
+        call.activeParticipants = min(participants, max(1, tokens / 8))
+        runPhase(.combine, parallel: call.activeParticipants > 1)
 
         if let expertsOut, let weightsOut {
-            for i in 0..<(tokens * slots) {
-                let c = candidatesOut[i]
+            for i in 0..<(tokens * call.slots) {
+                let c = call.candidatesOut![i]
                 expertsOut[i] = c < 0 ? -1 : module.experts[Int(c)].expert.rawValue
-                weightsOut[i] = weightsAll[i]
+                weightsOut[i] = call.weightsAll![i]
             }
+        }
+        call = CallState()
+    }
+
+    private func routeShare(_ p: Int) {
+        guard p < call.activeParticipants, let snapshot = call.snapshot else { return }
+        let router = snapshot.routers[call.module]
+        let units = call.units, unit = call.unit, tokens = call.tokens, active = call.activeParticipants
+        let t0 = min(tokens, units * p / active * unit), t1 = min(tokens, units * (p + 1) / active * unit)
+        guard t1 > t0 else { return }
+        let start = now()
+        router.route(call.x! + t0 * call.inWidth, ldx: call.inWidth, tokens: t1 - t0, scratch: routeScratch[p].pointer,
+                     candidates: call.candidatesOut! + t0 * call.slots, weights: call.weightsAll! + t0 * call.slots)
+        if let observer {
+            observer.observe(RuntimeEvent(kind: .routing, worker: p, node: nodes[p], layer: call.module, expert: -1, rows: t1 - t0, start: start, end: pg_now_ns()))
+        }
+    }
+
+    private func scoreShare(_ p: Int) {
+        guard let snapshot = call.snapshot else { return }
+        let router = snapshot.routers[call.module]
+        let n = router.candidateCount
+        router.score(call.prepared!, ld: call.preparedLD, rows: call.preparedRows, columns: (n * p / participants)..<(n * (p + 1) / participants),
+                     into: call.scores!)
+    }
+
+    private func expertShare(_ p: Int) {
+        guard let snapshot = call.snapshot, let tokenList = call.tokenList, let weightList = call.weightList else { return }
+        let copies = snapshot.copies[call.module]
+        let h = shrinkScratch[p].pointer
+        let myNode = nodes[p]
+        let sorted = sortedItems.pointer, starts = queueStart.pointer, cursor = cursors.pointer
+        let inWidth = call.inWidth, outWidth = call.outWidth
+        // Own queue first, then steal from participants of the same node.
+        for offset in 0..<participants {
+            let q = (p + offset) % participants
+            if offset > 0 && nodes[q] != myNode { continue }
+            let end = Int64(starts[q + 1])
+            while true {
+                let i = pg_atomic_fetch_add_i64(cursor + q, 1)
+                if i >= end { break }
+                let item = sorted[Int(i)]
+                let start = now()
+                let candidate = copies[Int(item.candidate)]
+                let slot = candidate.nodes.firstIndex(of: myNode) ?? 0
+                let piece = candidate.pieces[slot]
+                let begin = Int(item.begin), count = Int(item.count)
+                LayerExecutor.runExpert(piece, x: call.x!, ldx: inWidth, inWidth: inWidth, outWidth: outWidth,
+                                        tokens: tokenList + begin, weights: weightList + begin, count: count,
+                                        h: h, rows: call.rows! + begin * outWidth)
+                if let observer {
+                    observer.observe(RuntimeEvent(kind: offset == 0 ? .item : .steal, worker: p, node: myNode, layer: call.module,
+                                                  expert: piece.expert.rawValue, rows: count, start: start, end: pg_now_ns()))
+                }
+            }
+        }
+    }
+
+    private func combineShare(_ p: Int) {
+        guard p < call.activeParticipants else { return }
+        let tokens = call.tokens, active = call.activeParticipants
+        let t0 = tokens * p / active, t1 = tokens * (p + 1) / active
+        guard t1 > t0 else { return }
+        let start = now()
+        LayerExecutor.combine(plan, rows: call.rows!, outWidth: call.outWidth, tokenRange: t0..<t1, out: call.out!, ldo: call.outWidth)
+        if let observer {
+            observer.observe(RuntimeEvent(kind: .combine, worker: p, node: nodes[p], layer: call.module, expert: -1, rows: t1 - t0, start: start, end: pg_now_ns()))
         }
     }
 }

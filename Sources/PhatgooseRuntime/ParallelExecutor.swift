@@ -13,8 +13,15 @@ public enum ExecutorKind: String, Sendable, CaseIterable {
     case dispatch
 }
 
+/// Work that every participant of a phase runs its share of. An object rather than a closure, so publishing a phase
+/// allocates nothing.
+public protocol ParallelJob: AnyObject, Sendable {
+    /// Participant `participant`'s share (0 is the calling thread).
+    func run(participant: Int)
+}
+
 /// Runs one parallel phase at a time on `participantCount` participants: participant 0 is the calling thread, the
-/// others are workers. ``run(_:)`` returns when every participant has returned from `body`.
+/// others are workers. ``run(_:)`` returns when every participant has returned from the job.
 ///
 /// # Thread safety
 /// One `run` at a time: the ``Runtime`` serialises calls with its execution lock. `shutdown` may be called from any
@@ -28,15 +35,15 @@ public protocol ParallelExecutor: AnyObject, Sendable {
     var participantNodes: [Int] { get }
     /// The CPU each worker is pinned to (nil for the caller and for unpinned workers).
     var participantCPUs: [Int?] { get }
-    func run(_ body: (Int) -> Void)
+    func run(_ job: any ParallelJob)
     func shutdown()
 }
 
-/// Holds the body of the phase in flight. Written by the caller before it publishes a new generation (sequentially
+/// Holds the job of the phase in flight. Written by the caller before it publishes a new generation (sequentially
 /// consistent) and read by workers after they observe it; cleared by the caller only after every worker has signalled
 /// completion. So no access races, which is why it is `@unchecked Sendable`.
 final class PhaseBox: @unchecked Sendable {
-    var body: ((Int) -> Void)?
+    var job: (any ParallelJob)?
 }
 
 /// The entry of a thread started with pthread_create. `@unchecked Sendable`: created by the starter and consumed,
@@ -143,29 +150,27 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
         }
     }
 
-    /// Separate and not inlined, so the worker's reference to the body is released before it signals completion.
+    /// Separate and not inlined, so the worker's reference to the job is released before it signals completion.
     @inline(never)
     private func runPhase(_ participant: Int) {
-        phase.body!(participant)
+        phase.job!.run(participant: participant)
     }
 
-    public func run(_ body: (Int) -> Void) {
-        guard participantCount > 1 else { return body(0) }
+    public func run(_ job: any ParallelJob) {
+        guard participantCount > 1 else { return job.run(participant: 0) }
         precondition(!stopping.load(ordering: .sequentiallyConsistent), "run after shutdown")
-        withoutActuallyEscaping(body) { escapable in
-            phase.body = escapable
-            pending.store(participantCount - 1, ordering: .sequentiallyConsistent)
-            let next = generation.add(1, ordering: .sequentiallyConsistent).newValue
-            pg_atomic_store_u32(futexWord, UInt32(truncatingIfNeeded: next))
-            if sleepers.load(ordering: .sequentiallyConsistent) > 0 { _ = pg_futex_wake(futexWord, Int32.max) }
-            escapable(0)
-            var spins = 0
-            while pending.load(ordering: .sequentiallyConsistent) > 0 {
-                spins += 1
-                if spins < 1 << 16 { pg_cpu_relax() } else { sched_yield() }
-            }
-            phase.body = nil
+        phase.job = job
+        pending.store(participantCount - 1, ordering: .sequentiallyConsistent)
+        let next = generation.add(1, ordering: .sequentiallyConsistent).newValue
+        pg_atomic_store_u32(futexWord, UInt32(truncatingIfNeeded: next))
+        if sleepers.load(ordering: .sequentiallyConsistent) > 0 { _ = pg_futex_wake(futexWord, Int32.max) }
+        job.run(participant: 0)
+        var spins = 0
+        while pending.load(ordering: .sequentiallyConsistent) > 0 {
+            spins += 1
+            if spins < 1 << 16 { pg_cpu_relax() } else { sched_yield() }
         }
+        phase.job = nil
     }
 
     public func shutdown() {
@@ -192,19 +197,14 @@ public final class DispatchParallelExecutor: ParallelExecutor, @unchecked Sendab
         participantCPUs = [Int?](repeating: nil, count: workers + 1)
     }
 
-    public func run(_ body: (Int) -> Void) {
-        guard participantCount > 1 else { return body(0) }
-        withoutActuallyEscaping(body) { escapable in
-            let box = PhaseBox()
-            box.body = escapable
-            let group = DispatchGroup()
-            for participant in 1..<participantCount {
-                queue.async(group: group) { box.body!(participant) }
-            }
-            escapable(0)
-            group.wait()
-            box.body = nil
+    public func run(_ job: any ParallelJob) {
+        guard participantCount > 1 else { return job.run(participant: 0) }
+        let group = DispatchGroup()
+        for participant in 1..<participantCount {
+            queue.async(group: group) { job.run(participant: participant) }
         }
+        job.run(participant: 0)
+        group.wait()
     }
 
     public func shutdown() {}

@@ -273,7 +273,8 @@ struct Bench: ParsableCommand {
             let executor: any ParallelExecutor = kind == .pinned
                 ? PinnedWorkerPool(topology: topology, workers: threads - 1) : DispatchParallelExecutor(topology: topology, workers: threads - 1)
             defer { executor.shutdown() }
-            let times = Self.time({ executor.run { _ in } }, seconds: seconds)
+            let job = EmptyJob()
+            let times = Self.time({ executor.run(job) }, seconds: seconds)
             let median = times[times.count / 2], p90 = times[min(times.count - 1, times.count * 9 / 10)]
             rows.append(.object([("executor", .string(kind.rawValue)), ("participants", .integer(threads)),
                                  ("us_median", .double(median * 1e6)), ("us_p90", .double(p90 * 1e6)), ("runs", .integer(times.count))]))
@@ -330,4 +331,9 @@ struct Bench: ParsableCommand {
 final class PhaseTotals: RuntimeObserver, Sendable {
     let totals = Mutex<[String: UInt64]>([:])
     func observe(_ event: RuntimeEvent) { totals.withLock { $0[event.kind.rawValue, default: 0] += event.end - event.start } }
+}
+
+/// A phase with no work, to time fan-out and join alone.
+final class EmptyJob: ParallelJob {
+    func run(participant: Int) {}
 }

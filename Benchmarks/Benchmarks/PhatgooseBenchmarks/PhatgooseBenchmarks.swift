@@ -11,12 +11,12 @@ func values(_ count: Int, salt: Int) -> [Float] {
     (0..<count).map { Float(($0 &* 7919 &+ salt &* 104_729) % 1000) / 1000 - 0.5 }
 }
 
-/// Time in microseconds (p90 thresholds allow 35% before a regression, for a shared machine) and mallocs (none
-/// allowed on a hot path: the absolute tolerance is 0).
-let timeThresholds = BenchmarkThresholds(relative: [.p90: 35.0])
-let noAllocation = BenchmarkThresholds(relative: [.p90: 0.0], absolute: [.p90: 0])
-
+// Names carry no spaces: the threshold files are named after them.
 let benchmarks: @Sendable () -> Void = {
+    // Time in microseconds (p90 thresholds allow 35% before a regression, for a shared machine) and mallocs (none
+    // allowed on a hot path: the absolute tolerance is 0).
+    let timeThresholds = BenchmarkThresholds(relative: [.p90: 35.0])
+    let noAllocation = BenchmarkThresholds(relative: [.p90: 0.0], absolute: [.p90: 0])
     Benchmark.defaultConfiguration = .init(
         metrics: [.wallClock, .mallocCountTotal],
         timeUnits: .microseconds,
@@ -34,19 +34,19 @@ let benchmarks: @Sendable () -> Void = {
     let rows = (0..<Int32(tokens)).map { ($0 * 37) % Int32(tokens) }
     let weights = [Float](repeating: 0.5, count: tokens)
 
-    Benchmark("kernel layernorm 512x2048") { benchmark in
+    Benchmark("kernel_layernorm_512x2048") { benchmark in
         var out = [Float](repeating: 0, count: tokens * inWidth)
         benchmark.startMeasurement()
         for _ in benchmark.scaledIterations { Kernels.layerNormRows(x, ldx: inWidth, rows: tokens, width: inWidth, into: &out, ldo: inWidth) }
         blackHole(out)
     }
-    Benchmark("kernel scores gemm 512x166x2048") { benchmark in
+    Benchmark("kernel_scores_gemm_512x166x2048") { benchmark in
         var scores = [Float](repeating: 0, count: tokens * experts)
         benchmark.startMeasurement()
         for _ in benchmark.scaledIterations { Kernels.gemmNT(x, lda: inWidth, m: tokens, gates, ldb: inWidth, n: experts, k: inWidth, into: &scores, ldc: experts) }
         blackHole(scores)
     }
-    Benchmark("kernel shrink BF16 512x16x2048") { benchmark in
+    Benchmark("kernel_shrink_BF16_512x16x2048") { benchmark in
         var h = [Float](repeating: 0, count: tokens * rank)
         benchmark.startMeasurement()
         for _ in benchmark.scaledIterations {
@@ -55,7 +55,7 @@ let benchmarks: @Sendable () -> Void = {
         }
         blackHole(h)
     }
-    Benchmark("kernel expand BF16 512x16x2048") { benchmark in
+    Benchmark("kernel_expand_BF16_512x16x2048") { benchmark in
         let h = values(tokens * rank, salt: 5)
         var y = [Float](repeating: 0, count: tokens * outWidth)
         benchmark.startMeasurement()
@@ -66,7 +66,7 @@ let benchmarks: @Sendable () -> Void = {
     }
 
     // The dispatch plan for T = 512, k = 2, N = 166 (reusing its storage, as the runtime does).
-    Benchmark("dispatch plan T512 k2 N166") { benchmark in
+    Benchmark("dispatch_plan_T512_k2_N166") { benchmark in
         var routing = RoutingResult(tokenCount: tokens, slots: 2)
         for t in 0..<tokens {
             routing.candidates[t * 2] = Int32((t * 13) % experts)
@@ -83,7 +83,7 @@ let benchmarks: @Sendable () -> Void = {
 
     // One routed layer with the runtime (all CPUs: workers = CPUs - 1 plus the caller), for W1-W4.
     for workload in Workload.canonical {
-        Benchmark("layer \(workload.name) runtime") { benchmark in
+        Benchmark("layer_\(workload.name)_runtime") { benchmark in
             let options = workload.synthOptions(dtype: .bf16)
             let library = try Synth.library(options)
             let runtime = try Runtime(library: library, options: RuntimeOptions(routing: RoutingOptions(topK: workload.topK), placement: .distribute))
@@ -104,7 +104,7 @@ let benchmarks: @Sendable () -> Void = {
 
     // A model pass (M1-like) over all layers of T5-base with 36 experts, T = 64: every layer in model order, the
     // attention and feed-forward outputs feeding the next layers.
-    Benchmark("model pass t5-base N36 T64", configuration: .init(maxDuration: .seconds(3), maxIterations: 50)) { benchmark in
+    Benchmark("model_pass_t5-base_N36_T64", configuration: .init(maxDuration: .seconds(3), maxIterations: 50)) { benchmark in
         let options = SynthOptions(shape: ModelShape.presets["t5-base"]!, experts: 36, rank: 16, weightDType: .bf16)
         let library = try Synth.library(options)
         let runtime = try Runtime(library: library, options: RuntimeOptions(routing: RoutingOptions(topK: 2), placement: .inPlace))
