@@ -15,10 +15,7 @@ public final class DenseExecutor {
 
     public func apply(_ module: RoutedModule, router: LayerRouter, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
                       out: UnsafeMutablePointer<Float>, ldo: Int) {
-        if routing.tokenCount != tokens || routing.slots != router.slots {
-            routing = RoutingResult(tokenCount: tokens, slots: router.slots)
-        }
-        router.route(x, ldx: ldx, tokens: tokens, scratch: routeScratch.reserve(router.scratchCount(tokens: tokens)), into: &routing)
+        routing.route(router, x: x, ldx: ldx, tokens: tokens, scratch: routeScratch)
         let y = rows.reserve(tokens * module.outWidth)
         let h = shrunk.reserve(tokens * module.experts.reduce(0) { max($0, $1.rank) })
         let weights = tokenWeights.reserve(tokens)

@@ -30,6 +30,17 @@ public final class ScratchBuffer {
 @available(*, unavailable)
 extension ScratchBuffer: Sendable {}
 
+extension RoutingResult {
+    /// Resizes this result for `tokens` tokens of `router` (reusing its storage when the size is unchanged) and
+    /// routes `x` into it, with `scratch` grown as needed: the routing step every executor shares.
+    public mutating func route(_ router: LayerRouter, x: UnsafePointer<Float>, ldx: Int, tokens: Int, scratch: ScratchBuffer) {
+        if tokenCount != tokens || slots != router.slots {
+            self = RoutingResult(tokenCount: tokens, slots: router.slots)
+        }
+        router.route(x, ldx: ldx, tokens: tokens, scratch: scratch.reserve(router.scratchCount(tokens: tokens)), into: &self)
+    }
+}
+
 /// Applies one routed layer to a batch on the calling thread:
 /// `out[t] += sum over chosen e of w * scale_e * B_e (A_e x_t)`.
 ///
@@ -54,10 +65,7 @@ public final class LayerExecutor {
                       out: UnsafeMutablePointer<Float>, ldo: Int) {
         precondition(router.inWidth == module.inWidth && router.candidateCount == module.experts.count, "router built for another module")
         precondition(ldx >= module.inWidth && ldo >= module.outWidth, "leading dimensions too small")
-        if routing.tokenCount != tokens || routing.slots != router.slots {
-            routing = RoutingResult(tokenCount: tokens, slots: router.slots)
-        }
-        router.route(x, ldx: ldx, tokens: tokens, scratch: routeScratch.reserve(router.scratchCount(tokens: tokens)), into: &routing)
+        routing.route(router, x: x, ldx: ldx, tokens: tokens, scratch: routeScratch)
         plan.build(from: routing, candidates: module.experts.count)
         let outWidth = module.outWidth
         let rows = assignmentRows.reserve(plan.assignmentCount * outWidth)
@@ -117,10 +125,7 @@ public final class NaiveExecutor {
 
     public func apply(_ module: RoutedModule, router: LayerRouter, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
                       out: UnsafeMutablePointer<Float>, ldo: Int) {
-        if routing.tokenCount != tokens || routing.slots != router.slots {
-            routing = RoutingResult(tokenCount: tokens, slots: router.slots)
-        }
-        router.route(x, ldx: ldx, tokens: tokens, scratch: routeScratch.reserve(router.scratchCount(tokens: tokens)), into: &routing)
+        routing.route(router, x: x, ldx: ldx, tokens: tokens, scratch: routeScratch)
         let y = row.reserve(module.outWidth)
         let h = shrunk.reserve(module.experts.reduce(0) { max($0, $1.rank) })
         for t in 0..<tokens {
