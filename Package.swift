@@ -10,6 +10,10 @@ import PackageDescription
 //   PhatgooseRuntime   the only module that may own threads
 //   PhatgooseSynth     synthetic libraries and activations
 //   phatgoose          the command-line tool
+//   CPhatgoose         C: include/phatgoose.h (the C ABI) and its plain-C parts (versions, per-thread errors)
+//   PhatgooseC         the C ABI in Swift (`@c @implementation`, checked against the header); product PhatgooseC
+//                      is libPhatgooseC.so, installed as libphatgoose.so by scripts/install.sh (a product named
+//                      `phatgoose` would collide with the executable's)
 // No target uses unsafe flags, so the products build as a dependency of other packages.
 
 let package = Package(
@@ -21,6 +25,7 @@ let package = Package(
         ),
         .library(name: "PhatgooseSynth", targets: ["PhatgooseSynth"]),
         .executable(name: "phatgoose", targets: ["phatgoose"]),
+        .library(name: "PhatgooseC", type: .dynamic, targets: ["PhatgooseC"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -43,6 +48,8 @@ let package = Package(
             dependencies: ["CNuma", "CPhatgooseSystem", "PhatgooseFormats", "PhatgooseKernels", "PhatgooseRouting", "PhatgooseLibrary"]
         ),
         .target(name: "PhatgooseSynth", dependencies: ["PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary"]),
+        .target(name: "CPhatgoose"),
+        .target(name: "PhatgooseC", dependencies: ["CPhatgoose", "PhatgooseFormats", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime"]),
         .executableTarget(
             name: "phatgoose",
             dependencies: [

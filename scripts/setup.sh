@@ -11,3 +11,4 @@ if [ ! -f /usr/include/numa.h ]; then
   fi
 fi
 python3 -c 'import numpy' 2>/dev/null || python3 -m pip install --quiet numpy
+python3 -c 'import pytest' 2>/dev/null || python3 -m pip install --quiet pytest

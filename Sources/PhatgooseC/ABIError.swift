@@ -1,3 +1,7 @@
+// The C ABI (include/phatgoose.h) in Swift. Each entry point is a `@c @implementation` of the declaration the
+// header makes, so the compiler checks its signature against the header; they are `public` only so that release
+// builds export them. Each body runs in `abiCall`, which turns any error into a status and the thread's last error
+// message: nothing thrown, and nothing the runtime would trap on, crosses into C.
 import CPhatgoose
 import PhatgooseFormats
 import PhatgooseLibrary

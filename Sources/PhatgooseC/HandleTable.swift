@@ -66,7 +66,11 @@ enum HandleObject: Sendable {
 
 /// Every live C handle. A handle is not a pointer to memory but a token, `generation << 32 | slot << 2 | kind`,
 /// looked up here on every entry: NULL, garbage, a handle of the wrong kind and a destroyed handle (its slot's
-/// generation moved on, and generations are never reused) are all refused without touching freed memory.
+/// generation moved on; a generation comes round again only after 2^32 more handles) are all refused without
+/// touching freed memory.
+///
+/// Removal hands the object back to the caller, so its last release (a runtime's `deinit` joins its workers)
+/// happens after the lock is dropped.
 ///
 /// Lookups copy the object out (retaining it), so a call that has looked up a runtime keeps it alive even if
 /// another thread destroys the handle meanwhile.

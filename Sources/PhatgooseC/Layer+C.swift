@@ -5,7 +5,7 @@ import PhatgooseRuntime
 // apply) and holds the runtime's `LayerHandle`; destroying the runtime destroys its layers.
 
 @c @implementation
-func phatgoose_layer_create(_ runtime: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ layer: UnsafeMutablePointer<OpaquePointer?>?) -> phatgoose_status {
+public func phatgoose_layer_create(_ runtime: OpaquePointer?, _ name: UnsafePointer<CChar>?, _ layer: UnsafeMutablePointer<OpaquePointer?>?) -> phatgoose_status {
     abiCall {
         let out = try required(layer, "layer")
         let served = try lookUpRuntime(runtime)
@@ -25,7 +25,7 @@ func phatgoose_layer_create(_ runtime: OpaquePointer?, _ name: UnsafePointer<CCh
 }
 
 @c @implementation
-func phatgoose_layer_destroy(_ layer: OpaquePointer?) -> phatgoose_status {
+public func phatgoose_layer_destroy(_ layer: OpaquePointer?) -> phatgoose_status {
     abiCall {
         guard layer != nil else { return }
         let removed = try handles.withLock { table throws(ABIError) in try table.remove(layer, .layer) }
@@ -34,8 +34,8 @@ func phatgoose_layer_destroy(_ layer: OpaquePointer?) -> phatgoose_status {
 }
 
 @c @implementation
-func phatgoose_layer_shape(_ layer: OpaquePointer?, _ inWidth: UnsafeMutablePointer<Int>?, _ outWidth: UnsafeMutablePointer<Int>?,
-                           _ slots: UnsafeMutablePointer<Int>?) -> phatgoose_status {
+public func phatgoose_layer_shape(_ layer: OpaquePointer?, _ inWidth: UnsafeMutablePointer<Int>?, _ outWidth: UnsafeMutablePointer<Int>?,
+                                  _ slots: UnsafeMutablePointer<Int>?) -> phatgoose_status {
     abiCall {
         let entry = try handles.withLock { table throws(ABIError) in try table.layer(layer) }
         try entry.served.checkRunning()

@@ -5,7 +5,7 @@ import PhatgooseLibrary
 // holds an `ExpertLibrary` value (immutable, shareable), so every getter may run concurrently with anything.
 
 @c @implementation
-func phatgoose_library_open(_ path: UnsafePointer<CChar>?, _ library: UnsafeMutablePointer<OpaquePointer?>?) -> phatgoose_status {
+public func phatgoose_library_open(_ path: UnsafePointer<CChar>?, _ library: UnsafeMutablePointer<OpaquePointer?>?) -> phatgoose_status {
     abiCall {
         let out = try required(library, "library")
         let loaded = try ExpertLibrary.load(path: try string(path, "path"))
@@ -14,7 +14,7 @@ func phatgoose_library_open(_ path: UnsafePointer<CChar>?, _ library: UnsafeMuta
 }
 
 @c @implementation
-func phatgoose_library_destroy(_ library: OpaquePointer?) -> phatgoose_status {
+public func phatgoose_library_destroy(_ library: OpaquePointer?) -> phatgoose_status {
     abiCall {
         guard library != nil else { return }
         // The value is released after the lock is dropped.
@@ -29,7 +29,7 @@ private func lookUp(_ library: OpaquePointer?) throws(ABIError) -> ExpertLibrary
 }
 
 @c @implementation
-func phatgoose_library_expert_count(_ library: OpaquePointer?, _ count: UnsafeMutablePointer<Int>?) -> phatgoose_status {
+public func phatgoose_library_expert_count(_ library: OpaquePointer?, _ count: UnsafeMutablePointer<Int>?) -> phatgoose_status {
     abiCall {
         let loaded = try lookUp(library)
         try required(count, "count").pointee = loaded.experts.count
@@ -37,7 +37,7 @@ func phatgoose_library_expert_count(_ library: OpaquePointer?, _ count: UnsafeMu
 }
 
 @c @implementation
-func phatgoose_library_module_count(_ library: OpaquePointer?, _ count: UnsafeMutablePointer<Int>?) -> phatgoose_status {
+public func phatgoose_library_module_count(_ library: OpaquePointer?, _ count: UnsafeMutablePointer<Int>?) -> phatgoose_status {
     abiCall {
         let loaded = try lookUp(library)
         try required(count, "count").pointee = loaded.modules.count
@@ -45,8 +45,8 @@ func phatgoose_library_module_count(_ library: OpaquePointer?, _ count: UnsafeMu
 }
 
 @c @implementation
-func phatgoose_library_expert_name(_ library: OpaquePointer?, _ index: Int, _ buffer: UnsafeMutablePointer<CChar>?, _ capacity: Int,
-                                   _ length: UnsafeMutablePointer<Int>?) -> phatgoose_status {
+public func phatgoose_library_expert_name(_ library: OpaquePointer?, _ index: Int, _ buffer: UnsafeMutablePointer<CChar>?, _ capacity: Int,
+                                          _ length: UnsafeMutablePointer<Int>?) -> phatgoose_status {
     abiCall {
         let loaded = try lookUp(library)
         let i = try position(index, of: loaded.experts.count, "expert")
@@ -55,8 +55,8 @@ func phatgoose_library_expert_name(_ library: OpaquePointer?, _ index: Int, _ bu
 }
 
 @c @implementation
-func phatgoose_library_module_name(_ library: OpaquePointer?, _ index: Int, _ buffer: UnsafeMutablePointer<CChar>?, _ capacity: Int,
-                                   _ length: UnsafeMutablePointer<Int>?) -> phatgoose_status {
+public func phatgoose_library_module_name(_ library: OpaquePointer?, _ index: Int, _ buffer: UnsafeMutablePointer<CChar>?, _ capacity: Int,
+                                          _ length: UnsafeMutablePointer<Int>?) -> phatgoose_status {
     abiCall {
         let loaded = try lookUp(library)
         let i = try position(index, of: loaded.modules.count, "module")
@@ -65,8 +65,8 @@ func phatgoose_library_module_name(_ library: OpaquePointer?, _ index: Int, _ bu
 }
 
 @c @implementation
-func phatgoose_library_module_widths(_ library: OpaquePointer?, _ index: Int, _ inWidth: UnsafeMutablePointer<Int>?,
-                                     _ outWidth: UnsafeMutablePointer<Int>?) -> phatgoose_status {
+public func phatgoose_library_module_widths(_ library: OpaquePointer?, _ index: Int, _ inWidth: UnsafeMutablePointer<Int>?,
+                                            _ outWidth: UnsafeMutablePointer<Int>?) -> phatgoose_status {
     abiCall {
         let loaded = try lookUp(library)
         let module = loaded.modules[try position(index, of: loaded.modules.count, "module")]
@@ -86,12 +86,13 @@ private func position(_ index: Int, of count: Int, _ noun: String) throws(ABIErr
 /// Copies `name` and a NUL into `buffer[0 ..< capacity]`, or reports the size needed.
 private func copyName(_ name: String, into buffer: UnsafeMutablePointer<CChar>?, capacity: Int, length: UnsafeMutablePointer<Int>?) throws(ABIError) {
     let bytes = Array(name.utf8)
-    length?.pointee = bytes.count
     let room = capacity < 0 ? Int.max : capacity  // a size_t above Int.max is room enough
     guard room > bytes.count else {
-        throw ABIError(PHATGOOSE_STATUS_BUFFER_TOO_SMALL, "name buffer: expected room for \(bytes.count + 1) bytes, found \(capacity)")
+        length?.pointee = bytes.count
+        throw ABIError(PHATGOOSE_STATUS_BUFFER_TOO_SMALL, "name buffer: expected room for \(bytes.count + 1) bytes, found \(UInt(bitPattern: capacity))")
     }
     let out = try required(buffer, "buffer")
     for (i, byte) in bytes.enumerated() { out[i] = CChar(bitPattern: byte) }
     out[bytes.count] = 0
+    length?.pointee = bytes.count
 }

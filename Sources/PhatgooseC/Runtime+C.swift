@@ -24,8 +24,8 @@ private func serve(_ library: ExpertLibrary, options: UnsafePointer<phatgoose_ru
 }
 
 @c @implementation
-func phatgoose_runtime_create(_ library: OpaquePointer?, _ options: UnsafePointer<phatgoose_runtime_options>?,
-                              _ runtime: UnsafeMutablePointer<OpaquePointer?>?) -> phatgoose_status {
+public func phatgoose_runtime_create(_ library: OpaquePointer?, _ options: UnsafePointer<phatgoose_runtime_options>?,
+                                     _ runtime: UnsafeMutablePointer<OpaquePointer?>?) -> phatgoose_status {
     abiCall {
         let out = try required(runtime, "runtime")
         let loaded = try handles.withLock { table throws(ABIError) in try table.library(library) }
@@ -34,8 +34,8 @@ func phatgoose_runtime_create(_ library: OpaquePointer?, _ options: UnsafePointe
 }
 
 @c @implementation
-func phatgoose_runtime_open(_ path: UnsafePointer<CChar>?, _ options: UnsafePointer<phatgoose_runtime_options>?,
-                            _ runtime: UnsafeMutablePointer<OpaquePointer?>?) -> phatgoose_status {
+public func phatgoose_runtime_open(_ path: UnsafePointer<CChar>?, _ options: UnsafePointer<phatgoose_runtime_options>?,
+                                   _ runtime: UnsafeMutablePointer<OpaquePointer?>?) -> phatgoose_status {
     abiCall {
         let out = try required(runtime, "runtime")
         try serve(try ExpertLibrary.load(path: try string(path, "path")), options: options, into: out)
@@ -43,7 +43,7 @@ func phatgoose_runtime_open(_ path: UnsafePointer<CChar>?, _ options: UnsafePoin
 }
 
 @c @implementation
-func phatgoose_runtime_shutdown(_ runtime: OpaquePointer?) -> phatgoose_status {
+public func phatgoose_runtime_shutdown(_ runtime: OpaquePointer?) -> phatgoose_status {
     abiCall {
         let served = try lookUpRuntime(runtime)
         served.isShutDown.store(true, ordering: .releasing)
@@ -52,7 +52,7 @@ func phatgoose_runtime_shutdown(_ runtime: OpaquePointer?) -> phatgoose_status {
 }
 
 @c @implementation
-func phatgoose_runtime_destroy(_ runtime: OpaquePointer?) -> phatgoose_status {
+public func phatgoose_runtime_destroy(_ runtime: OpaquePointer?) -> phatgoose_status {
     abiCall {
         guard runtime != nil else { return }
         let removed = try handles.withLock { table throws(ABIError) -> HandleObject in
@@ -69,7 +69,7 @@ func phatgoose_runtime_destroy(_ runtime: OpaquePointer?) -> phatgoose_status {
 }
 
 @c @implementation
-func phatgoose_runtime_library(_ runtime: OpaquePointer?, _ library: UnsafeMutablePointer<OpaquePointer?>?) -> phatgoose_status {
+public func phatgoose_runtime_library(_ runtime: OpaquePointer?, _ library: UnsafeMutablePointer<OpaquePointer?>?) -> phatgoose_status {
     abiCall {
         let out = try required(library, "library")
         let served = try lookUpRuntime(runtime)
@@ -79,8 +79,8 @@ func phatgoose_runtime_library(_ runtime: OpaquePointer?, _ library: UnsafeMutab
 }
 
 @c @implementation
-func phatgoose_runtime_add_expert(_ runtime: OpaquePointer?, _ directory: UnsafePointer<CChar>?, _ name: UnsafePointer<CChar>?,
-                                  _ index: UnsafeMutablePointer<Int32>?) -> phatgoose_status {
+public func phatgoose_runtime_add_expert(_ runtime: OpaquePointer?, _ directory: UnsafePointer<CChar>?, _ name: UnsafePointer<CChar>?,
+                                         _ index: UnsafeMutablePointer<Int32>?) -> phatgoose_status {
     abiCall {
         let served = try lookUpRuntime(runtime)
         let path = try string(directory, "directory")
@@ -93,7 +93,7 @@ func phatgoose_runtime_add_expert(_ runtime: OpaquePointer?, _ directory: Unsafe
 }
 
 @c @implementation
-func phatgoose_runtime_remove_expert(_ runtime: OpaquePointer?, _ name: UnsafePointer<CChar>?) -> phatgoose_status {
+public func phatgoose_runtime_remove_expert(_ runtime: OpaquePointer?, _ name: UnsafePointer<CChar>?) -> phatgoose_status {
     abiCall {
         let served = try lookUpRuntime(runtime)
         let expertName = try string(name, "name")
@@ -103,9 +103,9 @@ func phatgoose_runtime_remove_expert(_ runtime: OpaquePointer?, _ name: UnsafePo
 }
 
 @c @implementation
-func phatgoose_runtime_statistics(_ runtime: OpaquePointer?, _ calls: UnsafeMutablePointer<UInt64>?, _ tokens: UnsafeMutablePointer<UInt64>?,
-                                  _ rejected: UnsafeMutablePointer<UInt64>?, _ tokensPerExpert: UnsafeMutablePointer<UInt64>?,
-                                  _ capacity: Int, _ expertCount: UnsafeMutablePointer<Int>?) -> phatgoose_status {
+public func phatgoose_runtime_statistics(_ runtime: OpaquePointer?, _ calls: UnsafeMutablePointer<UInt64>?, _ tokens: UnsafeMutablePointer<UInt64>?,
+                                         _ rejected: UnsafeMutablePointer<UInt64>?, _ tokensPerExpert: UnsafeMutablePointer<UInt64>?,
+                                         _ capacity: Int, _ expertCount: UnsafeMutablePointer<Int>?) -> phatgoose_status {
     abiCall {
         let served = try lookUpRuntime(runtime)
         let snapshot = served.runtime.statisticsSnapshot()

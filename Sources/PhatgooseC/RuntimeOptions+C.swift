@@ -15,7 +15,7 @@ private let defaultOptions = phatgoose_runtime_options(
 private let minimumOptionsSize = MemoryLayout<phatgoose_runtime_options>.size
 
 @c @implementation
-func phatgoose_runtime_options_init(_ options: UnsafeMutablePointer<phatgoose_runtime_options>?, _ structSize: Int) -> phatgoose_status {
+public func phatgoose_runtime_options_init(_ options: UnsafeMutablePointer<phatgoose_runtime_options>?, _ structSize: Int) -> phatgoose_status {
     abiCall {
         let out = try required(options, "options")
         guard structSize >= minimumOptionsSize else {

@@ -1,0 +1,166 @@
+/*
+ * abi_test: a check of the C ABI from C (and, compiled as C++17, from C++), run by CI against the installed header
+ * and library. It calls every function of phatgoose.h, so linking it proves libphatgoose exports them all, and it
+ * checks that misuse gets a status code, not a crash.
+ *
+ *   abi_test LIBRARY EXPERT_DIRECTORY      (a library of the `tiny` shape, and one more expert of that shape)
+ *
+ * Written in the common subset of C99 and C++17. Prints one line per failed check; exits 1 if any failed.
+ */
+#include <phatgoose.h>
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures = 0;
+
+#define CHECK(condition)                                                                                      \
+    do {                                                                                                      \
+        if (!(condition)) {                                                                                   \
+            fprintf(stderr, "abi_test:%d: failed: %s (last error: %s)\n", __LINE__, #condition,               \
+                    phatgoose_last_error_message());                                                          \
+            failures++;                                                                                       \
+        }                                                                                                     \
+    } while (0)
+
+#define EXPECT(call, status) CHECK((call) == (status))
+
+static const char *const Q = "encoder.block.0.layer.0.SelfAttention.q";  /* in 32, out 32 */
+static const char *const WO = "encoder.block.0.layer.1.DenseReluDense.wo"; /* in 64, out 32 */
+
+int main(int argc, char **argv) {
+    phatgoose_library *library = NULL, *served = NULL;
+    phatgoose_runtime *runtime = NULL, *other = NULL;
+    phatgoose_layer *q = NULL, *wo = NULL, *foreign = NULL;
+    phatgoose_runtime_options options;
+    phatgoose_layer_output entries[2];
+    float x[8 * 64], out[8 * 32], out2[8 * 32], weights[8 * 2];
+    int32_t experts[8 * 2], index = -1;
+    uint64_t calls = 0, tokens = 0, rejected = 0, per_expert[16];
+    size_t count = 0, length = 0, in_width = 0, out_width = 0, slots = 0, i;
+    char name[64];
+
+    if (argc != 3) {
+        fprintf(stderr, "usage: abi_test LIBRARY EXPERT_DIRECTORY\n");
+        return 2;
+    }
+    for (i = 0; i < 8 * 64; i++) x[i] = (float)((int)(i * 37 % 101) - 50) / 25.0f;
+    memset(out, 0, sizeof out);
+
+    /* Versions and names. */
+    CHECK(phatgoose_abi_version() == PHATGOOSE_ABI_VERSION);
+    CHECK(strcmp(phatgoose_version(), "0.1.0") == 0 || strlen(phatgoose_version()) >= 5);
+    CHECK(strcmp(phatgoose_status_name(PHATGOOSE_STATUS_SHAPE), "shape") == 0);
+    CHECK(strcmp(phatgoose_status_name((phatgoose_status)15), "unknown") == 0);
+
+    /* Libraries. */
+    EXPECT(phatgoose_library_open("/nonexistent", &library), PHATGOOSE_STATUS_IO);
+    CHECK(strstr(phatgoose_last_error_message(), "/nonexistent") != NULL);
+    CHECK(library == NULL);
+    EXPECT(phatgoose_library_open(NULL, &library), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_library_open(argv[1], NULL), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_library_open(argv[1], &library), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_library_expert_count(library, &count), PHATGOOSE_STATUS_OK);
+    CHECK(count >= 2 && count <= 15);
+    EXPECT(phatgoose_library_module_count(library, &count), PHATGOOSE_STATUS_OK);
+    CHECK(count == 36);
+    EXPECT(phatgoose_library_module_name(library, 0, name, sizeof name, &length), PHATGOOSE_STATUS_OK);
+    CHECK(strcmp(name, Q) == 0 && length == strlen(Q));
+    EXPECT(phatgoose_library_module_name(library, 0, name, 4, &length), PHATGOOSE_STATUS_BUFFER_TOO_SMALL);
+    EXPECT(phatgoose_library_expert_name(library, 0, name, sizeof name, NULL), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_library_expert_name(library, 1000, name, sizeof name, NULL), PHATGOOSE_STATUS_NOT_FOUND);
+    EXPECT(phatgoose_library_module_widths(library, 6, &in_width, &out_width), PHATGOOSE_STATUS_OK);
+    CHECK(in_width == 64 && out_width == 32);
+    EXPECT(phatgoose_library_expert_count(NULL, &count), PHATGOOSE_STATUS_INVALID_HANDLE);
+
+    /* Runtimes and options. */
+    EXPECT(phatgoose_runtime_options_init(&options, sizeof options), PHATGOOSE_STATUS_OK);
+    CHECK(options.struct_size == sizeof options && options.workers == PHATGOOSE_WORKERS_DEFAULT);
+    options.top_k = PHATGOOSE_MAX_TOP_K + 1;
+    EXPECT(phatgoose_runtime_create(library, &options, &runtime), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    CHECK(runtime == NULL);
+    options.top_k = 2;
+    options.workers = 1;
+    EXPECT(phatgoose_runtime_create(library, &options, &runtime), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_runtime_open(argv[1], NULL, &other), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_library_destroy(library), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_library_destroy(library), PHATGOOSE_STATUS_INVALID_HANDLE); /* destroyed handle used again */
+    EXPECT(phatgoose_runtime_create(library, NULL, &runtime), PHATGOOSE_STATUS_INVALID_HANDLE);
+
+    /* Layers. */
+    EXPECT(phatgoose_layer_create(runtime, "no.such.module", &q), PHATGOOSE_STATUS_NOT_FOUND);
+    EXPECT(phatgoose_layer_create(runtime, Q, &q), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_layer_create(runtime, WO, &wo), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_layer_create(other, Q, &foreign), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_layer_shape(q, &in_width, &out_width, &slots), PHATGOOSE_STATUS_OK);
+    CHECK(in_width == 32 && out_width == 32 && slots == 2);
+    EXPECT(phatgoose_layer_shape((const phatgoose_layer *)runtime, NULL, NULL, NULL), PHATGOOSE_STATUS_INVALID_HANDLE);
+
+    /* Applying, and its misuse. */
+    EXPECT(phatgoose_runtime_apply(runtime, q, x, 8, 8 * 32, out, 8 * 32, experts, weights, 8 * 2), PHATGOOSE_STATUS_OK);
+    CHECK(experts[0] >= 0 && weights[0] > 0.0f);
+    memcpy(out2, out, sizeof out);
+    EXPECT(phatgoose_runtime_apply(NULL, q, x, 8, 8 * 32, out, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_INVALID_HANDLE);
+    EXPECT(phatgoose_runtime_apply(runtime, NULL, x, 8, 8 * 32, out, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_INVALID_HANDLE);
+    EXPECT(phatgoose_runtime_apply(runtime, foreign, x, 8, 8 * 32, out, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_INVALID_HANDLE);
+    EXPECT(phatgoose_runtime_apply(runtime, q, x, 8, 8 * 31, out, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_SHAPE);
+    EXPECT(phatgoose_runtime_apply(runtime, q, x, 8, 8 * 32, out, 8 * 64, NULL, NULL, 0), PHATGOOSE_STATUS_SHAPE);
+    EXPECT(phatgoose_runtime_apply(runtime, q, x, SIZE_MAX, 8 * 32, out, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_SHAPE);
+    EXPECT(phatgoose_runtime_apply(runtime, q, NULL, 8, 8 * 32, out, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_runtime_apply(runtime, q, x, 8, 8 * 32, x, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_runtime_apply(runtime, q, x, 8, 8 * 32, out, 8 * 32, experts, NULL, 16), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_runtime_apply(runtime, q, x, 8, 8 * 32, out, 8 * 32, experts, weights, 15), PHATGOOSE_STATUS_SHAPE);
+    CHECK(memcmp(out, out2, sizeof out) == 0); /* failures write nothing */
+    EXPECT(phatgoose_runtime_apply(runtime, q, NULL, 0, 0, NULL, 0, NULL, NULL, 0), PHATGOOSE_STATUS_OK);
+
+    entries[0].layer = q;
+    entries[0].output = out;
+    entries[0].output_count = 8 * 32;
+    entries[0].experts = NULL;
+    entries[0].weights = NULL;
+    entries[0].routing_count = 0;
+    entries[1] = entries[0];
+    entries[1].layer = wo;
+    entries[1].output = out2;
+    EXPECT(phatgoose_runtime_apply_layers(runtime, x, 8, 8 * 32, entries, 2), PHATGOOSE_STATUS_SHAPE); /* widths differ */
+    EXPECT(phatgoose_runtime_apply_layers(runtime, x, 8, 8 * 32, entries, 0), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_runtime_apply_layers(runtime, x, 8, 8 * 32, NULL, 1), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_runtime_apply_layers(runtime, x, 8, 8 * 32, entries, 1), PHATGOOSE_STATUS_OK);
+
+    /* Experts and statistics. */
+    EXPECT(phatgoose_runtime_add_expert(runtime, argv[2], "added", &index), PHATGOOSE_STATUS_OK);
+    CHECK(index >= 2);
+    EXPECT(phatgoose_runtime_add_expert(runtime, argv[2], "added", &index), PHATGOOSE_STATUS_LIBRARY);
+    EXPECT(phatgoose_runtime_remove_expert(runtime, "added"), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_runtime_remove_expert(runtime, "added"), PHATGOOSE_STATUS_NOT_FOUND);
+    EXPECT(phatgoose_runtime_library(runtime, &served), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_library_expert_count(served, &count), PHATGOOSE_STATUS_OK);
+    CHECK(count == (size_t)index + 1);
+    EXPECT(phatgoose_library_destroy(served), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_runtime_statistics(runtime, &calls, &tokens, &rejected, per_expert, 1, &count), PHATGOOSE_STATUS_BUFFER_TOO_SMALL);
+    EXPECT(phatgoose_runtime_statistics(runtime, &calls, &tokens, &rejected, per_expert, 16, &count), PHATGOOSE_STATUS_OK);
+    CHECK(calls == 2 && tokens == 16 && rejected == 0 && count == (size_t)index + 1);
+
+    /* Shutdown, then destruction. */
+    EXPECT(phatgoose_runtime_shutdown(runtime), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_runtime_shutdown(runtime), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_runtime_apply(runtime, q, x, 8, 8 * 32, out, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_SHUT_DOWN);
+    EXPECT(phatgoose_layer_create(runtime, Q, &foreign), PHATGOOSE_STATUS_SHUT_DOWN);
+    EXPECT(phatgoose_runtime_statistics(runtime, &calls, NULL, NULL, NULL, 0, NULL), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_layer_destroy(wo), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_layer_destroy(wo), PHATGOOSE_STATUS_INVALID_HANDLE);
+    EXPECT(phatgoose_runtime_destroy(runtime), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_layer_shape(q, NULL, NULL, NULL), PHATGOOSE_STATUS_INVALID_HANDLE); /* went with its runtime */
+    EXPECT(phatgoose_runtime_destroy(runtime), PHATGOOSE_STATUS_INVALID_HANDLE);
+    EXPECT(phatgoose_runtime_destroy(other), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_runtime_destroy(NULL), PHATGOOSE_STATUS_OK);
+
+    if (failures > 0) {
+        fprintf(stderr, "abi_test: %d checks failed\n", failures);
+        return 1;
+    }
+    printf("abi_test: all checks passed\n");
+    return 0;
+}
