@@ -9,6 +9,9 @@ import PackageDescription
 //   PhatgooseRouting   routers, dispatch plan, single-threaded executor (pure)
 //   PhatgooseRuntime   the only module that may own threads
 //   PhatgooseSynth     synthetic libraries and activations
+//   PhatgooseProfiling observers of the runtime (tracing ring, phase accounting, swift-metrics), Chrome trace,
+//                      HTML report, CSV, run comparison; the runtime never imports it
+//   PhatgooseLoadTest  the model-shaped load generator (closed and open loop), its report and Prometheus export
 //   phatgoose          the command-line tool
 //   CPhatgoose         C: include/phatgoose.h (the C ABI) and its plain-C parts (versions, per-thread errors)
 //   PhatgooseC         the C ABI in Swift (`@c @implementation`, checked against the header); product PhatgooseC
@@ -24,11 +27,15 @@ let package = Package(
             targets: ["PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime"]
         ),
         .library(name: "PhatgooseSynth", targets: ["PhatgooseSynth"]),
+        .library(name: "PhatgooseProfiling", targets: ["PhatgooseProfiling"]),
         .executable(name: "phatgoose", targets: ["phatgoose"]),
         .library(name: "PhatgooseC", type: .dynamic, targets: ["PhatgooseC"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         .target(name: "CPhatgooseKernels"),
@@ -48,12 +55,31 @@ let package = Package(
             dependencies: ["CNuma", "CPhatgooseSystem", "PhatgooseFormats", "PhatgooseKernels", "PhatgooseRouting", "PhatgooseLibrary"]
         ),
         .target(name: "PhatgooseSynth", dependencies: ["PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary"]),
+        .target(
+            name: "PhatgooseProfiling",
+            dependencies: [
+                "PhatgooseFormats", "PhatgooseLibrary", "PhatgooseRuntime",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+            ]
+        ),
+        .target(
+            name: "PhatgooseLoadTest",
+            dependencies: [
+                "PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime", "PhatgooseSynth",
+                "PhatgooseProfiling",
+                .product(name: "Histogram", package: "hdrhistogram-swift"),
+                .product(name: "CoreMetrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ]
+        ),
         .target(name: "CPhatgoose"),
         .target(name: "PhatgooseC", dependencies: ["CPhatgoose", "PhatgooseFormats", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime"]),
         .executableTarget(
             name: "phatgoose",
             dependencies: [
                 "PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime", "PhatgooseSynth",
+                "PhatgooseProfiling", "PhatgooseLoadTest",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -61,7 +87,8 @@ let package = Package(
             name: "PhatgooseTests",
             dependencies: [
                 "CPhatgooseKernels", "PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting",
-                "PhatgooseRuntime", "PhatgooseSynth",
+                "PhatgooseRuntime", "PhatgooseSynth", "PhatgooseProfiling", "PhatgooseLoadTest",
+                .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             swiftSettings: [.define("PHATGOOSE_CHECK_INVARIANTS")]
         ),

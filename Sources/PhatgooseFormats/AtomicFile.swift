@@ -13,6 +13,7 @@ import Darwin
 /// # Thread safety
 /// Not thread-safe; one owner writes and commits.
 public final class AtomicFile {
+    /// The destination path; the finished file is renamed to it by ``commit()``.
     public let path: String
     private let temporaryPath: String
     private var fd: Int32

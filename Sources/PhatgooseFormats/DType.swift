@@ -1,20 +1,36 @@
 /// The element types a safetensors header may name. Names are case-sensitive, as in the reference implementation.
 public enum DType: String, Sendable, CaseIterable {
+    /// Boolean, one byte per element.
     case bool = "BOOL"
+    /// Unsigned 8-bit integer.
     case u8 = "U8"
+    /// Signed 8-bit integer.
     case i8 = "I8"
+    /// 8-bit float with 5 exponent bits and 2 mantissa bits.
     case f8e5m2 = "F8_E5M2"
+    /// 8-bit float with 4 exponent bits and 3 mantissa bits.
     case f8e4m3 = "F8_E4M3"
+    /// 8-bit exponent-only float (8 exponent bits, no mantissa): a power-of-two scale.
     case f8e8m0 = "F8_E8M0"
+    /// Signed 16-bit integer.
     case i16 = "I16"
+    /// Unsigned 16-bit integer.
     case u16 = "U16"
+    /// IEEE 754 half-precision float.
     case f16 = "F16"
+    /// bfloat16: 8 exponent bits and 7 mantissa bits.
     case bf16 = "BF16"
+    /// Signed 32-bit integer.
     case i32 = "I32"
+    /// Unsigned 32-bit integer.
     case u32 = "U32"
+    /// IEEE 754 single-precision float.
     case f32 = "F32"
+    /// IEEE 754 double-precision float.
     case f64 = "F64"
+    /// Signed 64-bit integer.
     case i64 = "I64"
+    /// Unsigned 64-bit integer.
     case u64 = "U64"
 
     /// Bytes per element.

@@ -3,8 +3,11 @@
 public struct FormatError: Error, Sendable, CustomStringConvertible {
     /// What kind of failure this is; extensible without breaking users.
     public struct Code: Hashable, Sendable, CustomStringConvertible {
+        /// The code's name, as printed in messages.
         public let name: String
+        /// Creates a code with the given name.
         public init(_ name: String) { self.name = name }
+        /// The code's name.
         public var description: String { name }
 
         /// The file could not be opened, mapped, read or written.
@@ -19,6 +22,7 @@ public struct FormatError: Error, Sendable, CustomStringConvertible {
         public static let packed = Code("packed")
     }
 
+    /// What kind of failure this is.
     public let code: Code
     /// The file the problem is in.
     public let file: String
@@ -27,6 +31,7 @@ public struct FormatError: Error, Sendable, CustomStringConvertible {
     /// What was expected and what was found.
     public let message: String
 
+    /// Creates an error from its parts.
     public init(_ code: Code, file: String, subject: String? = nil, _ message: String) {
         self.code = code
         self.file = file
@@ -34,6 +39,7 @@ public struct FormatError: Error, Sendable, CustomStringConvertible {
         self.message = message
     }
 
+    /// `file: subject: message`, or `file: message` when there is no subject.
     public var description: String {
         if let subject { return "\(file): \(subject): \(message)" }
         return "\(file): \(message)"

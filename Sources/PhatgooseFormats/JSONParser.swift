@@ -9,8 +9,11 @@ public struct JSONParser {
 
     /// Why parsing failed, with the byte offset.
     public struct Failure: Error, Sendable, CustomStringConvertible {
+        /// Byte offset in the input where parsing failed.
         public let offset: Int
+        /// What was wrong there.
         public let reason: String
+        /// The reason followed by the byte offset.
         public var description: String { "\(reason) at byte \(offset)" }
     }
 

@@ -1,15 +1,20 @@
 /// A parsed JSON value that keeps what the file said exactly: object keys in file order, and numbers as written,
 /// so a reader can tell `16` from `16.0` and refuse a fractional dimension.
 public enum JSONValue: Sendable, Equatable {
+    /// The literal `null`.
     case null
+    /// The literal `true` or `false`.
     case bool(Bool)
     /// A number with its literal text (RFC 8259 grammar, already validated).
     case number(JSONNumber)
+    /// A string, with its escapes decoded.
     case string(String)
+    /// An array, elements in file order.
     case array([JSONValue])
     /// Members in file order. Duplicate keys are refused by the parser.
     case object([(key: String, value: JSONValue)])
 
+    /// Structural equality; objects are equal only when their members match in the same order.
     public static func == (lhs: JSONValue, rhs: JSONValue) -> Bool {
         switch (lhs, rhs) {
         case (.null, .null): return true
@@ -49,6 +54,7 @@ public struct JSONNumber: Sendable, Equatable {
     /// True when the literal has no fraction and no exponent (`12`, `-3`), false for `12.0` or `1e3`.
     public let isInteger: Bool
 
+    /// Creates a number from its literal text and whether that literal is an integer.
     public init(text: String, isInteger: Bool) {
         self.text = text
         self.isInteger = isInteger

@@ -2,8 +2,11 @@ import CPhatgooseKernels
 
 /// One tensor's entry in a safetensors header.
 public struct TensorInfo: Sendable, Equatable {
+    /// The tensor's name in the header.
     public let name: String
+    /// The element type.
     public let dtype: DType
+    /// Dimensions, outermost first; empty for a rank-0 tensor.
     public let shape: [Int]
     /// Byte range inside the data buffer (which starts right after the header).
     public let dataOffsets: Range<Int>
@@ -201,6 +204,7 @@ extension JSONValue {
 
 /// A tensor's bytes in place inside a mapping (or another buffer it keeps alive).
 public struct TensorView: Sendable {
+    /// The tensor's header entry: name, dtype, shape and data offsets.
     public let info: TensorInfo
     /// Keeps the bytes alive.
     public let storage: MappedFile

@@ -8,6 +8,7 @@ public struct SafetensorsWriter {
     /// Optional `__metadata__`.
     public var metadata: [String: String]? = nil
 
+    /// Creates a writer with no tensors.
     public init() {}
 
     /// Adds a tensor from raw little-endian bytes. The byte count must match the shape.

@@ -8,8 +8,11 @@ import CPhatgooseKernels
 public enum Kernels {
     /// The instruction sets the kernels can use.
     public enum ISA: Int32, Sendable, CaseIterable, CustomStringConvertible {
+        /// Portable C, available on every CPU.
         case portable = 0
+        /// x86-64 AVX2 with FMA and F16C.
         case avx2 = 1
+        /// The kernels' name for the instruction set: `portable` or `avx2`.
         public var description: String { String(cString: pg_isa_name(rawValue)) }
     }
 

@@ -20,16 +20,25 @@ import PhatgooseFormats
 public struct AdapterConfig: Sendable {
     /// How `target_modules` selects modules.
     public enum TargetModules: Sendable, Equatable {
+        /// `target_modules` is absent or null; every module is selected.
         case unspecified
+        /// `"all-linear"`; every module is selected.
         case allLinear
+        /// A list of names; a module matches a name it equals or ends with `.NAME`.
         case names([String])
+        /// A regular expression that must match the whole module name.
         case pattern(String)
     }
 
+    /// The global rank `r` (default 8), used where no `rank_pattern` key matches.
     public var rank: Int
+    /// The global `lora_alpha` (default 8), used where no `alpha_pattern` key matches.
     public var alpha: Double
+    /// `use_rslora`: when true the scale is alpha / sqrt(r) instead of alpha / r.
     public var useRSLoRA: Bool
+    /// `fan_in_fan_out`, recorded and reported only; it does not change what is computed (load rule 7).
     public var fanInFanOut: Bool
+    /// Which modules `target_modules` selects.
     public var targetModules: TargetModules
     /// `rank_pattern` entries in file order.
     public var rankPattern: [(pattern: String, rank: Int)]

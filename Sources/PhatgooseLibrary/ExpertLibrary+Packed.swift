@@ -11,6 +11,7 @@ import PhatgooseFormats
 /// Weights are stored in their source dtype, `lora_B` already transposed, so a load maps the file and points into
 /// it without copying; only the normalised gate matrices are computed at load.
 extension ExpertLibrary {
+    /// The eight bytes a packed library file starts with: `PHATPACK`.
     public static let packedMagic: [UInt8] = Array("PHATPACK".utf8)
     static let packedAlignment = 64
     static let packedMaximumHeaderLength = 1 << 30

@@ -2,11 +2,14 @@ import PhatgooseFormats
 
 /// One expert of a library, as its adapter config describes it.
 public struct ExpertInfo: Sendable {
+    /// The expert's name: its `library.json` entry or, without one, its subdirectory's name.
     public var name: String
     /// Directory relative to the library root.
     public var path: String
+    /// The expert's parsed `adapter_config.json`.
     public var config: AdapterConfig
 
+    /// Creates an expert description from its parts.
     public init(name: String, path: String, config: AdapterConfig) {
         self.name = name
         self.path = path
@@ -16,8 +19,11 @@ public struct ExpertInfo: Sendable {
 
 /// One expert's LoRA at one module, in the runtime's layout.
 public struct ModuleExpert: Sendable {
+    /// The expert this LoRA belongs to.
     public var expert: ExpertIndex
+    /// The LoRA rank r at this module (after `rank_pattern`).
     public var rank: Int
+    /// The LoRA alpha at this module (after `alpha_pattern`).
     public var alpha: Double
     /// alpha / r, or alpha / sqrt(r) with rsLoRA.
     public var scale: Float
@@ -31,6 +37,7 @@ public struct ModuleExpert: Sendable {
     /// Bytes of weights (A, B and gate).
     public var byteCount: Int { a.byteCount + bTransposed.byteCount + gate.byteCount }
 
+    /// Creates a module expert from its parts; `scale` is used as given, not derived from `rank` and `alpha`.
     public init(expert: ExpertIndex, rank: Int, alpha: Double, scale: Float, a: WeightTensor, bTransposed: WeightTensor, gate: WeightTensor) {
         self.expert = expert
         self.rank = rank
@@ -44,9 +51,13 @@ public struct ModuleExpert: Sendable {
 
 /// One routed layer: the experts that adapt it (its candidates, in expert-index order) and their gates.
 public struct RoutedModule: Sendable {
+    /// The module's name: its adapter keys without the `base_model.model.` prefix and the `.lora_A.weight` suffix.
     public var name: String
+    /// Input width: the length of a token's activation row.
     public var inWidth: Int
+    /// Output width: the length of the delta row each token gets.
     public var outWidth: Int
+    /// The candidates, ascending by expert index.
     public var experts: [ModuleExpert]
     /// Each candidate's gate, layer-normalised (no affine, eps 1e-5) and scaled by 1/sqrt(in): F32 [candidates, in].
     /// Routing scores are then one GEMM against the normalised tokens.
@@ -81,9 +92,12 @@ public struct RoutedModule: Sendable {
 public struct ExpertLibrary: Sendable {
     /// Where a library was read from.
     public enum Source: Sendable, Equatable {
+        /// A library directory (with `library.json` or expert subdirectories) at this path.
         case directory(String)
+        /// A packed single-file library at this path.
         case packed(String)
 
+        /// The path the library was read from.
         public var path: String {
             switch self {
             case let .directory(path), let .packed(path): return path
@@ -91,12 +105,17 @@ public struct ExpertLibrary: Sendable {
         }
     }
 
+    /// Where the library was read from.
     public var source: Source
+    /// Every expert, in index order.
     public var experts: [ExpertInfo]
+    /// The routed modules, in model order.
     public var modules: [RoutedModule]
+    /// The routing defaults from `library.json` (`RoutingDefaults()` without one).
     public var routing: RoutingDefaults
     private var moduleIndex: [String: Int]
 
+    /// Creates a library from its parts, indexing the modules by name. It does not validate them; ``load(path:)`` does.
     public init(source: Source, experts: [ExpertInfo], modules: [RoutedModule], routing: RoutingDefaults) {
         self.source = source
         self.experts = experts

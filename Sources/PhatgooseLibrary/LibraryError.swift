@@ -3,8 +3,11 @@
 public struct LibraryError: Error, Sendable, CustomStringConvertible {
     /// What kind of failure this is; extensible without breaking users.
     public struct Code: Hashable, Sendable, CustomStringConvertible {
+        /// The code's name, as printed in messages.
         public let name: String
+        /// Creates a code with the given name.
         public init(_ name: String) { self.name = name }
+        /// The code's name.
         public var description: String { name }
 
         /// `adapter_config.json` is missing a field, has a wrong type, or asks for something the runtime cannot honour.
@@ -23,11 +26,16 @@ public struct LibraryError: Error, Sendable, CustomStringConvertible {
         public static let library = Code("library")
     }
 
+    /// What kind of failure this is.
     public let code: Code
+    /// The file the problem is in.
     public let file: String
+    /// The expert, module, tensor or field at fault, if any.
     public let subject: String?
+    /// What was expected and what was found.
     public let message: String
 
+    /// Creates an error from its parts.
     public init(_ code: Code, file: String, subject: String? = nil, _ message: String) {
         self.code = code
         self.file = file
@@ -35,6 +43,7 @@ public struct LibraryError: Error, Sendable, CustomStringConvertible {
         self.message = message
     }
 
+    /// `file: subject: message`, or `file: message` when there is no subject.
     public var description: String {
         if let subject { return "\(file): \(subject): \(message)" }
         return "\(file): \(message)"

@@ -2,16 +2,22 @@ import PhatgooseFormats
 
 /// The router a library names as its default.
 public enum RouterKind: String, Sendable, CaseIterable {
+    /// PHATGOOSE: softmax over the scores of the layer-normalised token against each expert's normalised gate, then top-k.
     case phatgoose
+    /// Arrow: softmax over |token · prototype| / temperature, with each expert's top right-singular vector of B·A as its prototype, then top-k.
     case arrow
+    /// Every candidate, each with weight 1 / candidates.
     case uniform
 }
 
 /// Routing defaults from `library.json` (`routing`), overridable by options.
 public struct RoutingDefaults: Sendable, Equatable {
+    /// The router (`router`; default `phatgoose`).
     public var router: RouterKind
+    /// Experts per token (`top_k`; default 2).
     public var topK: Int
 
+    /// Creates routing defaults; the argument defaults are those used when `library.json` omits them.
     public init(router: RouterKind = .phatgoose, topK: Int = 2) {
         self.router = router
         self.topK = topK
@@ -25,19 +31,26 @@ public struct RoutingDefaults: Sendable, Equatable {
 /// (no `..` that leaves it, no absolute path); `routing` optional with `router` one of `phatgoose`, `arrow`, `uniform`
 /// and `top_k` an integer >= 1. Unknown fields are ignored.
 public struct LibraryManifest: Sendable {
+    /// One element of `experts`: an expert's name and directory.
     public struct Entry: Sendable, Equatable {
+        /// The expert's name, unique in the library.
         public var name: String
+        /// The expert's directory relative to the library root (normalised when parsed: no `.` or `..`).
         public var path: String
 
+        /// Creates an entry from its parts.
         public init(name: String, path: String) {
             self.name = name
             self.path = path
         }
     }
 
+    /// The experts, in index order.
     public var experts: [Entry]
+    /// The routing defaults; `RoutingDefaults()` when `routing` is absent.
     public var routing: RoutingDefaults
 
+    /// Creates a manifest from its parts, without validation.
     public init(experts: [Entry], routing: RoutingDefaults) {
         self.experts = experts
         self.routing = routing

@@ -10,9 +10,12 @@ import Glibc
 /// Written once by its creator before it is shared, then only read; freed in `deinit` when no reference remains.
 /// That is why it is `@unchecked Sendable`.
 public final class HeapBuffer: @unchecked Sendable {
+    /// The first byte, 64-byte aligned.
     public let pointer: UnsafeMutableRawPointer
+    /// The size in bytes, as requested.
     public let count: Int
 
+    /// Allocates `byteCount` uninitialised bytes (at least one), 64-byte aligned.
     public init(byteCount: Int) {
         count = byteCount
         pointer = UnsafeMutableRawPointer.allocate(byteCount: max(byteCount, 1), alignment: 64)
@@ -28,13 +31,16 @@ public final class HeapBuffer: @unchecked Sendable {
 /// `@unchecked Sendable` because of the raw pointer: it points into memory that `owner` keeps alive and that no one
 /// writes after the tensor is built (read-only mappings, or heap buffers filled before they are shared).
 public struct WeightTensor: @unchecked Sendable {
+    /// The element type (F32, F16 or BF16).
     public let dtype: DType
+    /// Dimensions, outermost first.
     public let shape: [Int]
     /// Keeps the memory alive.
     public let owner: any AnyObject & Sendable
     /// The first byte; may be unaligned for tensors mapped from a safetensors file.
     public let pointer: UnsafeRawPointer
 
+    /// Creates a tensor from its parts; `owner` must keep the memory at `pointer` alive.
     public init(dtype: DType, shape: [Int], owner: any AnyObject & Sendable, pointer: UnsafeRawPointer) {
         self.dtype = dtype
         self.shape = shape
@@ -48,8 +54,11 @@ public struct WeightTensor: @unchecked Sendable {
                   pointer: view.storage.bytes.baseAddress! + view.byteOffset)
     }
 
+    /// Number of elements (the product of `shape`).
     public var elementCount: Int { shape.reduce(1, *) }
+    /// Size of the data in bytes.
     public var byteCount: Int { elementCount * dtype.size }
+    /// The data as raw bytes, valid while `owner` lives.
     public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: pointer, count: byteCount) }
 
     /// The kernels' dtype code.

@@ -5,14 +5,18 @@ import PhatgooseLibrary
 /// on every token, and its output is weighted per token (0 where the token did not choose it). Same routing and
 /// kernels as the grouped executor; only the grouping differs.
 public final class DenseExecutor {
+    /// Each token's choices in the last call of `apply`.
     public private(set) var routing = RoutingResult(tokenCount: 0, slots: 0)
     private let routeScratch = ScratchBuffer()
     private let rows = ScratchBuffer()
     private let shrunk = ScratchBuffer()
     private let tokenWeights = ScratchBuffer()
 
+    /// Creates an executor with empty scratch.
     public init() {}
 
+    /// Routes and applies `module` to `tokens` rows of `x`, adding the mixture delta into `out`: every expert
+    /// that any token chose runs on every token of the batch, weighted 0 where the token did not choose it.
     public func apply(_ module: RoutedModule, router: LayerRouter, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
                       out: UnsafeMutablePointer<Float>, ldo: Int) {
         routing.route(router, x: x, ldx: ldx, tokens: tokens, scratch: routeScratch)

@@ -6,8 +6,11 @@
 /// assignment of token t's j-th choice (-1 for a padded slot), so the combine pulls each token's rows in slot order.
 /// Deterministic: the same routing always gives the same plan.
 public struct DispatchPlan: Sendable {
+    /// Tokens in the call the plan was built from.
     public private(set) var tokenCount = 0
+    /// Slots per token in that call.
     public private(set) var slots = 0
+    /// Candidates of the module the plan was built for.
     public private(set) var candidateCount = 0
     /// [candidates + 1] prefix sums of assignments per candidate.
     public private(set) var offsets: [Int32] = []
@@ -18,6 +21,7 @@ public struct DispatchPlan: Sendable {
     /// [tokens * slots] assignment of each (token, slot), or -1.
     public private(set) var tokenSlots: [Int32] = []
 
+    /// Creates an empty plan; ``build(from:candidates:)`` fills it.
     public init() {}
 
     /// Number of (token, expert) assignments.

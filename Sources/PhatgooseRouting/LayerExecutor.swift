@@ -5,9 +5,12 @@ import PhatgooseLibrary
 ///
 /// Not thread-safe: owned by one executor.
 public final class ScratchBuffer {
+    /// The storage; replaced (and the old one freed) when ``reserve(_:)`` grows it.
     public private(set) var pointer: UnsafeMutablePointer<Float>
+    /// Floats the storage holds.
     public private(set) var capacity: Int
 
+    /// Allocates storage for `capacity` floats (at least 16).
     public init(capacity: Int = 0) {
         self.capacity = max(capacity, 16)
         pointer = .allocate(capacity: self.capacity)
@@ -51,12 +54,15 @@ extension RoutingResult {
 /// # Thread safety
 /// Owns its scratch: one executor per thread.
 public final class LayerExecutor {
+    /// The dispatch plan of the last call of ``apply(_:router:x:ldx:tokens:out:ldo:)``.
     public private(set) var plan = DispatchPlan()
+    /// Each token's choices in the last call of ``apply(_:router:x:ldx:tokens:out:ldo:)``.
     public private(set) var routing = RoutingResult(tokenCount: 0, slots: 0)
     private let routeScratch = ScratchBuffer()
     private let assignmentRows = ScratchBuffer()
     private let shrunk = ScratchBuffer()
 
+    /// Creates an executor with empty scratch.
     public init() {}
 
     /// Routes and applies `module` to `tokens` rows of `x`, adding the mixture delta into `out`. Afterwards
@@ -116,13 +122,17 @@ extension LayerExecutor: Sendable {}
 /// The baseline that grouping is measured against: for each token, for each of its experts, a one-row shrink and
 /// expand, added straight into the output. Same routing, same kernels.
 public final class NaiveExecutor {
+    /// Each token's choices in the last call of `apply`.
     public private(set) var routing = RoutingResult(tokenCount: 0, slots: 0)
     private let routeScratch = ScratchBuffer()
     private let row = ScratchBuffer()
     private let shrunk = ScratchBuffer()
 
+    /// Creates an executor with empty scratch.
     public init() {}
 
+    /// Routes and applies `module` to `tokens` rows of `x`, adding the mixture delta into `out`, one token and
+    /// one chosen expert at a time.
     public func apply(_ module: RoutedModule, router: LayerRouter, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
                       out: UnsafeMutablePointer<Float>, ldo: Int) {
         routing.route(router, x: x, ldx: ldx, tokens: tokens, scratch: routeScratch)

@@ -5,13 +5,16 @@ import PhatgooseLibrary
 /// Each token's chosen experts and weights at one module: `slots` entries per token, best first. Padded slots (a
 /// module with fewer candidates than k) hold candidate -1 and weight 0.
 public struct RoutingResult: Sendable {
+    /// Tokens routed.
     public var tokenCount: Int
+    /// Entries per token.
     public var slots: Int
     /// Position among the module's candidates, [tokens * slots]; -1 for a padded slot.
     public var candidates: [Int32]
     /// Mixture weight, [tokens * slots].
     public var weights: [Float]
 
+    /// Creates a result for `tokenCount` tokens with every slot padded (candidate -1, weight 0).
     public init(tokenCount: Int, slots: Int) {
         self.tokenCount = tokenCount
         self.slots = slots
@@ -27,8 +30,11 @@ public struct RoutingResult: Sendable {
 /// Immutable after `init`; `route` writes only into the scratch and result it is given, so one router may serve
 /// many threads at once.
 public struct LayerRouter: Sendable {
+    /// The options the router was built with.
     public let options: RoutingOptions
+    /// The module's input width.
     public let inWidth: Int
+    /// The module's number of candidate experts.
     public let candidateCount: Int
     /// F32 [candidates, in]: normalised gates (PHATGOOSE) or prototypes (Arrow); unused by the uniform router.
     let scoreMatrix: WeightTensor?
@@ -36,6 +42,9 @@ public struct LayerRouter: Sendable {
     /// 1/sqrt(in) when scaled) for Arrow.
     let scoreScale: Float
 
+    /// Builds the router for `module`: takes its gate matrix (PHATGOOSE) or computes Arrow's prototypes.
+    /// Throws an `option` error when top-k or the sequence length is below 1, or the Arrow temperature is not a
+    /// positive number.
     public init(module: RoutedModule, options: RoutingOptions) throws(RoutingError) {
         guard options.topK >= 1 else { throw RoutingError(.option, "top-k: expected an integer >= 1, found \(options.topK)") }
         if case let .sequence(length) = options.granularity, length < 1 {

@@ -5,9 +5,13 @@ import PhatgooseKernels
 /// Measures this machine's roofline in one run: peak FLOP/s from a cache-resident SGEMM on every thread at once,
 /// and memory bandwidth from a streaming copy on every thread at once.
 public enum MachineProbe {
+    /// One measurement of the machine.
     public struct Result: Sendable {
+        /// Threads that ran at once.
         public var threads: Int
+        /// Best SGEMM rate of all threads together, in GFLOP/s (10^9 floating-point operations per second).
         public var peakGFLOPS: Double
+        /// Best copy bandwidth of all threads together, in GB/s (10^9 bytes read plus written per second).
         public var bandwidthGBps: Double
     }
 

@@ -11,13 +11,17 @@ import PhatgooseKernels
 /// # Thread safety
 /// Owns its buffers: one pass per thread.
 public final class ModelPass {
+    /// The runtime that applies each layer.
     public let runtime: Runtime
+    /// Tokens sent through every layer in each pass.
     public let tokens: Int
     private let layers: [(handle: LayerHandle, inWidth: Int, outWidth: Int)]
     private var buffers: [Int: UnsafeMutablePointer<Float>] = [:]
     private let delta: UnsafeMutablePointer<Float>
     private let widest: Int
 
+    /// Prepares a pass of `tokens` tokens (at least 1) over every module of the runtime's library, allocating
+    /// and filling the activation buffers.
     public init(runtime: Runtime, tokens: Int) {
         precondition(tokens >= 1, "a pass needs at least one token")
         self.runtime = runtime

@@ -27,6 +27,7 @@ public protocol ParallelJob: AnyObject, Sendable {
 /// One `run` at a time: the ``Runtime`` serialises calls with its execution lock. `shutdown` may be called from any
 /// thread once no `run` is in progress.
 public protocol ParallelExecutor: AnyObject, Sendable {
+    /// Which executor this is.
     var kind: ExecutorKind { get }
     /// Workers plus the calling thread.
     var participantCount: Int { get }
@@ -35,7 +36,9 @@ public protocol ParallelExecutor: AnyObject, Sendable {
     var participantNodes: [Int] { get }
     /// The CPU each worker is pinned to (nil for the caller and for unpinned workers).
     var participantCPUs: [Int?] { get }
+    /// Runs `job` on every participant, the calling thread as participant 0, and returns when all have returned.
     func run(_ job: any ParallelJob)
+    /// Stops the workers; no ``run(_:)`` may follow. Calling it again does nothing.
     func shutdown()
 }
 
@@ -74,9 +77,13 @@ func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
 /// the futex calls; `phase` is guarded by the generation protocol (see ``PhaseBox``); `threads` is written in `init`
 /// and read in `shutdown`, which runs once (guarded by `stopping`).
 public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
+    /// Always ``ExecutorKind/pinned``.
     public let kind = ExecutorKind.pinned
+    /// Workers plus the calling thread.
     public let participantCount: Int
+    /// The node of each participant; participant 0, the caller, is reported on the topology's first node.
     public let participantNodes: [Int]
+    /// The CPU each participant is pinned to; nil for participant 0, the unpinned caller.
     public let participantCPUs: [Int?]
     private let generation = Atomic<UInt64>(0)
     private let pending = Atomic<Int>(0)
@@ -156,6 +163,8 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
         phase.job!.run(participant: participant)
     }
 
+    /// Publishes `job` to the workers, runs participant 0's share on the calling thread, then spins (yielding
+    /// after a while) until every worker has finished. Traps after ``shutdown()`` when the pool has workers.
     public func run(_ job: any ParallelJob) {
         guard participantCount > 1 else { return job.run(participant: 0) }
         precondition(!stopping.load(ordering: .sequentiallyConsistent), "run after shutdown")
@@ -173,6 +182,7 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
         phase.job = nil
     }
 
+    /// Stops the workers and joins their threads; later calls do nothing. `deinit` calls it too.
     public func shutdown() {
         guard !stopping.exchange(true, ordering: .sequentiallyConsistent) else { return }
         let next = generation.add(1, ordering: .sequentiallyConsistent).newValue
@@ -185,18 +195,25 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
 /// The same interface on Dispatch's global queue: each phase is `participantCount - 1` async blocks plus the caller,
 /// joined with a group. Unpinned; kept so users and benchmarks can compare.
 public final class DispatchParallelExecutor: ParallelExecutor, @unchecked Sendable {
+    /// Always ``ExecutorKind/dispatch``.
     public let kind = ExecutorKind.dispatch
+    /// Blocks per phase plus the calling thread.
     public let participantCount: Int
+    /// Nodes assigned round-robin over the topology, for reporting only: Dispatch does not place its threads.
     public let participantNodes: [Int]
+    /// All nil: Dispatch's threads are not pinned.
     public let participantCPUs: [Int?]
     private let queue = DispatchQueue.global(qos: .userInitiated)
 
+    /// Creates an executor that runs `workers` blocks per phase besides the caller; it starts no threads.
     public init(topology: Topology, workers: Int) {
         participantCount = workers + 1
         participantNodes = (0..<(workers + 1)).map { topology.nodes[$0 % topology.nodes.count].id }
         participantCPUs = [Int?](repeating: nil, count: workers + 1)
     }
 
+    /// Runs `job` in `participantCount - 1` blocks on the global queue and on the calling thread as
+    /// participant 0, and waits for all of them.
     public func run(_ job: any ParallelJob) {
         guard participantCount > 1 else { return job.run(participant: 0) }
         let group = DispatchGroup()
@@ -207,5 +224,6 @@ public final class DispatchParallelExecutor: ParallelExecutor, @unchecked Sendab
         group.wait()
     }
 
+    /// Does nothing: Dispatch owns its threads.
     public func shutdown() {}
 }

@@ -24,9 +24,13 @@ public enum PlacementPolicy: Sendable, Equatable {
 /// # Thread safety
 /// Filled by its creator before it is shared, then read-only; freed in `deinit`. Hence `@unchecked Sendable`.
 public final class NodeArena: @unchecked Sendable {
+    /// The runtime's id of the node this arena serves.
     public let node: Int
+    /// The physical NUMA node its memory is bound to (when memory can be bound).
     public let memoryNode: Int
+    /// The arena's first byte, page-aligned.
     public let base: UnsafeMutableRawPointer
+    /// Size in bytes (at least 4096).
     public let capacity: Int
     private(set) var used = 0
     private let numaAllocated: Bool

@@ -20,9 +20,11 @@ public struct RuntimeOptions: Sendable {
     public var routing: RoutingOptions?
     /// Worker threads besides the caller; nil: one fewer than the CPUs of the topology.
     public var workers: Int?
+    /// Which executor runs each call's parallel phases (default ``ExecutorKind/pinned``).
     public var executor: ExecutorKind
     /// nil: detect with libnuma.
     public var topology: Topology?
+    /// Where expert weights live (default ``PlacementPolicy/distribute``).
     public var placement: PlacementPolicy
     /// Measured share of tokens per expert (for example from `phatgoose profile`), to balance placement by load.
     public var loadProfile: [Double]?
@@ -37,6 +39,7 @@ public struct RuntimeOptions: Sendable {
     /// Sees every phase of every call; nil costs nothing.
     public var observer: (any RuntimeObserver)?
 
+    /// Creates options; each argument sets the property of the same name.
     public init(routing: RoutingOptions? = nil, workers: Int? = nil, executor: ExecutorKind = .pinned, topology: Topology? = nil,
                 placement: PlacementPolicy = .distribute, loadProfile: [Double]? = nil, memoryCapBytes: Int? = nil,
                 maxQueuedCalls: Int = 64, tileRows: Int? = nil, spinMicroseconds: Int = 50, observer: (any RuntimeObserver)? = nil) {
@@ -56,7 +59,9 @@ public struct RuntimeOptions: Sendable {
 
 /// Counters since the runtime started.
 public struct RuntimeStatistics: Sendable, Equatable {
+    /// Layer calls completed.
     public var calls: Int = 0
+    /// Tokens over those calls.
     public var tokens: Int = 0
     /// Calls refused by admission control.
     public var rejected: Int = 0
@@ -72,6 +77,7 @@ public struct LayerOutput: Sendable {
     public var experts: [Int32]
     /// Mixture weight per (token, slot).
     public var weights: [Float]
+    /// Slots per token: k, or the candidate count for the uniform router.
     public var slots: Int
 }
 
@@ -88,7 +94,9 @@ public struct LayerOutput: Sendable {
 /// `addExpert`/`removeExpert` publish a new snapshot atomically; calls in flight finish on the snapshot they began
 /// with. After `shutdown()`, calls fail with `.shutDown`.
 public final class Runtime: Sendable {
+    /// The options the runtime was created with.
     public let options: RuntimeOptions
+    /// The topology in use: `options.topology`, or the detected one.
     public let topology: Topology
     /// Routing in force (the library's defaults with `options.routing` applied).
     public let routing: RoutingOptions
@@ -134,11 +142,13 @@ public final class Runtime: Sendable {
     /// The library currently served.
     public var library: ExpertLibrary { current.withLock { $0 }.library }
 
-    /// Participants per call (workers plus the caller) and the executor kind.
+    /// Participants per call: workers plus the caller.
     public var participants: Int { executor.participantCount }
+    /// The kind of executor in use.
     public var executorKind: ExecutorKind { executor.kind }
-    /// CPU each participant is pinned to (nil for the caller or unpinned workers), and its node.
+    /// CPU each participant is pinned to (nil for the caller or unpinned workers).
     public var participantCPUs: [Int?] { executor.participantCPUs }
+    /// The node of each participant.
     public var participantNodes: [Int] { executor.participantNodes }
 
     /// The handle of the module named `name`, or nil.

@@ -1,8 +1,12 @@
 /// An error of the runtime: a bad option, an exceeded bound, a layer or expert that does not exist.
 public struct RuntimeError: Error, Sendable, CustomStringConvertible {
+    /// What kind of failure this is; extensible without breaking users.
     public struct Code: Hashable, Sendable, CustomStringConvertible {
+        /// The code's name, as printed in messages.
         public let name: String
+        /// Creates a code with the given name.
         public init(_ name: String) { self.name = name }
+        /// The code's name.
         public var description: String { name }
 
         /// An option is out of range.
@@ -21,16 +25,20 @@ public struct RuntimeError: Error, Sendable, CustomStringConvertible {
         public static let library = Code("library")
     }
 
+    /// What kind of failure this is.
     public let code: Code
+    /// What is wrong: what was expected and what was found.
     public let message: String
     /// The error that caused this one, if any.
     public let underlying: (any Error & Sendable)?
 
+    /// Creates an error from its parts.
     public init(_ code: Code, _ message: String, underlying: (any Error & Sendable)? = nil) {
         self.code = code
         self.message = message
         self.underlying = underlying
     }
 
+    /// The message.
     public var description: String { message }
 }

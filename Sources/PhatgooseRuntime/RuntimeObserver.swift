@@ -1,5 +1,6 @@
 /// What the runtime reports to an observer: every phase of every call, with monotonic nanosecond timestamps.
 public struct RuntimeEvent: Sendable {
+    /// Which phase an event records.
     public enum Kind: String, Sendable {
         /// A call waited for the executor (its queueing time), from `start` to `end`.
         case queued
@@ -19,6 +20,7 @@ public struct RuntimeEvent: Sendable {
         case call
     }
 
+    /// Which phase this event records.
     public var kind: Kind
     /// Participant: 0 is the calling thread, 1... the workers.
     public var worker: Int
@@ -28,10 +30,14 @@ public struct RuntimeEvent: Sendable {
     public var layer: Int
     /// Expert index for items and steals, else -1.
     public var expert: Int32
+    /// Rows the event covers (tokens, assignments or gathered tokens, as its kind says).
     public var rows: Int
+    /// When the phase began: monotonic nanoseconds.
     public var start: UInt64
+    /// When the phase ended: monotonic nanoseconds.
     public var end: UInt64
 
+    /// Creates an event from its parts.
     public init(kind: Kind, worker: Int, node: Int, layer: Int, expert: Int32, rows: Int, start: UInt64, end: UInt64) {
         self.kind = kind
         self.worker = worker
@@ -48,5 +54,7 @@ public struct RuntimeEvent: Sendable {
 /// implementation must be thread-safe and fast (it runs inside the hot path). When no observer is set, the runtime
 /// takes no timestamps and makes no calls.
 public protocol RuntimeObserver: AnyObject, Sendable {
+    /// Receives one event; called concurrently from the calling thread and the workers, so it must be
+    /// thread-safe and fast.
     func observe(_ event: RuntimeEvent)
 }

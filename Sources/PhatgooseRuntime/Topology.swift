@@ -4,6 +4,7 @@ import CPhatgooseSystem
 /// The machine's NUMA nodes as the runtime uses them: each node's CPUs (only those this process may run on) and the
 /// distances between nodes. Detected through libnuma, or given explicitly to model a 2- or 4-node machine on any box.
 public struct Topology: Sendable, Equatable, CustomStringConvertible {
+    /// One node: its id, its CPUs and the physical node its memory is on.
     public struct Node: Sendable, Equatable {
         /// The node id as the runtime numbers it (0-based, dense).
         public var id: Int
@@ -14,14 +15,17 @@ public struct Topology: Sendable, Equatable, CustomStringConvertible {
         public var memoryNode: Int
     }
 
+    /// The nodes, in id order.
     public var nodes: [Node]
     /// `distances[i][j]`: relative distance from node i to node j (10 = local, as libnuma reports).
     public var distances: [[Int]]
     /// True when the nodes were given rather than detected.
     public var isModelled: Bool
 
+    /// CPUs over all nodes (a CPU listed on two modelled nodes counts twice).
     public var cpuCount: Int { nodes.reduce(0) { $0 + $1.cpus.count } }
 
+    /// Each node's CPUs and memory node on one line, with `[modelled]` appended for a modelled topology.
     public var description: String {
         nodes.map { "node \($0.id): cpus \($0.cpus.map(String.init).joined(separator: ",")) (memory on node \($0.memoryNode))" }
             .joined(separator: "; ") + (isModelled ? " [modelled]" : "")

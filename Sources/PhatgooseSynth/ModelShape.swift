@@ -1,10 +1,15 @@
 /// The routed layers of a model: names and widths, in model order.
 public struct ModelShape: Sendable, Equatable {
+    /// One routed layer: its module name and widths.
     public struct Layer: Sendable, Equatable {
+        /// The module name, as adapter keys name it.
         public var name: String
+        /// Input width.
         public var inWidth: Int
+        /// Output width.
         public var outWidth: Int
 
+        /// Creates a layer from its parts.
         public init(name: String, inWidth: Int, outWidth: Int) {
             self.name = name
             self.inWidth = inWidth
@@ -12,9 +17,12 @@ public struct ModelShape: Sendable, Equatable {
         }
     }
 
+    /// The shape's name (for a preset, its key in ``presets``).
     public var name: String
+    /// The routed layers, in model order.
     public var layers: [Layer]
 
+    /// Creates a shape from its parts.
     public init(name: String, layers: [Layer]) {
         self.name = name
         self.layers = layers

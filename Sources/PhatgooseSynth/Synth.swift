@@ -4,15 +4,21 @@ import PhatgooseLibrary
 
 /// What `phatgoose synth` generates.
 public struct SynthOptions: Sendable {
+    /// The model whose layers every expert adapts.
     public var shape: ModelShape
+    /// Number of experts (at least 1).
     public var experts: Int
+    /// LoRA rank r of every expert at every layer (at least 1).
     public var rank: Int
+    /// `lora_alpha` written to each adapter config (finite).
     public var alpha: Double
+    /// `use_rslora` written to each adapter config.
     public var useRSLoRA: Bool
     /// Storage dtype of lora_A and lora_B.
     public var weightDType: DType
     /// Storage dtype of the gate vectors.
     public var gateDType: DType
+    /// Seed of every generated value: the same options give the same files.
     public var seed: UInt64
     /// Number of tasks the experts cluster around (experts are dealt to tasks round-robin).
     public var tasks: Int
@@ -22,8 +28,11 @@ public struct SynthOptions: Sendable {
     public var coverage: Double
     /// Write library.json (otherwise the directory-scan rule applies).
     public var manifest: Bool
+    /// `top_k` of the library's routing defaults (at least 1).
     public var topK: Int
 
+    /// Creates options; each argument sets the property of the same name, except that `tasks` defaults to
+    /// one task per four experts, rounded up.
     public init(shape: ModelShape, experts: Int = 8, rank: Int = 16, alpha: Double = 1, useRSLoRA: Bool = false,
                 weightDType: DType = .bf16, gateDType: DType = .f32, seed: UInt64 = 0, tasks: Int? = nil,
                 popularity: Double = 1, coverage: Double = 1, manifest: Bool = true, topK: Int = 2) {
@@ -49,6 +58,7 @@ public struct SynthOptions: Sendable {
         return "expert" + String(repeating: "0", count: max(0, digits - number.count)) + number
     }
 
+    /// The task expert `e` belongs to (experts are dealt to tasks round-robin).
     public func task(ofExpert e: Int) -> Int { e % tasks }
 }
 
@@ -211,7 +221,9 @@ public enum Synth {
 
 /// A bad synth option.
 public struct SynthError: Error, Sendable, CustomStringConvertible {
+    /// Which option is bad: what was expected and what was found.
     public let message: String
+    /// The message.
     public var description: String { message }
 }
 

@@ -2,14 +2,22 @@ import PhatgooseFormats
 
 /// The canonical single-layer workloads (docs/performance.md): one routed layer, N experts, T tokens, top-k, rank.
 public struct Workload: Sendable, Equatable {
+    /// The workload's name (`W1` ... `W4` for the canonical ones).
     public var name: String
+    /// Experts adapting the layer.
     public var experts: Int
+    /// The layer's input width.
     public var inWidth: Int
+    /// The layer's output width.
     public var outWidth: Int
+    /// Tokens per call.
     public var tokens: Int
+    /// Experts per token.
     public var topK: Int
+    /// LoRA rank of every expert.
     public var rank: Int
 
+    /// Creates a workload from its parts.
     public init(name: String, experts: Int, inWidth: Int, outWidth: Int, tokens: Int, topK: Int = 2, rank: Int = 16) {
         self.name = name
         self.experts = experts
@@ -20,6 +28,7 @@ public struct Workload: Sendable, Equatable {
         self.rank = rank
     }
 
+    /// The canonical workloads W1 to W4 (see docs/performance.md).
     public static let canonical: [Workload] = [
         Workload(name: "W1", experts: 36, inWidth: 2048, outWidth: 2048, tokens: 512),
         Workload(name: "W2", experts: 166, inWidth: 2048, outWidth: 2048, tokens: 512),

@@ -15,7 +15,7 @@ struct Phatgoose: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "phatgoose",
         abstract: "Serve PHATGOOSE routing among LoRA experts on CPUs.",
-        subcommands: [Inspect.self, SynthCommand.self, Pack.self, Apply.self, Bench.self, PlacementCommand.self]
+        subcommands: [Inspect.self, SynthCommand.self, Pack.self, Apply.self, Bench.self, PlacementCommand.self, LoadTestCommand.self, ProfileCommand.self]
     )
 
     static func main() {

@@ -1,0 +1,211 @@
+import ArgumentParser
+import Foundation
+import PhatgooseFormats
+import PhatgooseLibrary
+import PhatgooseLoadTest
+import PhatgooseProfiling
+import PhatgooseRuntime
+
+/// Where progress goes.
+enum ProgressMode: String, ExpressibleByArgument, CaseIterable {
+    case auto, line, plain, none
+}
+
+/// The load test's options, shared by `loadtest` and `profile`.
+struct LoadTestFlags: ParsableArguments {
+    @Option(help: "A library directory or packed library (default: the built-in synthetic T5-base library, generated on first use and cached in $PHATGOOSE_CACHE or ~/.cache/phatgoose).")
+    var library: String?
+
+    @Option(help: "Closed loop: concurrent clients, each sending its next request when its previous one finishes (default 4).")
+    var clients: Int?
+
+    @Option(help: "Open loop: requests per second, arriving whether or not earlier ones have finished (instead of --clients).")
+    var rate: Double?
+
+    @Option(help: "Open loop: shape of the gamma-distributed gaps between arrivals; 1 is Poisson, below 1 burstier, above 1 more regular.")
+    var burstiness: Double?
+
+    @Option(help: "Open loop: most requests in flight; later arrivals wait for a free client, which is their queueing time (default: --max-queued-calls + 8, so overload shows as rejections).")
+    var maxConcurrency: Int?
+
+    @Option(help: "Seconds of measurement after the warm-up (default 20; not with --requests).")
+    var duration: Double?
+
+    @Option(help: "Measure until this many requests have completed (instead of --duration).")
+    var requests: Int?
+
+    @Option(help: "Seconds of warm-up, excluded from every figure.")
+    var warmup: Double = 3
+
+    @Option(help: "Most seconds to wait after the window for measured requests still in flight; the rest count as unfinished.")
+    var drainTimeout: Double = 10
+
+    @Option(help: "Share of decode-like requests; the rest are prefill-like.")
+    var decodeFraction: Double = 0.8
+
+    @Option(help: "Tokens of a decode-like request: N or MIN-MAX.")
+    var decodeTokens: String = "1-16"
+
+    @Option(help: "Tokens of a prefill-like request: N or MIN-MAX.")
+    var prefillTokens: String = "128-512"
+
+    @Option(help: "How strongly a request's tokens lean towards its profile expert's gate (0: no task structure).")
+    var affinity: Double = 0.35
+
+    @Option(help: "Zipf exponent of how often each expert is a request's profile expert (0: uniform).")
+    var skew: Double = 1
+
+    @Option(help: "Seed of the request stream and arrival times.")
+    var seed: UInt64 = 0
+
+    @Option(help: "Most layer calls admitted by the runtime at once (running plus waiting); beyond it a call is refused at once and its request counts as rejected.")
+    var maxQueuedCalls: Int = 64
+
+    @OptionGroup var runtimeFlags: RuntimeFlags
+    @OptionGroup var routing: RoutingFlags
+
+    @Option(help: "Progress on standard error: auto (a live line on a terminal, a plain line every 5 s otherwise), line, plain or none.")
+    var progress: ProgressMode = .auto
+
+    @Option(help: "Seconds between progress reports and metric samples.")
+    var progressInterval: Double = 1
+
+    @Option(help: "Write the runtime's metrics in Prometheus text format to this file (rewritten atomically every progress interval).")
+    var metricsFile: String?
+
+    @Option(help: "Serve the runtime's metrics in Prometheus text format at http://127.0.0.1:PORT/metrics while the test runs.")
+    var metricsPort: Int?
+
+    func validate() throws {
+        if clients != nil && rate != nil { throw ValidationError("--clients and --rate: expected one (closed or open loop), found both") }
+        if rate == nil && (burstiness != nil || maxConcurrency != nil) { throw ValidationError("--burstiness and --max-concurrency: only with --rate (open loop)") }
+        if duration != nil && requests != nil { throw ValidationError("--duration and --requests: expected one, found both") }
+        if let port = metricsPort, !(0...65_535).contains(port) { throw ValidationError("--metrics-port: expected 0 to 65535, found \(port)") }
+        guard maxQueuedCalls >= 1 else { throw ValidationError("--max-queued-calls: expected at least 1, found \(maxQueuedCalls)") }
+        _ = try tokenRange(decodeTokens, "--decode-tokens")
+        _ = try tokenRange(prefillTokens, "--prefill-tokens")
+        do { try options().validate() } catch let error as LoadTestError { throw ValidationError(error.message) }
+    }
+
+    func tokenRange(_ text: String, _ flag: String) throws -> ClosedRange<Int> {
+        let parts = text.split(separator: "-", omittingEmptySubsequences: false).map { Int($0) }
+        if parts.count == 1, let n = parts[0], n >= 1 { return n...n }
+        if parts.count == 2, let a = parts[0], let b = parts[1], a >= 1, b >= a { return a...b }
+        throw ValidationError("\(flag): expected N or MIN-MAX with 1 <= MIN <= MAX, found \(text)")
+    }
+
+    func options() throws -> LoadTestOptions {
+        let loop: LoadTestOptions.Loop = rate.map { .open(rate: $0, burstiness: burstiness ?? 1, maxConcurrency: maxConcurrency ?? maxQueuedCalls + 8) }
+            ?? .closed(clients: clients ?? 4)
+        return LoadTestOptions(loop: loop, duration: requests == nil ? (duration ?? 20) : nil, requests: requests, warmup: warmup,
+                               drainTimeout: drainTimeout, decodeFraction: decodeFraction, decodeTokens: try tokenRange(decodeTokens, "--decode-tokens"),
+                               prefillTokens: try tokenRange(prefillTokens, "--prefill-tokens"), affinity: affinity, skew: skew, seed: seed,
+                               progressInterval: progressInterval)
+    }
+
+    func printer() -> ProgressPrinter? {
+        switch progress {
+        case .none: return nil
+        case .auto: return ProgressPrinter()
+        case .line: return ProgressPrinter(isTerminal: true)
+        case .plain: return ProgressPrinter(isTerminal: false)
+        }
+    }
+
+    /// The library to drive: the one given, or the built-in default (generated now if missing).
+    func loadLibrary(_ printer: ProgressPrinter?) throws -> (library: ExpertLibrary, description: String, generatedSeconds: Double?) {
+        if let library { return (try ExpertLibrary.load(path: library), library, nil) }
+        let (path, seconds) = try DefaultLibrary.ensure { printer?.message("loadtest: " + $0) }
+        if let seconds { printer?.message("loadtest: generated in \(String(format: "%.1f", seconds)) s") }
+        return (try ExpertLibrary.load(path: path), DefaultLibrary.description, seconds)
+    }
+
+    /// A load test with `instruments` (metrics added when asked for), and the metrics export if any.
+    func makeTest(_ printer: ProgressPrinter?, instruments: LoadTestInstruments) throws -> (LoadTest, PrometheusExport?, MetricsServer?, Double?) {
+        let (library, description, generated) = try loadLibrary(printer)
+        var runtimeOptions = try runtimeFlags.options(routing: routing, defaults: library.routing)
+        runtimeOptions.maxQueuedCalls = maxQueuedCalls
+        var instruments = instruments
+        var export: PrometheusExport? = nil
+        var server: MetricsServer? = nil
+        if metricsFile != nil || metricsPort != nil {
+            let prometheus = PrometheusExport()
+            export = prometheus
+            instruments.metrics = RuntimeMetrics(factory: prometheus.factory, expertNames: library.experts.map(\.name))
+            if let metricsPort {
+                server = try MetricsServer(port: metricsPort) { prometheus.render() }
+                printer?.message("loadtest: metrics at http://127.0.0.1:\(server!.port)/metrics")
+            }
+        }
+        let test = try LoadTest(library: library, options: try options(), runtimeOptions: runtimeOptions, instruments: instruments,
+                                libraryDescription: description)
+        return (test, export, server, generated)
+    }
+
+    /// Runs `test`, showing progress and keeping the metrics file current.
+    func run(_ test: LoadTest, printer: ProgressPrinter?, export: PrometheusExport?) throws -> LoadTestResult {
+        let o = test.options
+        let load: String
+        switch o.loop {
+        case let .closed(clients): load = "closed loop, \(clients) clients"
+        case let .open(rate, burstiness, maxConcurrency): load = "open loop, \(rate) req/s (burstiness \(burstiness)), at most \(maxConcurrency) in flight"
+        }
+        let span = o.duration.map { "\($0) s" } ?? "\(o.requests!) requests"
+        printer?.message("loadtest: \(test.workload.layerCount) routed layers, \(test.workload.library.experts.count) experts, \(test.runtime.participants) participants; \(load); warm-up \(o.warmup) s, then \(span)")
+        var metricsError: (any Error)? = nil
+        let result = test.run { progress in
+            printer?.show(progress)
+            if let export, let path = metricsFile, metricsError == nil {
+                do { try export.write(to: path) } catch { metricsError = error }
+            }
+        }
+        printer?.finish()
+        if let metricsError { throw metricsError }
+        if let export, let path = metricsFile { try export.write(to: path) }
+        return result
+    }
+}
+
+struct LoadTestCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "loadtest",
+        abstract: "Drive a library with model-shaped requests (closed or open loop) and report throughput, latency, rejections and balance.",
+        discussion: """
+            Each request is T tokens passing every routed layer of the library in model order, each layer's input \
+            derived from the previous layer's output (docs/loadtest.md). With no arguments: the built-in synthetic \
+            T5-base library, 4 clients, 80% decode-like and 20% prefill-like requests, 3 s of warm-up and 20 s measured.
+            """
+    )
+
+    @OptionGroup var load: LoadTestFlags
+
+    @Option(help: "Output format: text or json (stable field names; see docs/loadtest.md).")
+    var format: OutputFormat = .text
+
+    @Option(help: "Write the report to this file (atomically) instead of standard output.")
+    var output: String?
+
+    func run() throws {
+        let printer = load.printer()
+        let (test, export, server, generated) = try load.makeTest(printer, instruments: LoadTestInstruments())
+        defer { server?.stop() }
+        var result = try load.run(test, printer: printer, export: export)
+        result.generatedLibrarySeconds = generated
+        let report = format == .json ? result.json().serialized() + "\n" : result.text()
+        try emit(report, to: output)
+        if result.failed > 0 {
+            throw LoadTestError(.failedRequests, "loadtest: expected no failed requests, found \(result.failed) (first: \(result.firstFailure ?? "?"))")
+        }
+    }
+}
+
+/// Writes `text` to `path` atomically, or to standard output.
+func emit(_ text: String, to path: String?) throws {
+    if let path {
+        let file = try AtomicFile(path: path)
+        try file.write(Array(text.utf8))
+        try file.commit()
+    } else {
+        print(text, terminator: "")
+    }
+}

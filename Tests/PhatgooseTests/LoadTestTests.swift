@@ -1,0 +1,193 @@
+import Foundation
+import PhatgooseFormats
+import PhatgooseLibrary
+@testable import PhatgooseLoadTest
+import PhatgooseProfiling
+import PhatgooseRuntime
+import PhatgooseSynth
+import Testing
+
+/// A tiny T5-shaped library (36 layers of width 32 and 64), quick enough for runs of about a second.
+func tinyLibrary(experts: Int = 6) throws -> ExpertLibrary {
+    try Synth.library(SynthOptions(shape: ModelShape.presets["tiny"]!, experts: experts, rank: 4, seed: 11))
+}
+
+func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTestOptions {
+    LoadTestOptions(loop: loop, duration: duration, warmup: 0.2, drainTimeout: 5, decodeFraction: 0.7, decodeTokens: 1...4,
+                    prefillTokens: 16...48, seed: 3, progressInterval: 0.25)
+}
+
+@Suite(.serialized) struct LoadTestRunTests {
+    @Test func closedLoopRunMeasuresAndTallies() throws {
+        let library = try tinyLibrary()
+        let test = try LoadTest(library: library, options: shortOptions(.closed(clients: 2)), runtimeOptions: RuntimeOptions(workers: 1))
+        var reports = 0
+        let result = test.run { _ in reports += 1 }
+        #expect(reports >= 3, "progress every 0.25 s over 1.2 s")
+        #expect(result.completed > 10 && result.failed == 0 && result.rejected == 0)
+        #expect(result.completed == result.completedDecode + result.completedPrefill)
+        #expect(result.e2el.count == result.completed && result.service.count == result.completed)
+        #expect(abs(result.windowSeconds - 1) < 0.05)
+        #expect(result.requestThroughput > 0 && result.tokenThroughput >= result.requestThroughput)
+        // Every routing decision in the window is tallied: each token chooses top-k experts at each of 36 layers.
+        #expect(result.tally.decisions > 0 && result.tally.perLayer.allSatisfy { $0 > 0 })
+        #expect(result.tokensPerExpert.reduce(0, +) == result.tally.decisions * test.runtime.routing.topK)
+        #expect(result.workerUtilisation!.count == 2 && result.workerUtilisation!.allSatisfy { $0 > 0 && $0 <= 1 })
+        #expect(result.runtimeStatistics.calls > 0 && result.phases!.calls > 0)
+        // The JSON parses back with the stable field names.
+        let json = try JSONParser.parse(Array(result.json().serialized().utf8))
+        for field in ["request_throughput", "total_token_throughput", "mean_e2el_ms", "median_e2el_ms", "p90_e2el_ms", "p99_e2el_ms",
+                      "p99.9_e2el_ms", "completed", "rejected", "failed", "tokens_per_expert", "expert_imbalance_max_over_mean",
+                      "worker_utilisation", "layers", "duration", "mode", "num_clients"] {
+            #expect(json[field] != nil, "missing \(field)")
+        }
+        #expect(json["mode"] == .string("closed"))
+        #expect(result.text().contains("Request throughput (req/s):"))
+    }
+
+    @Test func openLoopSeparatesQueueingFromService() throws {
+        let library = try tinyLibrary()
+        let options = shortOptions(.open(rate: 40, burstiness: 1, maxConcurrency: 4), duration: 1.5)
+        let test = try LoadTest(library: library, options: options, runtimeOptions: RuntimeOptions(workers: 1))
+        let result = test.run()
+        #expect(result.failed == 0 && result.rejected == 0)
+        // About 40 req/s arrive for 1.5 s (Poisson: allow wide bounds).
+        #expect(result.completed >= 25 && result.completed <= 110)
+        #expect(result.queue.count == result.completed)
+        // End to end = queueing + service for every request, so the means add up.
+        let sum = result.queue.meanMilliseconds + result.service.meanMilliseconds
+        #expect(abs(result.e2el.meanMilliseconds - sum) <= 0.01 * sum + 0.01)
+        let json = try JSONParser.parse(Array(result.json().serialized().utf8))
+        #expect(json["mode"] == .string("open") && json["mean_queue_ms"] != nil && json["max_backlog"] != nil)
+    }
+
+    @Test func overloadReportsRejectionsInsteadOfQueueing() throws {
+        let library = try tinyLibrary()
+        // Far more arrivals than one admitted call at a time can serve: calls beyond the bound are refused.
+        let options = shortOptions(.open(rate: 4000, burstiness: 1, maxConcurrency: 12))
+        let test = try LoadTest(library: library, options: options, runtimeOptions: RuntimeOptions(workers: 1, maxQueuedCalls: 1))
+        let start = Date()
+        let result = test.run()
+        #expect(result.rejected > 0)
+        #expect(result.runtimeStatistics.rejected > 0)
+        #expect(result.failed == 0)
+        #expect(Date().timeIntervalSince(start) < 5, "rejections keep the run from piling up work")
+        let json = try JSONParser.parse(Array(result.json().serialized().utf8))
+        #expect(json["rejected"] == .integer(result.rejected))
+    }
+
+    @Test func requestCountEndsTheWindow() throws {
+        let library = try tinyLibrary()
+        var options = shortOptions(.closed(clients: 1))
+        options.duration = nil
+        options.requests = 12
+        let result = try LoadTest(library: library, options: options, runtimeOptions: RuntimeOptions(workers: 0)).run()
+        #expect(result.completed >= 12 && result.completed <= 13)
+    }
+}
+
+@Suite struct LoadTestWorkloadTests {
+    @Test func requestsAreDeterministicAndFollowTheMix() throws {
+        let library = try tinyLibrary()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 0))
+        defer { runtime.shutdown() }
+        let options = LoadTestOptions(decodeFraction: 0.25, decodeTokens: 2...3, prefillTokens: 100...120, seed: 9)
+        let a = try ModelWorkload(runtime: runtime, options: options), b = try ModelWorkload(runtime: runtime, options: options)
+        let requests = (0..<2000).map { a.request($0) }
+        #expect(requests == (0..<2000).map { b.request($0) })
+        let decode = requests.filter { $0.kind == .decode }
+        #expect(abs(Double(decode.count) / 2000 - 0.25) < 0.04)
+        #expect(decode.allSatisfy { (2...3).contains($0.tokens) })
+        #expect(requests.filter { $0.kind == .prefill }.allSatisfy { (100...120).contains($0.tokens) })
+        // Zipf skew 1: expert 0 is the most frequent profile.
+        let counts = Dictionary(grouping: requests, by: \.profileExpert).mapValues(\.count)
+        #expect(counts[0]! > counts[library.experts.count - 1] ?? 0)
+    }
+
+    @Test(arguments: [1.0, 0.5, 4.0])
+    func arrivalGapsHaveTheRequestedMean(_ burstiness: Double) {
+        var process = ArrivalProcess(rate: 50, burstiness: burstiness, seed: 1)
+        let gaps = (0..<20_000).map { _ in process.nextGap() }
+        let mean = gaps.reduce(0, +) / Double(gaps.count)
+        #expect(abs(mean - 0.02) < 0.02 * 0.05)
+        // Gamma(shape) gaps: the squared coefficient of variation is 1/shape (1 for Poisson).
+        let variance = gaps.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(gaps.count)
+        #expect(abs(variance / (mean * mean) - 1 / burstiness) < 0.1 / burstiness)
+    }
+
+    @Test func resizeTilesFoldsAndCopies() {
+        let source: [Float] = [1, 2, 3, 4, 5, 6]
+        var wide = [Float](repeating: 0, count: 8), narrow = [Float](repeating: 0, count: 4), same = [Float](repeating: 1, count: 6)
+        source.withUnsafeBufferPointer { s in
+            wide.withUnsafeMutableBufferPointer { RequestRunner.resize(s.baseAddress!, width: 6, into: $0.baseAddress!, width: 8, rows: 1, accumulate: false) }
+            narrow.withUnsafeMutableBufferPointer { RequestRunner.resize(s.baseAddress!, width: 6, into: $0.baseAddress!, width: 4, rows: 1, accumulate: false) }
+            same.withUnsafeMutableBufferPointer { RequestRunner.resize(s.baseAddress!, width: 6, into: $0.baseAddress!, width: 6, rows: 1, accumulate: true) }
+        }
+        #expect(wide == [1, 2, 3, 4, 5, 6, 1, 2])
+        let scale = Float((4.0 / 6.0).squareRoot())
+        let expected: [Float] = [(1 + 5) * scale, (2 + 6) * scale, 3 * scale, 4 * scale]
+        #expect(zip(narrow, expected).allSatisfy { abs($0 - $1) < 1e-6 })
+        #expect(same == [2, 3, 4, 5, 6, 7])
+    }
+
+    @Test func optionsRefuseNonsense() {
+        #expect(throws: LoadTestError.self) { try LoadTestOptions(loop: .closed(clients: 0)).validate() }
+        #expect(throws: LoadTestError.self) { try LoadTestOptions(loop: .open(rate: 0, burstiness: 1, maxConcurrency: 4)).validate() }
+        #expect(throws: LoadTestError.self) { try LoadTestOptions(duration: nil, requests: nil).validate() }
+        #expect(throws: LoadTestError.self) { try LoadTestOptions(decodeFraction: 1.5).validate() }
+        #expect(throws: Never.self) { try LoadTestOptions().validate() }
+    }
+
+    @Test func defaultLibraryCacheDirectory() {
+        #expect(DefaultLibrary.cacheDirectory(environment: ["PHATGOOSE_CACHE": "/c", "HOME": "/h"]) == "/c")
+        #expect(DefaultLibrary.cacheDirectory(environment: ["XDG_CACHE_HOME": "/x", "HOME": "/h"]) == "/x/phatgoose")
+        #expect(DefaultLibrary.cacheDirectory(environment: ["HOME": "/h"]) == "/h/.cache/phatgoose")
+        #expect(DefaultLibrary.fileName.hasSuffix(".phatpack") && DefaultLibrary.fileName.contains("t5-base"))
+    }
+}
+
+@Suite struct LoadTestMetricsTests {
+    @Test func metricsServerAnswersOnLoopback() throws {
+        let server = try MetricsServer(port: 0) { Array("phatgoose_calls_total 5\n".utf8) }
+        defer { server.stop() }
+        #expect(server.port > 0)
+        let ok = try httpGet(port: server.port, path: "/metrics")
+        #expect(ok.hasPrefix("HTTP/1.1 200 OK\r\n"))
+        #expect(ok.contains("Content-Type: text/plain; version=0.0.4"))
+        #expect(ok.hasSuffix("\r\n\r\nphatgoose_calls_total 5\n"))
+        #expect(try httpGet(port: server.port, path: "/nothing").hasPrefix("HTTP/1.1 404"))
+    }
+
+    @Test func prometheusFileIsWrittenAtomically() throws {
+        let directory = TemporaryDirectory()
+        let export = PrometheusExport()
+        let metrics = RuntimeMetrics(factory: export.factory, expertNames: ["a"])
+        metrics.observe(RuntimeEvent(kind: .call, worker: 0, node: 0, layer: 0, expert: -1, rows: 1, start: 0, end: 120_000))
+        try export.write(to: directory.file("metrics.prom"))
+        let text = try String(contentsOfFile: directory.file("metrics.prom"), encoding: .utf8)
+        #expect(text.contains("phatgoose_call_duration_seconds_bucket"))
+        #expect(text.contains("phatgoose_call_duration_seconds_count 1"))
+    }
+
+    /// A GET over a raw loopback socket.
+    func httpGet(port: Int, path: String) throws -> String {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr = in_addr(s_addr: UInt32(0x7F00_0001).bigEndian)
+        let connected = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard connected == 0 else { throw LoadTestError(.io, "connect failed") }
+        let request = Array("GET \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".utf8)
+        _ = request.withUnsafeBytes { send(fd, $0.baseAddress, $0.count, 0) }
+        var response: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(fd, &buffer, buffer.count)
+            if n <= 0 { break }
+            response += buffer[0..<n]
+        }
+        return String(decoding: response, as: UTF8.self)
+    }
+}

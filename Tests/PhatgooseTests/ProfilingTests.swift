@@ -1,0 +1,290 @@
+import Foundation
+import PhatgooseFormats
+import PhatgooseLibrary
+import PhatgooseProfiling
+import PhatgooseRuntime
+import PhatgooseSynth
+import Prometheus
+import Testing
+
+/// The exact nearest-rank percentile of sorted values: the smallest value with at least p% of values at or below it.
+func nearestRank(_ sorted: [Double], _ p: Double) -> Double {
+    sorted[max(0, Int((p / 100 * Double(sorted.count)).rounded(.up)) - 1)]
+}
+
+@Suite struct ProfilingStatisticsTests {
+    @Test(arguments: [("uniform", UInt64(1)), ("lognormal", UInt64(2))])
+    func latencyPercentilesMatchExactRanks(_ distribution: String, _ seed: UInt64) {
+        var histogram = LatencyHistogram()
+        var values: [Double] = []
+        var state = seed
+        for i in 0..<20_000 {
+            state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            let u = Double(state >> 11) * 0x1p-53
+            let micros: UInt64 = distribution == "uniform" ? UInt64(i + 1) : UInt64(1000 * exp(2 * (u - 0.5)) * Double(1 + i % 7))
+            histogram.record(microseconds: micros)
+            values.append(Double(micros) / 1000)
+        }
+        values.sort()
+        #expect(histogram.count == values.count)
+        for p in [50.0, 90, 99, 99.9] {
+            let exact = nearestRank(values, p)
+            let measured = histogram.milliseconds(atPercentile: p)
+            // Three significant digits: within 0.1% (plus one microsecond of rounding).
+            #expect(abs(measured - exact) <= exact * 0.001 + 0.001, "p\(p): HdrHistogram \(measured) ms, exact \(exact) ms")
+        }
+        let mean = values.reduce(0, +) / Double(values.count)
+        #expect(abs(histogram.meanMilliseconds - mean) <= mean * 0.001)
+        #expect(histogram.maxMilliseconds >= values.last! * 0.999)
+        #expect(histogram.cumulativeDistribution().last!.fraction == 1)
+        #expect(histogram.logarithmicBuckets(20).reduce(0) { $0 + $1.count } == values.count)
+    }
+
+    @Test func nanosecondsRoundUpToMicroseconds() {
+        var histogram = LatencyHistogram()
+        histogram.record(nanoseconds: 1)
+        histogram.record(nanoseconds: 2_500_000)
+        #expect(histogram.count == 2)
+        #expect(histogram.milliseconds(atPercentile: 0) == 0.001)
+        #expect(abs(histogram.maxMilliseconds - 2.5) < 0.003)
+    }
+
+    @Test(arguments: [
+        ([10, 10, 10, 10], 1.0, 0.0, 0),
+        ([40, 0, 0, 0], 4.0, 3.0, 0),
+        ([1, 3], 1.5, 0.5, 1),
+        ([0, 0, 0], 1.0, 0.0, 0),
+        ([], 1.0, 0.0, -1),
+    ])
+    func imbalance(_ counts: [Int], _ maxOverMean: Double, _ excess: Double, _ argmax: Int) {
+        let imbalance = LoadImbalance(counts: counts)
+        #expect(abs(imbalance.maxOverMean - maxOverMean) < 1e-12)
+        #expect(abs(imbalance.excessOverMean - excess) < 1e-12)
+        #expect(imbalance.argmax == argmax)
+    }
+
+    @Test func routingTallyCountsCellsAndPairs() {
+        var tally = RoutingTally(layers: 2, experts: 4)
+        // Three tokens, two slots; the last token has a padding slot.
+        let choices: [Int32] = [0, 2, 2, 0, 3, -1]
+        choices.withUnsafeBufferPointer { tally.add(layer: 1, choices: $0.baseAddress!, tokens: 3, slots: 2) }
+        #expect(tally.count(layer: 1, expert: 0) == 2)
+        #expect(tally.count(layer: 1, expert: 2) == 2)
+        #expect(tally.count(layer: 1, expert: 3) == 1)
+        #expect(tally.count(layer: 0, expert: 0) == 0)
+        #expect(tally.pair(0, 2) == 2 && tally.pair(2, 0) == 2)
+        #expect(tally.pair(0, 3) == 0 && tally.pair(3, 3) == 0)
+        #expect(tally.perExpert == [2, 0, 2, 1])
+        #expect(tally.perLayer == [0, 5])
+        #expect(tally.decisions == 3)
+        var merged = tally
+        merged.merge(tally)
+        #expect(merged.perExpert == [4, 0, 4, 2] && merged.pair(0, 2) == 4)
+    }
+}
+
+@Suite struct ProfilingTraceTests {
+    func event(_ kind: RuntimeEvent.Kind, worker: Int = 0, layer: Int = 0, expert: Int32 = -1, rows: Int = 4, _ start: UInt64, _ end: UInt64) -> RuntimeEvent {
+        RuntimeEvent(kind: kind, worker: worker, node: 0, layer: layer, expert: expert, rows: rows, start: start, end: end)
+    }
+
+    @Test func ringHoldsItsCapacityAndCountsDrops() {
+        let ring = TraceRecorder(capacity: 100)
+        ring.observe(event(.item, 0, 1))
+        #expect(ring.written == 0, "events before recording starts are ignored")
+        ring.setRecording(true)
+        for i in 0..<250 { ring.observe(event(.item, UInt64(i), UInt64(i + 1))) }
+        let records = ring.records()
+        #expect(records.count == 100)
+        #expect(ring.dropped == 150)
+        #expect(records.map(\.start) == (150..<250).map { UInt64($0) }, "the ring keeps the newest events, oldest first")
+        ring.reset()
+        #expect(ring.records().isEmpty && ring.dropped == 0)
+    }
+
+    @Test func ringStaysBoundedUnderConcurrentWriters() {
+        let ring = TraceRecorder(capacity: 1000)
+        ring.setRecording(true)
+        DispatchQueue.concurrentPerform(iterations: 4) { w in
+            for i in 0..<10_000 { ring.observe(RuntimeEvent(kind: .item, worker: w, node: 0, layer: 0, expert: 1, rows: 1, start: UInt64(i), end: UInt64(i + 1))) }
+        }
+        #expect(ring.written == 40_000)
+        #expect(ring.records().count == 1000)
+        #expect(ring.dropped == 39_000)
+    }
+
+    /// A call on the caller with its phases, a worker's items, two overlapping queued calls.
+    var sampleRecords: [TraceRecord] {
+        [
+            event(.queued, rows: 4, 0, 5_000), event(.queued, layer: 1, rows: 4, 2_000, 30_000),
+            event(.call, rows: 4, 10_000, 30_000),
+            event(.routing, rows: 4, 10_000, 12_000), event(.plan, rows: 8, 12_000, 12_500),
+            event(.item, expert: 3, rows: 5, 13_000, 20_000), event(.item, worker: 1, expert: 1, rows: 3, 13_500, 18_000),
+            event(.steal, worker: 1, expert: 2, rows: 2, 19_000, 21_000),
+            event(.combine, rows: 4, 24_000, 29_000),
+        ].map(TraceRecord.init)
+    }
+
+    @Test func chromeTraceParsesBackWithRequiredFields() throws {
+        let context = ChromeTrace.Context(layerNames: ["enc.q", "enc.k"], expertNames: ["e0", "e1", "e2", "e3"], participantNodes: [0, 0],
+                                          participantCPUs: [nil, 1], dropped: 7, metadata: [("library", "test \"lib\"")])
+        let bytes = ChromeTrace.render(sampleRecords, context: context)
+        let document = try JSONParser.parse(bytes)
+        guard case let .array(events)? = document["traceEvents"] else { Issue.record("no traceEvents array"); return }
+        var phases: [String: Int] = [:], categories: [String: Int] = [:]
+        for e in events {
+            guard case let .string(ph)? = e["ph"], case .string? = e["name"], case .number? = e["pid"], case .number? = e["tid"] else {
+                Issue.record("event without ph, name, pid or tid: \(e.serialized())")
+                continue
+            }
+            phases[ph, default: 0] += 1
+            if ph == "X" {
+                guard case let .number(ts)? = e["ts"], case let .number(dur)? = e["dur"], case let .string(cat)? = e["cat"] else {
+                    Issue.record("complete event without ts, dur or cat: \(e.serialized())")
+                    continue
+                }
+                #expect(ts.double >= 0 && dur.double >= 0)
+                categories[cat, default: 0] += 1
+            }
+            if ph == "C", case let .number(depth)? = e["args"]?["calls waiting"] { #expect(depth.double >= 0 && depth.double <= 2) }
+        }
+        #expect(categories["item"] == 2 && categories["steal"] == 1 && categories["call"] == 1 && categories["queue"] == 2)
+        #expect(categories["routing"] == 1 && categories["plan"] == 1 && categories["combine"] == 1)
+        #expect((categories["wait"] ?? 0) >= 2, "idle gaps inside the call are derived as waits")
+        #expect((phases["C"] ?? 0) >= 3 && (phases["M"] ?? 0) >= 4)
+        let names = events.compactMap { e -> String? in if case let .string(n)? = e["name"] { return n } else { return nil } }
+        #expect(names.contains("expert 3") && names.contains("expert 2") && names.contains("enc.q"))
+        #expect(document["otherData"]?["dropped_events"] == .integer(7))
+        #expect(document["otherData"]?["library"] == .string("test \"lib\""))
+    }
+
+    @Test func queueDepthFollowsQueuedSpans() {
+        let depth = ChromeTrace.queueDepth(sampleRecords)
+        #expect(depth.map(\.depth) == [1, 2, 1, 0])
+        #expect(depth.map(\.time) == [0, 2_000, 5_000, 30_000])
+    }
+
+    @Test func derivedWaitsFillIdleGapsInsideCalls() {
+        let waits = ChromeTrace.derivedWaits(sampleRecords)
+        let caller = waits.filter { $0.worker == 0 }.map { ($0.start, $0.end) }
+        #expect(caller.count == 1 && caller.contains { $0 == (20_000, 24_000) },
+                "gaps of a microsecond or less (12.5 to 13 us, 29 to 30 us) are not waits")
+        let worker = waits.filter { $0.worker == 1 }.map { ($0.start, $0.end) }
+        #expect(worker.count == 2 && worker.contains { $0 == (10_000, 13_500) } && worker.contains { $0 == (21_000, 30_000) })
+    }
+}
+
+@Suite struct ProfilingReportTests {
+    func sampleReport() -> HTMLReport {
+        var tally = RoutingTally(layers: 3, experts: 4)
+        let choices: [Int32] = [0, 1, 0, 2, 1, 3, 0, 1]
+        for l in 0..<3 { choices.withUnsafeBufferPointer { tally.add(layer: l, choices: $0.baseAddress!, tokens: 4, slots: 2) } }
+        var latency = LatencyHistogram()
+        for ms in [3, 5, 8, 13, 21, 34, 55] { latency.record(microseconds: UInt64(ms * 1000)) }
+        var phases = PhaseTotals(participants: 2, layers: 3)
+        phases.participants[0].nanoseconds[PhaseTotals.kindIndex(.item)] = 4_000_000
+        phases.participants[1].nanoseconds[PhaseTotals.kindIndex(.routing)] = 2_000_000
+        phases.layers[0].calls = 10
+        let trace = [TraceRecord(kind: .call, worker: 0, node: 0, layer: 0, expert: -1, rows: 4, start: 0, end: 1_000_000),
+                     TraceRecord(kind: .item, worker: 1, node: 0, layer: 0, expert: 2, rows: 4, start: 100_000, end: 600_000)]
+        return HTMLReport(title: "test <run>", facts: [("load", "closed loop")], layerNames: ["a", "b", "c"], expertNames: ["w", "x", "y", "z"],
+                          candidates: [[0, 1, 2, 3], [0, 1, 2], [0, 1, 2, 3]], tally: tally, latency: latency, phases: phases,
+                          wallNanoseconds: 10_000_000, participantNodes: [0, 0], participantCPUs: [nil, 1], trace: trace, droppedEvents: 3)
+    }
+
+    @Test func htmlHasEverySVGSectionAndNoScripts() {
+        let html = sampleReport().render()
+        for section in HTMLReport.sections {
+            #expect(html.contains("<svg id=\"\(section)\""), "missing plot \(section)")
+            #expect(html.contains("<section id=\"section-\(section)\""))
+        }
+        #expect(!html.contains("<script"))
+        #expect(html.contains("test &lt;run&gt;"), "titles are escaped")
+        #expect(html.contains("3 older events were dropped"))
+        #expect(html.hasPrefix("<!DOCTYPE html>") && html.hasSuffix("</html>\n"))
+    }
+
+    @Test func imbalanceRankingUsesCandidatesOnly() {
+        let ranking = sampleReport().imbalanceRanking()
+        // Layer b has 3 candidates: counts of experts 0, 1, 2 are 3, 3, 1 (expert 3 is not a candidate).
+        let b = ranking.first { $0.layer == 1 }!
+        #expect(b.imbalance.bins == 3 && b.imbalance.total == 7)
+        #expect(abs(b.imbalance.maxOverMean - 3 / (7.0 / 3)) < 1e-12)
+    }
+
+    @Test func csvListsCandidatesWithShares() {
+        let report = sampleReport()
+        let csv = ExpertCountsCSV.render(report.tally, layerNames: report.layerNames, expertNames: report.expertNames, candidates: report.candidates)
+        let lines = csv.split(separator: "\n")
+        #expect(lines.first == "layer_index,layer,expert_index,expert,tokens,share_of_layer")
+        #expect(lines.count == 1 + 4 + 3 + 4)
+        #expect(lines.contains("1,b,0,w,3,0.428571"))
+        #expect(!lines.contains { $0.hasPrefix("1,b,3,") }, "non-candidates are not listed")
+    }
+}
+
+@Suite struct ProfilingComparisonTests {
+    @Test func comparisonJudgesDirectionAndConfiguration() throws {
+        let a = try JSONParser.parse(Array(#"{"mode":"closed","num_clients":4,"request_throughput":10,"p99_e2el_ms":100,"rejected":0,"tokens_per_expert":[{"expert":"e0","share":0.5},{"expert":"e1","share":0.5}],"phase_us_per_call":{"item":40}}"#.utf8))
+        let b = try JSONParser.parse(Array(#"{"mode":"closed","num_clients":8,"request_throughput":12,"p99_e2el_ms":150,"rejected":0,"tokens_per_expert":[{"expert":"e0","share":0.7},{"expert":"e1","share":0.3}],"phase_us_per_call":{"item":40.1}}"#.utf8))
+        let comparison = RunComparison(a: a, b: b, pathA: "A", pathB: "B")
+        let byName = Dictionary(uniqueKeysWithValues: comparison.metrics.map { ($0.name, $0) })
+        #expect(byName["request_throughput"]?.verdict() == "better")
+        #expect(byName["p99_e2el_ms"]?.verdict() == "worse")
+        #expect(byName["rejected"]?.verdict() == "same")
+        #expect(byName["phase_us_per_call.item"]?.verdict() == "same")
+        #expect(comparison.configuration.count == 1 && comparison.configuration[0].0 == "num_clients")
+        #expect(comparison.experts.first?.0 == "e0" || comparison.experts.first?.0 == "e1")
+        #expect(comparison.text().contains("request_throughput"))
+    }
+
+    @Test func loadRefusesWhatIsNotASummary() throws {
+        let directory = TemporaryDirectory()
+        writeText("{\"x\":1}", to: directory.file("summary.json"))
+        #expect(throws: ProfilingError.self) { try RunComparison.load(directory.path) }
+        #expect(throws: ProfilingError.self) { try RunComparison.load(directory.file("missing.json")) }
+        writeText("{\"request_throughput\":1}", to: directory.file("summary.json"))
+        #expect(try RunComparison.load(directory.path)["request_throughput"] != nil)
+    }
+}
+
+@Suite struct ProfilingMetricsTests {
+    @Test func runtimeMetricsExportPrometheusText() throws {
+        let registry = PrometheusCollectorRegistry()
+        let library = try Synth.library(SynthOptions(shape: ModelShape.presets["tiny"]!, experts: 3, rank: 4, seed: 3))
+        let metrics = RuntimeMetrics(factory: PrometheusMetricsFactory(registry: registry), expertNames: library.experts.map(\.name))
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, observer: metrics))
+        defer { runtime.shutdown() }
+        let module = library.modules[0]
+        let layer = runtime.layer(named: module.name)!
+        for _ in 0..<3 { _ = try runtime.apply(layer, input: [Float](repeating: 0.5, count: 4 * module.inWidth), tokens: 4) }
+        metrics.sample(runtime.statisticsSnapshot(), queueDepth: 2)
+        let text = registry.emitToString()
+        #expect(text.contains("phatgoose_calls_total 3"))
+        #expect(text.contains("phatgoose_tokens_total 12"))
+        #expect(text.contains("phatgoose_rejected_calls_total 0"))
+        #expect(text.contains("phatgoose_queue_depth 2"))
+        #expect(text.contains("phatgoose_expert_tokens_total{expert=\"\(library.experts[0].name)\"}"))
+        #expect(text.contains("phatgoose_call_duration_seconds_count 3"))
+        #expect(text.contains("phatgoose_busy_workers"))
+        // A second sample adds only what changed.
+        _ = try runtime.apply(layer, input: [Float](repeating: 0.5, count: 2 * module.inWidth), tokens: 2)
+        metrics.sample(runtime.statisticsSnapshot(), queueDepth: 0)
+        #expect(registry.emitToString().contains("phatgoose_calls_total 4"))
+    }
+
+    @Test func accountingSumsByParticipantAndLayer() {
+        let accounting = PhaseAccounting(participants: 2, layers: 2)
+        accounting.observe(RuntimeEvent(kind: .item, worker: 1, node: 0, layer: 1, expert: 0, rows: 7, start: 100, end: 400))
+        accounting.observe(RuntimeEvent(kind: .call, worker: 0, node: 0, layer: 1, expert: -1, rows: 9, start: 0, end: 1000))
+        accounting.observe(RuntimeEvent(kind: .queued, worker: 0, node: 0, layer: 1, expert: -1, rows: 9, start: 0, end: 50))
+        accounting.observe(RuntimeEvent(kind: .item, worker: 5, node: 0, layer: 1, expert: 0, rows: 7, start: 100, end: 400))
+        let before = accounting.snapshot()
+        #expect(before.participants[1][.item] == 300 && before.participants[1].itemRows == 7 && before.participants[1].busyNanoseconds == 300)
+        #expect(before.layers[1].calls == 1 && before.layers[1].tokens == 9 && before.layers[1].nanoseconds == 1000)
+        #expect(before.queuedCalls == 1 && before.queuedNanoseconds == 50)
+        accounting.observe(RuntimeEvent(kind: .routing, worker: 0, node: 0, layer: 0, expert: -1, rows: 9, start: 0, end: 20))
+        let window = accounting.snapshot().subtracting(before)
+        #expect(window.participants[0].busyNanoseconds == 20 && window.participants[1].busyNanoseconds == 0 && window.calls == 0)
+    }
+}
