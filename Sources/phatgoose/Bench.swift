@@ -4,10 +4,10 @@ import Foundation
 import PhatgooseFormats
 import PhatgooseKernels
 import PhatgooseLibrary
+import PhatgooseProfiling
 import PhatgooseRouting
 import PhatgooseRuntime
 import PhatgooseSynth
-import Synchronization
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -226,15 +226,18 @@ struct Bench: ParsableCommand {
     /// Mean wall time per call of each phase kind over 20 calls, summed over participants (so parallel phases count
     /// each participant's time).
     static func phaseBreakdown(library: ExpertLibrary, module: String, routing: RoutingOptions, threads: Int, x: [Float], tokens: Int) throws -> [(String, Double)] {
-        let recorder = PhaseTotals()
-        let runtime = try Runtime(library: library, options: RuntimeOptions(routing: routing, workers: threads - 1, observer: recorder))
+        let accounting = PhaseAccounting(participants: threads, layers: library.modules.count)
+        let runtime = try Runtime(library: library, options: RuntimeOptions(routing: routing, workers: threads - 1, observer: accounting))
         defer { runtime.shutdown() }
         let layer = runtime.layer(named: module)!
         for _ in 0..<3 { _ = try runtime.apply(layer, input: x, tokens: tokens) }
-        recorder.totals.withLock { $0 = [:] }
+        let before = accounting.snapshot()
         for _ in 0..<20 { _ = try runtime.apply(layer, input: x, tokens: tokens) }
-        let totals = recorder.totals.withLock { $0 }
-        return ["call", "routing", "plan", "item", "steal", "combine"].map { ($0, Double(totals[$0] ?? 0) / 20 / 1000) }
+        let totals = accounting.snapshot().subtracting(before)
+        return [RuntimeEvent.Kind.call, .routing, .plan, .item, .steal, .combine].map { kind in
+            let nanoseconds = totals.participants.reduce(UInt64(0)) { $0 + $1[kind] }
+            return (kind.rawValue, Double(nanoseconds) / 20 / 1000)
+        }
     }
 
     /// M1: every routed layer of T5-XL (432) in model order, per pass, for each token count; tokens per second.
@@ -325,12 +328,6 @@ struct Bench: ParsableCommand {
         }
         return times.sorted()
     }
-}
-
-/// Sums event durations by kind.
-final class PhaseTotals: RuntimeObserver, Sendable {
-    let totals = Mutex<[String: UInt64]>([:])
-    func observe(_ event: RuntimeEvent) { totals.withLock { $0[event.kind.rawValue, default: 0] += event.end - event.start } }
 }
 
 /// A phase with no work, to time fan-out and join alone.
