@@ -100,13 +100,13 @@ public final class Runtime: Sendable {
     public let topology: Topology
     /// Routing in force (the library's defaults with `options.routing` applied).
     public let routing: RoutingOptions
-    private let current: Mutex<LibrarySnapshot>
-    private let changes = Mutex<Int>(0)
-    private let scheduler: Mutex<LayerScheduler>
+    private let current: Locked<LibrarySnapshot>
+    private let changes = Locked<Int>(0)
+    private let scheduler: Locked<LayerScheduler>
     private let executor: any ParallelExecutor
     private let admitted = Atomic<Int>(0)
     private let isShutDown = Atomic<Bool>(false)
-    private let statistics = Mutex<RuntimeStatistics>(RuntimeStatistics())
+    private let statistics = Locked<RuntimeStatistics>(RuntimeStatistics())
 
     /// Serves `library`.
     public init(library: ExpertLibrary, options: RuntimeOptions = RuntimeOptions()) throws {
@@ -120,7 +120,7 @@ public final class Runtime: Sendable {
         if let tile = options.tileRows, tile < 1 { throw RuntimeError(.option, "tile rows: expected at least 1, found \(tile)") }
         let snapshot = try LibrarySnapshot.build(id: 0, library: library, retired: [], options: routing, topology: topology,
                                                  policy: options.placement, load: options.loadProfile, memoryCap: options.memoryCapBytes)
-        current = Mutex(snapshot)
+        current = Locked(snapshot)
         switch options.executor {
         case .pinned: executor = PinnedWorkerPool(topology: topology, workers: workers, spinMicroseconds: options.spinMicroseconds)
         case .dispatch: executor = DispatchParallelExecutor(topology: topology, workers: workers)
@@ -128,7 +128,7 @@ public final class Runtime: Sendable {
         let scheduler = LayerScheduler(executor: executor)
         scheduler.tileRows = options.tileRows
         scheduler.observer = options.observer
-        self.scheduler = Mutex(scheduler)
+        self.scheduler = Locked(scheduler)
         statistics.withLock { $0.tokensPerExpert = [Int](repeating: 0, count: library.experts.count) }
     }
 

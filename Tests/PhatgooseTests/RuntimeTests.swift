@@ -43,7 +43,7 @@ final class GateObserver: RuntimeObserver, @unchecked Sendable {
 
 /// Records every event.
 final class RecordingObserver: RuntimeObserver, Sendable {
-    let events = Mutex<[RuntimeEvent]>([])
+    let events = Locked<[RuntimeEvent]>([])
     func observe(_ event: RuntimeEvent) { events.withLock { $0.append(event) } }
 }
 
@@ -167,7 +167,7 @@ struct RuntimeTests {
         let afterAdd = try singleThreaded(withSeventh, module: layer.name, options: RoutingOptions(topK: 2), x: x, tokens: 64)
         #expect(afterAdd.delta != before.delta, "the added expert changes routing, so a mixture would be visible")
 
-        let bad = Atomic<Int>(0), seen = Mutex<Set<Int>>([])
+        let bad = Atomic<Int>(0), seen = Locked<Set<Int>>([])
         let callers = DispatchGroup()
         let stop = Atomic<Bool>(false)
         for _ in 0..<3 {
