@@ -44,9 +44,6 @@ PG_INL float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Data behind void pointers may have any alignment, so it is addressed in bytes and read with unaligned
- * loads or memcpy only. */
-#define PG_AT(base, idx, size) ((const unsigned char *)(base) + (idx) * (size))
 
 /* 8 BF16 values -> F32 (exact). Both 128-bit halves hold the 8 values; the shuffle moves value l into the
  * high half of lane l and zeroes the low half: one shuffle, where zero-extend + shift would add a shift

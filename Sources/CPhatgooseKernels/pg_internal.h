@@ -103,6 +103,10 @@ static inline uint16_t pg_f32_to_f16(float f) {
     return (uint16_t)(sign | q);
 }
 
+/* Data behind void pointers may have any alignment, so it is addressed in bytes and read with unaligned loads or
+ * memcpy only. */
+#define PG_AT(base, idx, size) ((const unsigned char *)(base) + (idx) * (size))
+
 /* ---- Implementations (same contracts as the public functions) ---- */
 
 #define PG_DECLARE_IMPL(prefix)                                                                               \
@@ -123,6 +127,14 @@ static inline uint16_t pg_f32_to_f16(float f) {
 PG_DECLARE_IMPL(pg_portable)
 #if PG_HAVE_AVX2_IMPL
 PG_DECLARE_IMPL(pg_avx2)
+/* The AVX-512 ISA has its own products only; the other kernels are the AVX2 ones. */
+PG_HIDDEN void pg_avx512_gemm_nt_f32(const float *a, size_t lda, size_t m, const float *b, size_t ldb, size_t n,
+                                     size_t k, float alpha, float *c, size_t ldc);
+PG_HIDDEN void pg_avx512_lora_shrink(const float *x, size_t ldx, const int32_t *rows, size_t n, const void *a,
+                                     int a_dtype, size_t r, size_t d_in, const float *row_scale, float lora_scale,
+                                     float *h);
+PG_HIDDEN void pg_avx512_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out,
+                                     float *y, size_t ldy);
 #endif
 
 #endif /* PG_INTERNAL_H */

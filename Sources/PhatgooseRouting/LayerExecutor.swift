@@ -3,6 +3,9 @@ import PhatgooseLibrary
 
 /// A growable F32 scratch buffer, reused across calls so steady-state calls allocate nothing.
 ///
+/// The storage starts on a 64-byte boundary: a row of a multiple of 16 floats then never splits a cache line in the
+/// kernels' 64-byte (AVX-512) loads, which measured 1.5x faster on the score GEMM than malloc's 16-byte alignment.
+///
 /// Not thread-safe: owned by one executor.
 public final class ScratchBuffer {
     /// The storage; replaced (and the old one freed) when ``reserve(_:)`` grows it.
@@ -13,21 +16,29 @@ public final class ScratchBuffer {
     /// Allocates storage for `capacity` floats (at least 16).
     public init(capacity: Int = 0) {
         self.capacity = max(capacity, 16)
-        pointer = .allocate(capacity: self.capacity)
+        pointer = Self.allocateAligned(Float.self, capacity: self.capacity)
     }
 
     /// Makes room for `count` floats (contents are not kept).
     @discardableResult
     public func reserve(_ count: Int) -> UnsafeMutablePointer<Float> {
         if count > capacity {
-            pointer.deallocate()
+            UnsafeMutableRawPointer(pointer).deallocate()
             capacity = count
-            pointer = .allocate(capacity: count)
+            pointer = Self.allocateAligned(Float.self, capacity: count)
         }
         return pointer
     }
 
-    deinit { pointer.deallocate() }
+    /// Uninitialised storage for `capacity` values of a trivial type, on a 64-byte boundary; free it with
+    /// `UnsafeMutableRawPointer(pointer).deallocate()`.
+    public static func allocateAligned<T>(_: T.Type, capacity: Int) -> UnsafeMutablePointer<T> {
+        UnsafeMutableRawPointer.allocate(byteCount: max(capacity, 1) * MemoryLayout<T>.stride,
+                                         alignment: max(64, MemoryLayout<T>.alignment))
+            .bindMemory(to: T.self, capacity: capacity)
+    }
+
+    deinit { UnsafeMutableRawPointer(pointer).deallocate() }
 }
 
 @available(*, unavailable)

@@ -12,26 +12,28 @@ struct WorkItem {
 }
 
 /// A growable raw buffer of trivial values, reused across calls (no allocation once it has held the largest call).
+/// Storage starts on a 64-byte boundary, like ``ScratchBuffer``'s, so rows of a multiple of 16 floats never split a
+/// cache line in the kernels' 64-byte loads.
 final class RawBuffer<T> {
     private(set) var pointer: UnsafeMutablePointer<T>
     private(set) var capacity: Int
 
     init(capacity: Int = 16) {
         self.capacity = max(capacity, 16)
-        pointer = .allocate(capacity: self.capacity)
+        pointer = ScratchBuffer.allocateAligned(T.self, capacity: self.capacity)
     }
 
     @discardableResult
     func reserve(_ count: Int) -> UnsafeMutablePointer<T> {
         if count > capacity {
-            pointer.deallocate()
+            UnsafeMutableRawPointer(pointer).deallocate()
             capacity = max(count, capacity * 2)
-            pointer = .allocate(capacity: capacity)
+            pointer = ScratchBuffer.allocateAligned(T.self, capacity: capacity)
         }
         return pointer
     }
 
-    deinit { pointer.deallocate() }
+    deinit { UnsafeMutableRawPointer(pointer).deallocate() }
 }
 
 /// Turns one call into parallel phases on the executor: routing split by tokens, the dispatch plan, work items

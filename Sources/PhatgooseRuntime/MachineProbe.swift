@@ -1,9 +1,11 @@
 import Dispatch
 import Foundation
 import PhatgooseKernels
+import PhatgooseRouting
 
-/// Measures this machine's roofline in one run: peak FLOP/s from a cache-resident SGEMM on every thread at once,
-/// and memory bandwidth from a streaming copy on every thread at once.
+/// Measures this machine's roofline in one run: peak FLOP/s from a cache-resident SGEMM on every thread at once
+/// (the kernels' best instruction set, AVX-512 where the CPU has it), and memory bandwidth from a streaming copy on
+/// every thread at once.
 public enum MachineProbe {
     /// One measurement of the machine.
     public struct Result: Sendable {
@@ -29,9 +31,11 @@ public enum MachineProbe {
             let reps = 20
             let start = DispatchTime.now().uptimeNanoseconds
             DispatchQueue.concurrentPerform(iterations: threads) { _ in
-                let a = [Float](repeating: 0.5, count: m * k), b = [Float](repeating: 0.25, count: n * k)
-                var c = [Float](repeating: 0, count: m * n)
-                for _ in 0..<reps { Kernels.gemmNT(a, lda: k, m: m, b, ldb: k, n: n, k: k, into: &c, ldc: n) }
+                // 64-byte aligned operands: the best case of the kernels' loads, so the peak is the machine's.
+                let a = ScratchBuffer(capacity: m * k), b = ScratchBuffer(capacity: n * k), c = ScratchBuffer(capacity: m * n)
+                a.pointer.initialize(repeating: 0.5, count: m * k)
+                b.pointer.initialize(repeating: 0.25, count: n * k)
+                for _ in 0..<reps { Kernels.gemmNT(a.pointer, lda: k, m: m, b.pointer, ldb: k, n: n, k: k, into: c.pointer, ldc: n) }
             }
             let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
             best = max(best, Double(threads * reps * 2 * m * n * k) / elapsed / 1e9)

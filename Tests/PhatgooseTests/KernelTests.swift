@@ -41,6 +41,69 @@ struct KernelTests {
         }
     }
 
+    @Test("gemm_nt, shrink and expand are right at every tile shape and edge (1-7 rows, 1-17 columns, k tails)")
+    func everyTileShape() {
+        let k = 37, rank = 3
+        let a = randomFloats(7 * k, seed: 12), b = randomFloats(17 * k, seed: 13)
+        forEachISA { isa in
+            for m in 1...7 {
+                for n in 1...17 {
+                    var c = [Float](repeating: .nan, count: m * n)
+                    Kernels.gemmNT(a, lda: k, m: m, b, ldb: k, n: n, k: k, into: &c, ldc: n)
+                    var worst = 0.0
+                    for i in 0..<m {
+                        for j in 0..<n {
+                            var sum = 0.0
+                            for t in 0..<k { sum += Double(a[i * k + t]) * Double(b[j * k + t]) }
+                            worst = max(worst, abs(Double(c[i * n + j]) - sum))
+                        }
+                    }
+                    #expect(worst < 1e-5, "\(isa): gemm \(m)x\(n)x\(k): worst error \(worst)")
+                    // Expand over n * 9 columns: full vectors, partial vectors and the scalar or masked tail.
+                    let width = n * 9
+                    let h = Array(a[0..<(m * rank)]), bt = randomFloats(rank * width, seed: UInt64(n))
+                    var y = [Float](repeating: .nan, count: m * width)
+                    bt.withUnsafeBytes { raw in
+                        Kernels.loraExpand(h, count: m, rank: rank, bTransposed: raw.baseAddress!, bDType: 0, outWidth: width, into: &y, ldy: width)
+                    }
+                    var worstY = 0.0
+                    for i in 0..<m {
+                        for o in 0..<width {
+                            var sum = 0.0
+                            for j in 0..<rank { sum += Double(h[i * rank + j]) * Double(bt[j * width + o]) }
+                            worstY = max(worstY, abs(Double(y[i * width + o]) - sum))
+                        }
+                    }
+                    #expect(worstY < 1e-5, "\(isa): expand \(m)x\(rank)x\(width): worst error \(worstY)")
+                }
+            }
+        }
+    }
+
+    @Test("expand gives the same bits under every FMA instruction set (one FMA chain per output)")
+    func expandAcrossISAs() {
+        let rows = 13, rank = 16, width = 2048 + 24
+        let h = randomFloats(rows * rank, seed: 14), bt = randomFloats(rank * width, seed: 15)
+        var half = [UInt16](repeating: 0, count: bt.count)
+        pg_convert_from_f32(bt, 2, &half, bt.count)
+        var results: [Kernels.ISA: [[Float]]] = [:]
+        forEachISA { isa in
+            guard isa != .portable else { return }
+            var outputs: [[Float]] = []
+            for (weights, dtype) in [(bt.withUnsafeBytes { Array($0) }, Int32(0)), (half.withUnsafeBytes { Array($0) }, Int32(2))] {
+                var y = [Float](repeating: .nan, count: rows * width)
+                weights.withUnsafeBytes { raw in
+                    Kernels.loraExpand(h, count: rows, rank: rank, bTransposed: raw.baseAddress!, bDType: dtype, outWidth: width, into: &y, ldy: width)
+                }
+                outputs.append(y)
+            }
+            results[isa] = outputs
+        }
+        if let reference = results[.avx2] {
+            for (isa, outputs) in results { #expect(outputs == reference, "\(isa) expand differs from avx2") }
+        }
+    }
+
     @Test("every kernel output is bitwise independent of batch size and position (per ISA)")
     func tilingInvariance() {
         let rows = 37, inWidth = 203, rank = 5, outWidth = 77, experts = 11
@@ -131,13 +194,17 @@ struct KernelTests {
         }
     }
 
-    @Test("the AVX2 kernels are chosen on a CPU that has AVX2, FMA and F16C")
+    @Test("the best kernels this CPU has are chosen: AVX-512 with F, BW and VL, else AVX2 with FMA and F16C")
     func dispatch() {
         #expect(Kernels.activeISA == Kernels.bestISA)
         #if arch(x86_64)
         let flags = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
-        let hasAll = ["avx2", "fma", "f16c"].allSatisfy { flags.contains(" \($0) ") || flags.contains(" \($0)\n") }
-        #expect(hasAll == (Kernels.bestISA == .avx2))
+        func has(_ names: [String]) -> Bool { names.allSatisfy { flags.contains(" \($0) ") || flags.contains(" \($0)\n") } }
+        let avx2 = has(["avx2", "fma", "f16c"]), avx512 = avx2 && has(["avx512f", "avx512bw", "avx512vl"])
+        #expect(Kernels.bestISA == (avx512 ? .avx512 : avx2 ? .avx2 : .portable))
+        // Every ISA up to the best can be forced on this thread, none above it.
+        for isa in Kernels.ISA.allCases { #expect(Kernels.setThreadISA(isa) == (isa.rawValue <= Kernels.bestISA.rawValue)) }
+        Kernels.setThreadISA(nil)
         #endif
     }
 }

@@ -1,9 +1,10 @@
 /*
  * phatgoose_kernels.h - numeric kernels for Phatgoose (PHATGOOSE mixture-of-LoRA-experts routing on CPUs).
  *
- * Every kernel exists twice: a portable C implementation and an x86-64 AVX2+FMA+F16C implementation.
- * The implementation ("ISA") is chosen once, at the first call, from the CPU's features; pg_isa_set can
- * force one (tests, benchmarks).
+ * Every kernel exists as a portable C implementation and an x86-64 AVX2+FMA+F16C implementation; the
+ * three products (gemm_nt, lora_shrink, lora_expand) also as an AVX-512 implementation. The implementation
+ * ("ISA") is chosen once, at the first call, from the CPU's features; pg_isa_set can force one (tests,
+ * benchmarks).
  *
  * Conventions shared by all functions:
  *  - Matrices are row-major; every leading dimension (ld*) is counted in elements, not bytes.
@@ -11,7 +12,7 @@
  *    through it (for example, any size argument that makes the output empty is zero).
  *  - Outputs must not overlap inputs, except where a function says otherwise.
  *  - No function allocates, starts threads or keeps state, apart from the ISA choice. All kernels are
- *    safe to call concurrently from several threads on disjoint outputs. Stack use is at most ~20 KiB.
+ *    safe to call concurrently from several threads on disjoint outputs. Stack use is at most ~28 KiB.
  *  - Speed: F32 rows that start on a 64-byte boundary avoid cache-line-split loads (10-20% faster);
  *    typed weights behind void pointers may sit at any byte address.
  *  - Determinism: for a given ISA every output element is bitwise reproducible. Its value does not
@@ -33,11 +34,13 @@ extern "C" {
 /* Element types of weights and activations. */
 typedef enum { PG_DTYPE_F32 = 0, PG_DTYPE_F16 = 1, PG_DTYPE_BF16 = 2 } pg_dtype;
 
-/* Kernel implementations. */
-typedef enum { PG_ISA_PORTABLE = 0, PG_ISA_AVX2 = 1 } pg_isa;
+/* Kernel implementations. Each CPU that runs one runs those with lower values. PG_ISA_AVX512 uses
+ * AVX-512 for the products and the AVX2 versions of the other kernels. */
+typedef enum { PG_ISA_PORTABLE = 0, PG_ISA_AVX2 = 1, PG_ISA_AVX512 = 2 } pg_isa;
 
 /* The best ISA this CPU and OS support. PG_ISA_AVX2 needs AVX2, FMA, F16C and OS support for the
- * YMM state (XGETBV); on other architectures it is always PG_ISA_PORTABLE. */
+ * YMM state (XGETBV); PG_ISA_AVX512 needs that and AVX-512 F, BW and VL with OS support for the opmask
+ * and ZMM state; on other architectures it is always PG_ISA_PORTABLE. */
 int pg_isa_best(void);
 
 /* The ISA the kernels currently use (pg_isa_best() unless pg_isa_set chose another). */
@@ -54,7 +57,7 @@ int pg_isa_set(int isa);
  * compare ISAs while other threads compute. */
 int pg_isa_set_thread(int isa);
 
-/* A static name for an ISA: "portable", "avx2", or "unknown". */
+/* A static name for an ISA: "portable", "avx2", "avx512", or "unknown". */
 const char *pg_isa_name(int isa);
 
 /* dst[i] = src[i] as F32, for n elements of type dtype. Exact for every dtype (F16 subnormals too).
