@@ -144,6 +144,12 @@ void pg_gemm_nt_f32(const float *a, size_t lda, size_t m, const float *b, size_t
     PG_DISPATCH3(gemm_nt_f32(a, lda, m, b, ldb, n, k, alpha, c, ldc));
 }
 
+void pg_gemm_packed_f32(const float *a, size_t lda, size_t m, const float *packed, size_t n, size_t k, float alpha,
+                        float *c, size_t ldc) {
+    if (m == 0 || n == 0) return;
+    PG_DISPATCH3(gemm_packed_f32(a, lda, m, packed, n, k, alpha, c, ldc));
+}
+
 void pg_lora_shrink(const float *x, size_t ldx, const int32_t *rows, size_t n, const void *a, int a_dtype,
                     size_t r, size_t d_in, const float *row_scale, float lora_scale, float *h) {
     PG_DISPATCH3(lora_shrink(x, ldx, rows, n, a, a_dtype, r, d_in, row_scale, lora_scale, h));

@@ -122,7 +122,9 @@ static inline uint16_t pg_f32_to_f16(float f) {
                                         const float *row_scale, float lora_scale, float *h);                  \
     PG_HIDDEN void prefix##_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype,      \
                                         size_t d_out, float *y, size_t ldy);                                  \
-    PG_HIDDEN void prefix##_add_f32(float *y, const float *x, size_t n);
+    PG_HIDDEN void prefix##_add_f32(float *y, const float *x, size_t n);                                      \
+    PG_HIDDEN void prefix##_gemm_packed_f32(const float *a, size_t lda, size_t m, const float *packed,        \
+                                            size_t n, size_t k, float alpha, float *c, size_t ldc);
 
 PG_DECLARE_IMPL(pg_portable)
 #if PG_HAVE_AVX2_IMPL
@@ -133,6 +135,8 @@ PG_HIDDEN void pg_avx512_gemm_nt_f32(const float *a, size_t lda, size_t m, const
 PG_HIDDEN void pg_avx512_lora_shrink(const float *x, size_t ldx, const int32_t *rows, size_t n, const void *a,
                                      int a_dtype, size_t r, size_t d_in, const float *row_scale, float lora_scale,
                                      float *h);
+PG_HIDDEN void pg_avx512_gemm_packed_f32(const float *a, size_t lda, size_t m, const float *packed, size_t n,
+                                         size_t k, float alpha, float *c, size_t ldc);
 PG_HIDDEN void pg_avx512_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out,
                                      float *y, size_t ldy);
 #endif

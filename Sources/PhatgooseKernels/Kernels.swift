@@ -49,6 +49,32 @@ public enum Kernels {
         pg_gemm_nt_f32(a, lda, m, b, ldb, n, k, alpha, c, ldc)
     }
 
+    /// Output columns per panel of a packed matrix (``packPanels(_:ldb:n:k:into:)``).
+    public static let panelWidth = Int(PG_PANEL_WIDTH)
+
+    /// Floats ``packPanels(_:ldb:n:k:into:)`` writes for an n x k matrix (n rounded up to ``panelWidth``, times k).
+    @inlinable
+    public static func panelFloatCount(n: Int, k: Int) -> Int { pg_pack_panel_floats(n, k) }
+
+    /// Packs B [n, k] into column panels for ``gemmPacked(_:lda:m:_:n:k:alpha:into:ldc:)``; `packed` must hold
+    /// ``panelFloatCount(n:k:)`` floats and start on a 64-byte boundary.
+    @inlinable
+    public static func packPanels(_ b: UnsafePointer<Float>, ldb: Int, n: Int, k: Int, into packed: UnsafeMutablePointer<Float>) {
+        precondition(ldb >= k, "ldb must cover the row width")
+        precondition(Int(bitPattern: packed) % 64 == 0, "packed panels must start on a 64-byte boundary")
+        pg_pack_panels(b, ldb, n, k, packed)
+    }
+
+    /// C[i, j] = alpha * A[i, :] . B[j, :] for A [m, k] and B [n, k] packed by ``packPanels(_:ldb:n:k:into:)``. To
+    /// compute columns from `16p` alone, pass `packed + 16p * k` and `c + 16p`.
+    @inlinable
+    public static func gemmPacked(_ a: UnsafePointer<Float>, lda: Int, m: Int, _ packed: UnsafePointer<Float>, n: Int, k: Int,
+                                  alpha: Float = 1, into c: UnsafeMutablePointer<Float>, ldc: Int) {
+        precondition(lda >= k && ldc >= n, "leading dimensions too small")
+        precondition(Int(bitPattern: packed) % 64 == 0, "packed panels must start on a 64-byte boundary")
+        pg_gemm_packed_f32(a, lda, m, packed, n, k, alpha, c, ldc)
+    }
+
     /// h[i, j] = rowScale[i] * loraScale * x[rows[i], :] . A[j, :], for A [r, dIn] in `aDType`.
     @inlinable
     public static func loraShrink(_ x: UnsafePointer<Float>, ldx: Int, rows: UnsafePointer<Int32>?, count: Int,

@@ -280,8 +280,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
     private func scoreShare(_ p: Int) {
         guard let snapshot = call.snapshot else { return }
         let router = snapshot.routers[call.module]
-        let n = router.candidateCount
-        router.score(call.prepared!, ld: call.preparedLD, rows: call.preparedRows, columns: (n * p / participants)..<(n * (p + 1) / participants),
+        router.score(call.prepared!, ld: call.preparedLD, rows: call.preparedRows, columns: router.scoreColumns(part: p, of: participants),
                      into: call.scores!)
     }
 

@@ -32,10 +32,13 @@ public enum MachineProbe {
             let start = DispatchTime.now().uptimeNanoseconds
             DispatchQueue.concurrentPerform(iterations: threads) { _ in
                 // 64-byte aligned operands: the best case of the kernels' loads, so the peak is the machine's.
+                // The packed-panel GEMM, the fastest the kernels have (the routing scores use it).
                 let a = ScratchBuffer(capacity: m * k), b = ScratchBuffer(capacity: n * k), c = ScratchBuffer(capacity: m * n)
+                let panels = ScratchBuffer(capacity: Kernels.panelFloatCount(n: n, k: k))
                 a.pointer.initialize(repeating: 0.5, count: m * k)
                 b.pointer.initialize(repeating: 0.25, count: n * k)
-                for _ in 0..<reps { Kernels.gemmNT(a.pointer, lda: k, m: m, b.pointer, ldb: k, n: n, k: k, into: c.pointer, ldc: n) }
+                Kernels.packPanels(b.pointer, ldb: k, n: n, k: k, into: panels.pointer)
+                for _ in 0..<reps { Kernels.gemmPacked(a.pointer, lda: k, m: m, panels.pointer, n: n, k: k, into: c.pointer, ldc: n) }
             }
             let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
             best = max(best, Double(threads * reps * 2 * m * n * k) / elapsed / 1e9)

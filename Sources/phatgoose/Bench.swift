@@ -59,8 +59,17 @@ struct Bench: ParsableCommand {
     @Flag(help: "Instead of layers, measure each kernel alone on one thread, with every instruction set this CPU has.")
     var kernels = false
 
+    @Option(help: "Kernel instruction sets to run the layers with (comma-separated, side by side): portable, avx2, avx512 (default: the best this CPU has). The machine probe always uses the best.")
+    var isa: String?
+
     @Option(help: "Output format: text or json.")
     var format: OutputFormat = .text
+
+    /// The instruction sets named by --isa, in order; the best one when it is absent.
+    var layerISAs: [Kernels.ISA] {
+        guard let isa else { return [Kernels.bestISA] }
+        return isa.split(separator: ",").compactMap { name in Kernels.ISA.allCases.first { $0.description == name } }
+    }
 
     func validate() throws {
         for name in workload where name != "M1" && !Workload.canonical.contains(where: { $0.name == name }) {
@@ -75,6 +84,14 @@ struct Bench: ParsableCommand {
             throw ValidationError("--impl: expected runtime, dispatch, naive or dense, found \(name)")
         }
         guard seconds > 0 else { throw ValidationError("--seconds: expected a positive number") }
+        for name in (isa ?? "").split(separator: ",", omittingEmptySubsequences: false) where isa != nil {
+            guard let known = Kernels.ISA.allCases.first(where: { $0.description == name }) else {
+                throw ValidationError("--isa: expected portable, avx2 or avx512, found '\(name)'")
+            }
+            guard known.rawValue <= Kernels.bestISA.rawValue else {
+                throw ValidationError("--isa: this CPU cannot run \(known) (its best is \(Kernels.bestISA))")
+            }
+        }
     }
 
     func run() throws {
@@ -130,6 +147,10 @@ struct Bench: ParsableCommand {
                     runs.append((name, 1, { dense.apply(module, router: router, x: x, ldx: workload.inWidth, tokens: workload.tokens, out: &out, ldo: workload.outWidth) }))
                 }
             }
+            defer { Kernels.setISA(Kernels.bestISA) }
+            for kernelISA in layerISAs {
+            // Between runs no kernel is running, so switching the process-wide ISA is safe.
+            Kernels.setISA(kernelISA)
             var single: Double? = nil
             for run in runs {
                 let times = try Self.time(run.call, seconds: seconds)
@@ -141,7 +162,7 @@ struct Bench: ParsableCommand {
                     ("us_per_call_median", .double(median * 1e6)), ("us_per_call_p90", .double(p90 * 1e6)),
                     ("gflops", .double(workload.flops / median / 1e9)), ("roofline_fraction", .double(rooflineSeconds / median)),
                     ("calls", .integer(times.count)), ("active_experts", .integer(active)),
-                    ("speedup_vs_1_thread", speedup.map { .double($0) } ?? .null),
+                    ("speedup_vs_1_thread", speedup.map { .double($0) } ?? .null), ("isa", .string(kernelISA.description)),
                 ]))
                 if breakdown && run.name == "runtime" {
                     let phases = try Self.phaseBreakdown(library: library, module: module.name, routing: routing, threads: run.threads, x: x, tokens: workload.tokens)
@@ -152,8 +173,10 @@ struct Bench: ParsableCommand {
                     let workload8 = workload.name.padding(toLength: 8, withPad: " ", startingAt: 0)
                     print(workload8 + "  " + name8 + String(format: "  %7d  %9.1f  %9.1f  %8.2f  %7.1f%%", run.threads, median * 1e6, p90 * 1e6,
                                                             workload.flops / median / 1e9, 100 * rooflineSeconds / median)
+                          + (layerISAs.count > 1 ? "  " + kernelISA.description : "")
                           + (speedup.map { String(format: "  %.2fx vs 1 thread", $0) } ?? ""))
                 }
+            }
             }
         }
         if workload.contains("M1") {

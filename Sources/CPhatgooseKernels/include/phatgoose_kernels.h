@@ -2,7 +2,7 @@
  * phatgoose_kernels.h - numeric kernels for Phatgoose (PHATGOOSE mixture-of-LoRA-experts routing on CPUs).
  *
  * Every kernel exists as a portable C implementation and an x86-64 AVX2+FMA+F16C implementation; the
- * three products (gemm_nt, lora_shrink, lora_expand) also as an AVX-512 implementation. The implementation
+ * products (gemm_nt, gemm_packed, lora_shrink, lora_expand) also as an AVX-512 implementation. The implementation
  * ("ISA") is chosen once, at the first call, from the CPU's features; pg_isa_set can force one (tests,
  * benchmarks).
  *
@@ -83,6 +83,24 @@ void pg_layernorm_rows(const float *x, size_t ldx, size_t rows, size_t d, float 
  * overwritten. With k == 0, C = alpha * 0. */
 void pg_gemm_nt_f32(const float *a, size_t lda, size_t m, const float *b, size_t ldb, size_t n, size_t k,
                     float alpha, float *c, size_t ldc);
+
+/* Column panels for pg_gemm_packed_f32: output columns per panel. */
+#define PG_PANEL_WIDTH 16
+
+/* Floats that pg_pack_panels writes for an n x k matrix: ceil(n / 16) * 16 * k. */
+size_t pg_pack_panel_floats(size_t n, size_t k);
+
+/* Packs B (n x k, row-major, leading dimension ldb) into column panels: panel p holds rows 16p..16p+15 of B, and
+ * for each kk < k their 16 values B[16p + c][kk] are contiguous at (p * k + kk) * 16 + c, zero past row n.
+ * packed holds pg_pack_panel_floats(n, k) floats and must start on a 64-byte boundary. Plain C, no ISA. */
+void pg_pack_panels(const float *b, size_t ldb, size_t n, size_t k, float *packed);
+
+/* C[i,j] = alpha * sum_k A[i,k] * B[j,k] for i < m, j < n, with B packed by pg_pack_panels (n, k as packed;
+ * 64-byte aligned). Panels are independent: to compute columns 16p .. 16p + n' - 1 alone, pass
+ * packed + p * 16 * k, n' and c + 16p. Every output is one chain acc = acc + a*b over k = 0..k-1 in order, from +0
+ * (fused under AVX2 and AVX-512, which agree bit for bit; separately rounded in portable C), then times alpha. */
+void pg_gemm_packed_f32(const float *a, size_t lda, size_t m, const float *packed, size_t n, size_t k, float alpha,
+                        float *c, size_t ldc);
 
 /* LoRA shrink with gather and per-row scale, for i < n and j < r:
  *   h[i*r + j] = (row_scale ? row_scale[i] : 1) * lora_scale * sum_k x[rows[i]*ldx + k] * A[j*d_in + k]
