@@ -97,7 +97,7 @@ const char *pg_isa_name(int isa) {
 }
 
 /* PG_DISPATCH: kernels without an AVX-512 version (the AVX-512 ISA runs their AVX2 version);
- * PG_DISPATCH3: the products, which have one. */
+ * PG_DISPATCH3: the products and LayerNorm, which have one. */
 #if PG_HAVE_AVX2_IMPL
 #define PG_DISPATCH(call)                                                                                        \
     do {                                                                                                         \
@@ -136,7 +136,7 @@ size_t pg_count_nonfinite(const void *src, int dtype, size_t n) {
 }
 
 void pg_layernorm_rows(const float *x, size_t ldx, size_t rows, size_t d, float eps, float *out, size_t ldo) {
-    PG_DISPATCH(layernorm_rows(x, ldx, rows, d, eps, out, ldo));
+    PG_DISPATCH3(layernorm_rows(x, ldx, rows, d, eps, out, ldo));
 }
 
 void pg_gemm_nt_f32(const float *a, size_t lda, size_t m, const float *b, size_t ldb, size_t n, size_t k,

@@ -1,6 +1,6 @@
-/* AVX-512 (F, BW, VL) implementations of the three product kernels: gemm_nt (the routing scores), LoRA shrink and
- * LoRA expand. The other kernels (conversions, LayerNorm, add) are memory-bound and run their AVX2 versions under
- * this ISA too (dispatch.c).
+/* AVX-512 (F, BW, VL) implementations of the product kernels (gemm_nt, LoRA shrink, LoRA expand; the packed-panel
+ * GEMM is in gemm_panels.c) and of LayerNorm. The other kernels (conversions, add) are memory-bound and run their
+ * AVX2 versions under this ISA too (dispatch.c).
  *
  * As in kernels_avx2.c, every function carries a target attribute instead of relying on -m flags, and FMAs come
  * only from explicit intrinsics (contraction is off).
@@ -422,6 +422,72 @@ P5_TARGET void pg_avx512_lora_expand(const float *h, size_t n, size_t r, const v
     case PG_DTYPE_BF16: expand5_bf16(h, n, r, bt, d_out, y, ldy); break;
     case PG_DTYPE_F16: expand5_f16(h, n, r, bt, d_out, y, ldy); break;
     default: break;
+    }
+}
+
+/* ================================================================ layernorm */
+
+/* (l0+l2) + (l1+l3) of a 4-double vector, as in the AVX2 kernel */
+P5_INL double p5_hsum4d(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+/* The AVX2 kernel's 16 double partial sums (element t + l of each 16-element chunk in partial l), folded the way it
+ * folds them: its four 4-wide accumulators are the halves of these two 8-wide ones. */
+P5_INL double p5_fold16(__m512d s0, __m512d s1) {
+    __m256d a = _mm256_add_pd(_mm512_castpd512_pd256(s0), _mm512_extractf64x4_pd(s0, 1));
+    __m256d b = _mm256_add_pd(_mm512_castpd512_pd256(s1), _mm512_extractf64x4_pd(s1, 1));
+    return p5_hsum4d(_mm256_add_pd(a, b));
+}
+
+/* The same arithmetic as pg_avx2_layernorm_rows on 8-wide double vectors: the same partial sums in the same order,
+ * so the outputs are bit for bit the AVX2 kernel's, in about half the instructions. */
+P5_TARGET void pg_avx512_layernorm_rows(const float *x, size_t ldx, size_t rows, size_t d, float eps, float *out,
+                                        size_t ldo) {
+    if (d == 0) return;
+    const size_t d16 = d & ~(size_t)15;
+    const size_t d8 = d & ~(size_t)7;
+    for (size_t i = 0; i < rows; i++) {
+        const float *xr = x + i * ldx;
+        float *orow = out + i * ldo;
+
+        __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+        for (size_t t = 0; t < d16; t += 16) {
+            s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm256_loadu_ps(xr + t)));
+            s1 = _mm512_add_pd(s1, _mm512_cvtps_pd(_mm256_loadu_ps(xr + t + 8)));
+        }
+        if (d8 > d16) s0 = _mm512_add_pd(s0, _mm512_cvtps_pd(_mm256_loadu_ps(xr + d16)));
+        double sum = p5_fold16(s0, s1);
+        for (size_t t = d8; t < d; t++) sum += (double)xr[t];
+        const double mean = sum / (double)d;
+
+        const __m512d vmean = _mm512_set1_pd(mean);
+        __m512d q0 = _mm512_setzero_pd(), q1 = _mm512_setzero_pd();
+        for (size_t t = 0; t < d16; t += 16) {
+            __m512d a = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xr + t)), vmean);
+            __m512d b = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xr + t + 8)), vmean);
+            q0 = _mm512_fmadd_pd(a, a, q0);
+            q1 = _mm512_fmadd_pd(b, b, q1);
+        }
+        if (d8 > d16) {
+            __m512d a = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xr + d16)), vmean);
+            q0 = _mm512_fmadd_pd(a, a, q0);
+        }
+        double ss = p5_fold16(q0, q1);
+        for (size_t t = d8; t < d; t++) {
+            __m128d dv = _mm_set_sd((double)xr[t] - mean);
+            ss = _mm_cvtsd_f64(_mm_fmadd_sd(dv, dv, _mm_set_sd(ss)));
+        }
+        const double var = ss / (double)d;
+        const double inv = 1.0 / pg_sqrt(var + (double)eps);
+
+        const __m512d vinv = _mm512_set1_pd(inv);
+        for (size_t t = 0; t < d8; t += 8) {
+            __m512d a = _mm512_mul_pd(_mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xr + t)), vmean), vinv);
+            _mm256_storeu_ps(orow + t, _mm512_cvtpd_ps(a));
+        }
+        for (size_t t = d8; t < d; t++) orow[t] = (float)(((double)xr[t] - mean) * inv);
     }
 }
 

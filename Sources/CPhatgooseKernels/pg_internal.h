@@ -129,7 +129,7 @@ static inline uint16_t pg_f32_to_f16(float f) {
 PG_DECLARE_IMPL(pg_portable)
 #if PG_HAVE_AVX2_IMPL
 PG_DECLARE_IMPL(pg_avx2)
-/* The AVX-512 ISA has its own products only; the other kernels are the AVX2 ones. */
+/* The AVX-512 ISA has its own products and LayerNorm; the other kernels are the AVX2 ones. */
 PG_HIDDEN void pg_avx512_gemm_nt_f32(const float *a, size_t lda, size_t m, const float *b, size_t ldb, size_t n,
                                      size_t k, float alpha, float *c, size_t ldc);
 PG_HIDDEN void pg_avx512_lora_shrink(const float *x, size_t ldx, const int32_t *rows, size_t n, const void *a,
@@ -137,6 +137,8 @@ PG_HIDDEN void pg_avx512_lora_shrink(const float *x, size_t ldx, const int32_t *
                                      float *h);
 PG_HIDDEN void pg_avx512_gemm_packed_f32(const float *a, size_t lda, size_t m, const float *packed, size_t n,
                                          size_t k, float alpha, float *c, size_t ldc);
+PG_HIDDEN void pg_avx512_layernorm_rows(const float *x, size_t ldx, size_t rows, size_t d, float eps, float *out,
+                                        size_t ldo);
 PG_HIDDEN void pg_avx512_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out,
                                      float *y, size_t ldy);
 #endif

@@ -120,6 +120,19 @@ struct KernelTests {
         if let avx2 = byISA[.avx2], let avx512 = byISA[.avx512] { #expect(avx2 == avx512, "AVX2 and AVX-512 packed GEMMs differ") }
     }
 
+    @Test("layer norm gives the same bits under AVX2 and AVX-512 (the same double partial sums)", arguments: [1, 7, 8, 9, 16, 17, 31, 203, 2048, 5120])
+    func layerNormAcrossISAs(_ width: Int) {
+        let rows = 5
+        let x = randomFloats(rows * width, seed: 18).map { $0 * 3 + 0.7 }
+        var byISA: [Kernels.ISA: [Float]] = [:]
+        forEachISA { isa in
+            var out = [Float](repeating: .nan, count: rows * width)
+            Kernels.layerNormRows(x, ldx: width, rows: rows, width: width, into: &out, ldo: width)
+            byISA[isa] = out
+        }
+        if let avx2 = byISA[.avx2], let avx512 = byISA[.avx512] { #expect(avx2 == avx512) }
+    }
+
     @Test("expand gives the same bits under every FMA instruction set (one FMA chain per output)")
     func expandAcrossISAs() {
         let rows = 13, rank = 16, width = 2048 + 24

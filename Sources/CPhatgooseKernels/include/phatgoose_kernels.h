@@ -2,7 +2,7 @@
  * phatgoose_kernels.h - numeric kernels for Phatgoose (PHATGOOSE mixture-of-LoRA-experts routing on CPUs).
  *
  * Every kernel exists as a portable C implementation and an x86-64 AVX2+FMA+F16C implementation; the
- * products (gemm_nt, gemm_packed, lora_shrink, lora_expand) also as an AVX-512 implementation. The implementation
+ * products (gemm_nt, gemm_packed, lora_shrink, lora_expand) and LayerNorm also as an AVX-512 implementation. The implementation
  * ("ISA") is chosen once, at the first call, from the CPU's features; pg_isa_set can force one (tests,
  * benchmarks).
  *
@@ -35,7 +35,7 @@ extern "C" {
 typedef enum { PG_DTYPE_F32 = 0, PG_DTYPE_F16 = 1, PG_DTYPE_BF16 = 2 } pg_dtype;
 
 /* Kernel implementations. Each CPU that runs one runs those with lower values. PG_ISA_AVX512 uses
- * AVX-512 for the products and the AVX2 versions of the other kernels. */
+ * AVX-512 for the products and LayerNorm and the AVX2 versions of the other kernels. */
 typedef enum { PG_ISA_PORTABLE = 0, PG_ISA_AVX2 = 1, PG_ISA_AVX512 = 2 } pg_isa;
 
 /* The best ISA this CPU and OS support. PG_ISA_AVX2 needs AVX2, FMA, F16C and OS support for the
