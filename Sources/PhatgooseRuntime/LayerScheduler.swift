@@ -237,7 +237,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         for p in 0..<participants { cursor[p] = Int64(starts[p]) }
 
         // Phase B: experts.
-        let maxRank = module.experts.reduce(0) { max($0, $1.rank) }
+        let maxRank = snapshot.maxRank  // not module.experts.reduce: that copies every ModuleExpert (reference counting)
         for p in 0..<participants { shrinkScratch[p].reserve(tile * maxRank) }
         plan.tokens.withUnsafeBufferPointer { planTokens in
             plan.weights.withUnsafeBufferPointer { planWeights in
@@ -254,10 +254,12 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         runPhase(.combine, parallel: call.activeParticipants > 1)
 
         if let expertsOut, let weightsOut {
-            for i in 0..<(tokens * call.slots) {
-                let c = call.candidatesOut![i]
-                expertsOut[i] = c < 0 ? -1 : module.experts[Int(c)].expert.rawValue
-                weightsOut[i] = call.weightsAll![i]
+            snapshot.candidateExperts[m].withUnsafeBufferPointer { experts in
+                for i in 0..<(tokens * call.slots) {
+                    let c = call.candidatesOut![i]
+                    expertsOut[i] = c < 0 ? -1 : experts[Int(c)]
+                    weightsOut[i] = call.weightsAll![i]
+                }
             }
         }
         call = CallState()
@@ -286,7 +288,16 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
 
     private func expertShare(_ p: Int) {
         guard let snapshot = call.snapshot, let tokenList = call.tokenList, let weightList = call.weightList else { return }
-        let copies = snapshot.copies[call.module]
+        snapshot.pieceViews[call.module].withUnsafeBufferPointer { views in
+            snapshot.pieceStarts[call.module].withUnsafeBufferPointer { pieceStarts in
+                runItems(p, views: views, pieceStarts: pieceStarts, tokenList: tokenList, weightList: weightList)
+            }
+        }
+    }
+
+    /// Participant p's work items, then stolen ones; `views`/`pieceStarts` as in ``LibrarySnapshot/pieceViews``.
+    private func runItems(_ p: Int, views: UnsafeBufferPointer<(node: Int32, view: ExpertKernelView)>, pieceStarts: UnsafeBufferPointer<Int32>,
+                          tokenList: UnsafePointer<Int32>, weightList: UnsafePointer<Float>) {
         let h = shrinkScratch[p].pointer
         let myNode = nodes[p]
         let sorted = sortedItems.pointer, starts = queueStart.pointer, cursor = cursors.pointer
@@ -301,16 +312,18 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
                 if i >= end { break }
                 let item = sorted[Int(i)]
                 let start = now()
-                let candidate = copies[Int(item.candidate)]
-                let slot = candidate.nodes.firstIndex(of: myNode) ?? 0
-                let piece = candidate.pieces[slot]
+                // The copy on this participant's node, else the primary.
+                let first = Int(pieceStarts[Int(item.candidate)]), last = Int(pieceStarts[Int(item.candidate) + 1])
+                var chosen = first
+                for j in first..<last where views[j].node == Int32(myNode) { chosen = j; break }
+                let piece = views[chosen].view
                 let begin = Int(item.begin), count = Int(item.count)
                 LayerExecutor.runExpert(piece, x: call.x!, ldx: inWidth, inWidth: inWidth, outWidth: outWidth,
                                         tokens: tokenList + begin, weights: weightList + begin, count: count,
                                         h: h, rows: call.rows! + begin * outWidth)
                 if let observer {
                     observer.observe(RuntimeEvent(kind: offset == 0 ? .item : .steal, worker: p, node: myNode, layer: call.module,
-                                                  expert: piece.expert.rawValue, rows: count, start: start, end: pg_now_ns()))
+                                                  expert: piece.expert, rows: count, start: start, end: pg_now_ns()))
                 }
             }
         }

@@ -31,6 +31,13 @@ final class LibrarySnapshot: Sendable {
     let maxInWidth: Int
     let maxOutWidth: Int
     let maxCandidates: Int
+    /// `copies` flattened per module for the hot path, as plain values (no reference counting when read):
+    /// `pieceViews[m][pieceStarts[m][c] ..< pieceStarts[m][c + 1]]` are candidate c's copies, primary first, each
+    /// with its node. The views point into the weights that `copies` keeps alive.
+    let pieceViews: [[(node: Int32, view: ExpertKernelView)]]
+    let pieceStarts: [[Int32]]
+    /// `candidateExperts[m][c]`: the library index of candidate c of module m.
+    let candidateExperts: [[Int32]]
 
     init(id: Int, library: ExpertLibrary, routers: [LayerRouter], copies: [[Copies]], placement: PlacementPlan,
          arenas: [NodeArena], retired: Set<ExpertIndex>, residentBytes: Int) {
@@ -46,6 +53,13 @@ final class LibrarySnapshot: Sendable {
         maxInWidth = library.modules.map(\.inWidth).max() ?? 1
         maxOutWidth = library.modules.map(\.outWidth).max() ?? 1
         maxCandidates = library.modules.map(\.experts.count).max() ?? 1
+        pieceViews = copies.map { module in
+            module.flatMap { candidate in zip(candidate.nodes, candidate.pieces).map { (node: Int32($0.0), view: ExpertKernelView($0.1)) } }
+        }
+        pieceStarts = copies.map { module in
+            module.reduce(into: [Int32(0)]) { starts, candidate in starts.append(starts.last! + Int32(candidate.pieces.count)) }
+        }
+        candidateExperts = library.modules.map { module in module.experts.map(\.expert.rawValue) }
     }
 
     /// Builds a snapshot: places every live expert's weights per `policy` (copying them into node-bound memory unless

@@ -282,8 +282,10 @@ public final class Runtime: Sendable {
     /// One layer under the scheduler lock, then its statistics.
     private func run(_ scheduler: LayerScheduler, _ snapshot: LibrarySnapshot, module m: Int, input: UnsafePointer<Float>, tokens: Int,
                      output: UnsafeMutablePointer<Float>, experts: UnsafeMutablePointer<Int32>?, weights: UnsafeMutablePointer<Float>?) {
-        let module = snapshot.library.modules[m]
-        let counts = scheduler.counts.reserve(module.experts.count)
+        // Plain per-candidate values only: iterating `module.experts` would copy (retain and release) every
+        // ModuleExpert on each call.
+        let candidateExperts = snapshot.candidateExperts[m]
+        let counts = scheduler.counts.reserve(candidateExperts.count)
         let callStart = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
         scheduler.execute(snapshot, module: m, x: input, tokens: tokens, out: output, expertsOut: experts, weightsOut: weights, counts: counts)
         if let observer = options.observer {
@@ -293,8 +295,8 @@ public final class Runtime: Sendable {
         statistics.withLock { stats in
             stats.calls += 1
             stats.tokens += tokens
-            for (c, piece) in module.experts.enumerated() {
-                let e = piece.expert.int
+            for (c, expert) in candidateExperts.enumerated() {
+                let e = Int(expert)
                 if e < stats.tokensPerExpert.count { stats.tokensPerExpert[e] += counts[c] }
             }
         }
