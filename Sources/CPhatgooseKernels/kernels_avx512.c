@@ -15,8 +15,8 @@
  * so expand gives the same bits as the AVX2 and scalar-FMA paths.
  *
  * Performance notes (Sapphire Rapids class, two 512-bit FMA ports, p0 and p5): the bulk tiles keep 24 of the 32
- * accumulator registers busy; the streamed operand comes from L1 (x rows of a k-block of NT5_KC, 6 rows x 2 KiB),
- * the other from L2. BF16 weights widen with VPMOVZXWD + VPSLLD in the dot products (2 uops per 16 values, on the
+ * accumulator registers busy; the x rows of a tile stream from L1/L2 and the other operand
+ * from L2. BF16 weights widen with VPMOVZXWD + VPSLLD in the dot products (2 uops per 16 values, on the
  * FMA ports) and with one VPSLLD or VPANDD per 16 values in expand (even and odd columns of a 64-byte load,
  * re-interleaved once per tile at the store). */
 #include "pg_internal.h"
@@ -67,7 +67,10 @@ P5_INL __m512 p5_ld16_tail(const int DT, const void *base, size_t idx, size_t t)
 
 #define NT5_MR 6     /* rows of the f32 operand per full tile (6 x 4 measured a few % faster than 8 x 3) */
 #define NT5_MAXNR 8  /* most typed-operand rows in any tile */
-#define NT5_KC 512   /* k-block (multiple of 16) once k is larger than this: 6 rows x 2 KiB stay in L1 */
+/* k-block (multiple of 16) once k is larger than this. Blocking k to keep the tile's x rows in L1 (512: 6 x 2 KiB)
+ * measured slower (44 against 73 GFLOP/s for the BF16 shrink at d_in 2048, 64 against 66 at 5120): the rows stream
+ * well enough from L2, and the accumulator round trips cost more. Only widths beyond 8192 block. */
+#define NT5_KC 8192
 #define NT5_NCMAX 48 /* most typed-operand rows per column block when k-blocking; stack NT5_NCMAX*NT5_MR*64 B */
 
 /* Typed-operand rows per tile for a tile of mr rows: at most 24 accumulators, plus the held operand vectors and

@@ -209,11 +209,20 @@ struct Bench: ParsableCommand {
         var y = [Float](repeating: 0, count: tokens * outWidth)
         let rows = (0..<Int32(tokens)).map { ($0 * 37) % Int32(tokens) }
         let weights = [Float](repeating: 0.5, count: tokens)
+        let panels = ScratchBuffer(capacity: Kernels.panelFloatCount(n: experts, k: inWidth))
+        gates.withUnsafeBufferPointer { Kernels.packPanels($0.baseAddress!, ldb: inWidth, n: experts, k: inWidth, into: panels.pointer) }
+        let alignedX = ScratchBuffer(capacity: tokens * inWidth)
+        x.withUnsafeBufferPointer { alignedX.pointer.update(from: $0.baseAddress!, count: $0.count) }
         typealias Case = (name: String, flops: Double, run: () -> Void)
         let cases: [Case] = [
             ("layernorm 512x2048", 5.0 * Double(tokens * inWidth), { Kernels.layerNormRows(x, ldx: inWidth, rows: tokens, width: inWidth, into: &normalized, ldo: inWidth) }),
             ("scores gemm 512x166x2048", 2.0 * Double(tokens * experts * inWidth), { Kernels.gemmNT(x, lda: inWidth, m: tokens, gates, ldb: inWidth, n: experts, k: inWidth, into: &scores, ldc: experts) }),
             ("scores gemv 1x166x2048", 2.0 * Double(experts * inWidth), { Kernels.gemmNT(x, lda: inWidth, m: 1, gates, ldb: inWidth, n: experts, k: inWidth, into: &scores, ldc: experts) }),
+            // What the router runs: 64-byte aligned normalised rows against the packed gate panels.
+            ("scores packed 512x166x2048", 2.0 * Double(tokens * experts * inWidth), {
+                Kernels.gemmPacked(alignedX.pointer, lda: inWidth, m: tokens, panels.pointer, n: experts, k: inWidth, into: &scores, ldc: experts) }),
+            ("scores packed 8x166x2048", 2.0 * Double(8 * experts * inWidth), {
+                Kernels.gemmPacked(alignedX.pointer, lda: inWidth, m: 8, panels.pointer, n: experts, k: inWidth, into: &scores, ldc: experts) }),
             ("shrink F32 512x16x2048", 2.0 * Double(tokens * rank * inWidth), { Kernels.loraShrink(x, ldx: inWidth, rows: rows, count: tokens, a: a, aDType: 0, rank: rank, inWidth: inWidth, rowScale: weights, loraScale: 0.0625, into: &h) }),
             ("shrink BF16 512x16x2048", 2.0 * Double(tokens * rank * inWidth), { Kernels.loraShrink(x, ldx: inWidth, rows: rows, count: tokens, a: aBF16, aDType: 2, rank: rank, inWidth: inWidth, rowScale: weights, loraScale: 0.0625, into: &h) }),
             ("expand F32 512x16x2048", 2.0 * Double(tokens * rank * outWidth), { Kernels.loraExpand(h, count: tokens, rank: rank, bTransposed: bt, bDType: 0, outWidth: outWidth, into: &y, ldy: outWidth) }),

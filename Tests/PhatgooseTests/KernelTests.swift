@@ -23,7 +23,7 @@ func forEachISA(_ body: (Kernels.ISA) throws -> Void) rethrows {
 
 @Suite("kernels", .serialized)
 struct KernelTests {
-    @Test("gemm_nt matches a double-precision reference", arguments: [(1, 1, 1), (3, 5, 17), (13, 7, 64), (64, 36, 2048), (5, 166, 100)])
+    @Test("gemm_nt matches a double-precision reference", arguments: [(1, 1, 1), (3, 5, 17), (13, 7, 64), (64, 36, 2048), (5, 166, 100), (7, 9, 8209)])
     func gemm(_ shape: (Int, Int, Int)) {
         let (m, n, k) = shape
         let a = randomFloats(m * k, seed: 1), b = randomFloats(n * k, seed: 2)
