@@ -161,3 +161,7 @@ void pg_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dt
 }
 
 void pg_add_f32(float *y, const float *x, size_t n) { PG_DISPATCH(add_f32(y, x, n)); }
+
+void pg_add_rows_f32(float *y, const float *const *x, size_t count, size_t n) {
+    PG_DISPATCH(add_rows_f32(y, x, count, n));
+}

@@ -322,3 +322,11 @@ void pg_portable_lora_expand(const float *h, size_t n, size_t r, const void *bt,
 void pg_portable_add_f32(float *y, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] = y[i] + x[i];
 }
+
+void pg_portable_add_rows_f32(float *y, const float *const *x, size_t count, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        float v = y[i];
+        for (size_t r = 0; r < count; r++) v = v + x[r][i];
+        y[i] = v;
+    }
+}

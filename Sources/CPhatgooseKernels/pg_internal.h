@@ -123,6 +123,7 @@ static inline uint16_t pg_f32_to_f16(float f) {
     PG_HIDDEN void prefix##_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype,      \
                                         size_t d_out, float *y, size_t ldy);                                  \
     PG_HIDDEN void prefix##_add_f32(float *y, const float *x, size_t n);                                      \
+    PG_HIDDEN void prefix##_add_rows_f32(float *y, const float *const *x, size_t count, size_t n);             \
     PG_HIDDEN void prefix##_gemm_packed_f32(const float *a, size_t lda, size_t m, const float *packed,        \
                                             size_t n, size_t k, float alpha, float *c, size_t ldc);
 

@@ -92,6 +92,13 @@ public enum Kernels {
         pg_lora_expand(h, count, rank, bTransposed, bDType, outWidth, y, ldy)
     }
 
+    /// y += rows[0], then += rows[1], ... over `width` floats, reading and writing y once (the same bits as
+    /// ``add(_:into:count:)`` per row, in order).
+    @inlinable
+    public static func addRows(_ rows: UnsafePointer<UnsafePointer<Float>?>, rowCount: Int, into y: UnsafeMutablePointer<Float>, width: Int) {
+        pg_add_rows_f32(y, rows, rowCount, width)
+    }
+
     /// y += x over `count` floats.
     @inlinable
     public static func add(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, count: Int) {

@@ -125,11 +125,22 @@ public final class LayerExecutor {
     /// Each token in `tokenRange` adds its assignment rows into `out`, in slot order.
     public static func combine(_ plan: DispatchPlan, rows: UnsafePointer<Float>, outWidth: Int, tokenRange: Range<Int>,
                                out: UnsafeMutablePointer<Float>, ldo: Int) {
-        plan.tokenSlots.withUnsafeBufferPointer { slots in
-            for t in tokenRange {
-                for j in 0..<plan.slots {
-                    let a = Int(slots[t * plan.slots + j])
-                    if a >= 0 { Kernels.add(rows + a * outWidth, into: out + t * ldo, count: outWidth) }
+        // Up to 8 rows per pass over the token's output row (one read and write of it per pass, not per row).
+        withUnsafeTemporaryAllocation(of: UnsafePointer<Float>?.self, capacity: 8) { pending in
+            plan.tokenSlots.withUnsafeBufferPointer { slots in
+                for t in tokenRange {
+                    var n = 0
+                    for j in 0..<plan.slots {
+                        let a = Int(slots[t * plan.slots + j])
+                        guard a >= 0 else { continue }
+                        pending[n] = UnsafePointer(rows + a * outWidth)
+                        n += 1
+                        if n == 8 {
+                            Kernels.addRows(pending.baseAddress!, rowCount: n, into: out + t * ldo, width: outWidth)
+                            n = 0
+                        }
+                    }
+                    if n > 0 { Kernels.addRows(pending.baseAddress!, rowCount: n, into: out + t * ldo, width: outWidth) }
                 }
             }
         }

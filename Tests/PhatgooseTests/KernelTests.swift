@@ -120,6 +120,29 @@ struct KernelTests {
         if let avx2 = byISA[.avx2], let avx512 = byISA[.avx512] { #expect(avx2 == avx512, "AVX2 and AVX-512 packed GEMMs differ") }
     }
 
+    @Test("adding several rows in one pass gives the bits of adding them one by one, in order", arguments: [1, 2, 3, 8])
+    func addRows(_ count: Int) {
+        let width = 37
+        let rows = (0..<count).map { randomFloats(width, seed: UInt64(30 + $0)).map { $0 * Float(1 << ($0 > 0 ? 10 : 0)) } }
+        let start = randomFloats(width, seed: 29)
+        forEachISA { isa in
+            var oneByOne = start
+            for row in rows { Kernels.add(row, into: &oneByOne, count: width) }
+            var fused = start
+            let copies = rows.map { row -> UnsafeMutablePointer<Float> in
+                let p = UnsafeMutablePointer<Float>.allocate(capacity: width)
+                p.initialize(from: row, count: width)
+                return p
+            }
+            defer { copies.forEach { $0.deallocate() } }
+            var pointers: [UnsafePointer<Float>?] = copies.map { UnsafePointer($0) }
+            fused.withUnsafeMutableBufferPointer { y in
+                Kernels.addRows(&pointers, rowCount: count, into: y.baseAddress!, width: width)
+            }
+            #expect(fused == oneByOne, "\(isa): \(count) rows")
+        }
+    }
+
     @Test("layer norm gives the same bits under AVX2 and AVX-512 (the same double partial sums)", arguments: [1, 7, 8, 9, 16, 17, 31, 203, 2048, 5120])
     func layerNormAcrossISAs(_ width: Int) {
         let rows = 5

@@ -119,6 +119,10 @@ void pg_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dt
 /* y[i] += x[i] for i < n. x may equal y; no other overlap. */
 void pg_add_f32(float *y, const float *x, size_t n);
 
+/* y[i] = (((y[i] + x[0][i]) + x[1][i]) + ...) + x[count-1][i] for i < n: the same bits as count calls of pg_add_f32
+ * in row order, reading and writing y once. The rows must not overlap y. */
+void pg_add_rows_f32(float *y, const float *const *x, size_t count, size_t n);
+
 #ifdef __cplusplus
 }
 #endif
