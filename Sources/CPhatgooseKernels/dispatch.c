@@ -162,6 +162,15 @@ void pg_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dt
 
 void pg_add_f32(float *y, const float *x, size_t n) { PG_DISPATCH(add_f32(y, x, n)); }
 
+double pg_fma_probe(size_t iterations) {
+#if PG_HAVE_AVX2_IMPL
+    int isa = active();
+    if (isa == PG_ISA_AVX512) return pg_avx512_fma_probe(iterations);
+    if (isa == PG_ISA_AVX2) return pg_avx2_fma_probe(iterations);
+#endif
+    return pg_portable_fma_probe(iterations);
+}
+
 void pg_add_rows_f32(float *y, const float *const *x, size_t count, size_t n) {
     PG_DISPATCH(add_rows_f32(y, x, count, n));
 }

@@ -679,6 +679,21 @@ PG_TARGET void pg_avx2_add_rows_f32(float *y, const float *const *x, size_t coun
     }
 }
 
+PG_TARGET double pg_avx2_fma_probe(size_t iterations) {
+    volatile float seed = 0.999f;
+    __m256 x = _mm256_set1_ps(seed), y = _mm256_set1_ps(1e-4f), a[12];
+    for (int i = 0; i < 12; i++) a[i] = _mm256_set1_ps((float)i * 1e-3f);
+    for (size_t r = 0; r < iterations; r++) {
+        _Pragma("GCC unroll 12")
+        for (int i = 0; i < 12; i++) a[i] = _mm256_fmadd_ps(a[i], x, y);
+    }
+    __m256 s = a[0];
+    for (int i = 1; i < 12; i++) s = _mm256_add_ps(s, a[i]);
+    volatile float sink = hsum8(s);
+    (void)sink;
+    return 12.0 * 8 * 2 * (double)iterations;
+}
+
 #else
 
 /* ISO C forbids an empty translation unit. */

@@ -428,6 +428,23 @@ P5_TARGET void pg_avx512_lora_expand(const float *h, size_t n, size_t r, const v
     }
 }
 
+/* ================================================================ probe */
+
+P5_TARGET double pg_avx512_fma_probe(size_t iterations) {
+    volatile float seed = 0.999f;
+    __m512 x = _mm512_set1_ps(seed), y = _mm512_set1_ps(1e-4f), a[24];
+    for (int i = 0; i < 24; i++) a[i] = _mm512_set1_ps((float)i * 1e-3f);
+    for (size_t r = 0; r < iterations; r++) {
+        _Pragma("GCC unroll 24")
+        for (int i = 0; i < 24; i++) a[i] = _mm512_fmadd_ps(a[i], x, y);
+    }
+    __m512 s = a[0];
+    for (int i = 1; i < 24; i++) s = _mm512_add_ps(s, a[i]);
+    volatile float sink = p5_hsum16(s);
+    (void)sink;
+    return 24.0 * 16 * 2 * (double)iterations;
+}
+
 /* ================================================================ layernorm */
 
 /* (l0+l2) + (l1+l3) of a 4-double vector, as in the AVX2 kernel */

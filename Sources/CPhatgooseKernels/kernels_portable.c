@@ -330,3 +330,14 @@ void pg_portable_add_rows_f32(float *y, const float *const *x, size_t count, siz
         y[i] = v;
     }
 }
+
+double pg_portable_fma_probe(size_t iterations) {
+    volatile float seed = 0.999f;
+    float x = seed, y = 1e-4f, a[8];
+    for (int i = 0; i < 8; i++) a[i] = (float)i * 1e-3f;
+    for (size_t r = 0; r < iterations; r++)
+        for (int i = 0; i < 8; i++) a[i] = a[i] * x + y;
+    volatile float sink = a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
+    (void)sink;
+    return 16.0 * (double)iterations;
+}

@@ -124,6 +124,7 @@ static inline uint16_t pg_f32_to_f16(float f) {
                                         size_t d_out, float *y, size_t ldy);                                  \
     PG_HIDDEN void prefix##_add_f32(float *y, const float *x, size_t n);                                      \
     PG_HIDDEN void prefix##_add_rows_f32(float *y, const float *const *x, size_t count, size_t n);             \
+    PG_HIDDEN double prefix##_fma_probe(size_t iterations);                                                    \
     PG_HIDDEN void prefix##_gemm_packed_f32(const float *a, size_t lda, size_t m, const float *packed,        \
                                             size_t n, size_t k, float alpha, float *c, size_t ldc);
 
@@ -138,6 +139,7 @@ PG_HIDDEN void pg_avx512_lora_shrink(const float *x, size_t ldx, const int32_t *
                                      float *h);
 PG_HIDDEN void pg_avx512_gemm_packed_f32(const float *a, size_t lda, size_t m, const float *packed, size_t n,
                                          size_t k, float alpha, float *c, size_t ldc);
+PG_HIDDEN double pg_avx512_fma_probe(size_t iterations);
 PG_HIDDEN void pg_avx512_layernorm_rows(const float *x, size_t ldx, size_t rows, size_t d, float eps, float *out,
                                         size_t ldo);
 PG_HIDDEN void pg_avx512_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out,

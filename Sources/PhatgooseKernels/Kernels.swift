@@ -99,6 +99,10 @@ public enum Kernels {
         pg_add_rows_f32(y, rows, rowCount, width)
     }
 
+    /// Runs `iterations` rounds of register-only FMA chains with the active instruction set and returns the
+    /// floating-point operations done: timed on every core at once, the machine's FMA issue peak.
+    public static func fmaProbe(iterations: Int) -> Double { pg_fma_probe(iterations) }
+
     /// y += x over `count` floats.
     @inlinable
     public static func add(_ x: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, count: Int) {

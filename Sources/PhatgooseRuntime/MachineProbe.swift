@@ -15,12 +15,32 @@ public enum MachineProbe {
         public var peakGFLOPS: Double
         /// Best copy bandwidth of all threads together, in GB/s (10^9 bytes read plus written per second).
         public var bandwidthGBps: Double
+        /// Best rate of register-only FMA chains on all threads together, in GFLOP/s: the issue limit that no F32
+        /// kernel can pass (the SGEMM reaches a fraction of it).
+        public var fmaPeakGFLOPS: Double
     }
 
     /// Best of several rounds, each `threads` workers at once.
     public static func measure(threads: Int, seconds: Double = 0.6) -> Result {
-        Result(threads: threads, peakGFLOPS: peakGFLOPS(threads: threads, seconds: seconds / 2),
-               bandwidthGBps: bandwidth(threads: threads, seconds: seconds / 2))
+        Result(threads: threads, peakGFLOPS: peakGFLOPS(threads: threads, seconds: seconds * 0.4),
+               bandwidthGBps: bandwidth(threads: threads, seconds: seconds * 0.4),
+               fmaPeakGFLOPS: fmaPeakGFLOPS(threads: threads, seconds: seconds * 0.2))
+    }
+
+    static func fmaPeakGFLOPS(threads: Int, seconds: Double) -> Double {
+        var best = 0.0
+        let deadline = Date().addingTimeInterval(seconds)
+        repeat {
+            let start = DispatchTime.now().uptimeNanoseconds
+            let flops = Locked(0.0)
+            DispatchQueue.concurrentPerform(iterations: threads) { _ in
+                let done = Kernels.fmaProbe(iterations: 200_000)
+                flops.withLock { $0 += done }
+            }
+            let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+            best = max(best, flops.withLock { $0 } / elapsed / 1e9)
+        } while Date() < deadline
+        return best
     }
 
     static func peakGFLOPS(threads: Int, seconds: Double) -> Double {

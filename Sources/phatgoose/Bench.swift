@@ -107,7 +107,8 @@ struct Bench: ParsableCommand {
         let weightDType = DType(userSpelling: dtype)!
         var results: [JSONValue] = []
         if format == .text {
-            print(String(format: "machine: %d threads, peak %.1f GFLOP/s (SGEMM), bandwidth %.1f GB/s (copy)", threads, machine.peakGFLOPS, machine.bandwidthGBps))
+            print(String(format: "machine: %d threads, peak %.1f GFLOP/s (SGEMM; FMA issue limit %.1f), bandwidth %.1f GB/s (copy)", threads,
+                         machine.peakGFLOPS, machine.fmaPeakGFLOPS, machine.bandwidthGBps))
             print("workload  impl      threads  median us     p90 us   GFLOP/s  roofline")
         }
         for workload in workloads {
@@ -186,6 +187,7 @@ struct Bench: ParsableCommand {
             print(JSONValue.object([
                 ("machine", .object([("cpus", .integer(ProcessInfo.processInfo.activeProcessorCount)), ("threads", .integer(threads)),
                                      ("peak_gflops", .double(machine.peakGFLOPS)), ("bandwidth_gbs", .double(machine.bandwidthGBps)),
+                                     ("fma_peak_gflops", .double(machine.fmaPeakGFLOPS)),
                                      ("isa", .string(String(describing: PhatgooseKernels.Kernels.activeISA)))])),
                 ("results", .array(results)),
             ]).serialized())

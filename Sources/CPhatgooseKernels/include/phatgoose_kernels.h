@@ -123,6 +123,12 @@ void pg_add_f32(float *y, const float *x, size_t n);
  * in row order, reading and writing y once. The rows must not overlap y. */
 void pg_add_rows_f32(float *y, const float *const *x, size_t count, size_t n);
 
+/* Machine probe, not a kernel: runs `iterations` rounds of independent FMA chains that need no memory (24 chains of
+ * 16 lanes under AVX-512, 12 of 8 under AVX2, 8 scalar multiply-adds in portable C) and returns the floating-point
+ * operations done (2 per lane per FMA). Timed on every core at once, it gives the core's FMA issue peak, the upper
+ * bound of any F32 kernel's rate. */
+double pg_fma_probe(size_t iterations);
+
 #ifdef __cplusplus
 }
 #endif
