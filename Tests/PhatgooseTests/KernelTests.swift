@@ -21,6 +21,21 @@ func forEachISA(_ body: (Kernels.ISA) throws -> Void) rethrows {
     }
 }
 
+/// The worst error of `c` [m, n] against alpha * A Bᵀ computed in double, for A [m, k] and B [n, k]; relative to
+/// max(1, |reference|) when `relative`, else absolute.
+func worstProductError(_ c: [Float], _ a: [Float], _ b: [Float], m: Int, n: Int, k: Int, alpha: Double = 1, relative: Bool) -> Double {
+    var worst = 0.0
+    for i in 0..<m {
+        for j in 0..<n {
+            var sum = 0.0
+            for t in 0..<k { sum += Double(a[i * k + t]) * Double(b[j * k + t]) }
+            let error = abs(Double(c[i * n + j]) - alpha * sum)
+            worst = max(worst, relative ? error / max(1, abs(sum)) : error)
+        }
+    }
+    return worst
+}
+
 @Suite("kernels", .serialized)
 struct KernelTests {
     @Test("gemm_nt matches a double-precision reference", arguments: [(1, 1, 1), (3, 5, 17), (13, 7, 64), (64, 36, 2048), (5, 166, 100), (7, 9, 8209)])
@@ -30,14 +45,7 @@ struct KernelTests {
         forEachISA { isa in
             var c = [Float](repeating: .nan, count: m * n)
             Kernels.gemmNT(a, lda: k, m: m, b, ldb: k, n: n, k: k, alpha: 0.5, into: &c, ldc: n)
-            var worst = 0.0
-            for i in 0..<m {
-                for j in 0..<n {
-                    var sum = 0.0
-                    for t in 0..<k { sum += Double(a[i * k + t]) * Double(b[j * k + t]) }
-                    worst = max(worst, abs(Double(c[i * n + j]) - 0.5 * sum) / max(1, abs(sum)))
-                }
-            }
+            let worst = worstProductError(c, a, b, m: m, n: n, k: k, alpha: 0.5, relative: true)
             #expect(worst < 1e-5, "\(isa): worst relative error \(worst)")
         }
     }
@@ -51,14 +59,7 @@ struct KernelTests {
                 for n in 1...17 {
                     var c = [Float](repeating: .nan, count: m * n)
                     Kernels.gemmNT(a, lda: k, m: m, b, ldb: k, n: n, k: k, into: &c, ldc: n)
-                    var worst = 0.0
-                    for i in 0..<m {
-                        for j in 0..<n {
-                            var sum = 0.0
-                            for t in 0..<k { sum += Double(a[i * k + t]) * Double(b[j * k + t]) }
-                            worst = max(worst, abs(Double(c[i * n + j]) - sum))
-                        }
-                    }
+                    let worst = worstProductError(c, a, b, m: m, n: n, k: k, relative: false)
                     #expect(worst < 1e-5, "\(isa): gemm \(m)x\(n)x\(k): worst error \(worst)")
                     // Expand over n * 9 columns: full vectors, partial vectors and the scalar or masked tail.
                     let width = n * 9
@@ -67,14 +68,8 @@ struct KernelTests {
                     bt.withUnsafeBytes { raw in
                         Kernels.loraExpand(h, count: m, rank: rank, bTransposed: raw.baseAddress!, bDType: 0, outWidth: width, into: &y, ldy: width)
                     }
-                    var worstY = 0.0
-                    for i in 0..<m {
-                        for o in 0..<width {
-                            var sum = 0.0
-                            for j in 0..<rank { sum += Double(h[i * rank + j]) * Double(bt[j * width + o]) }
-                            worstY = max(worstY, abs(Double(y[i * width + o]) - sum))
-                        }
-                    }
+                    let b = (0..<(width * rank)).map { bt[($0 % rank) * width + $0 / rank] }  // B [width, rank]
+                    let worstY = worstProductError(y, h, b, m: m, n: width, k: rank, relative: false)
                     #expect(worstY < 1e-5, "\(isa): expand \(m)x\(rank)x\(width): worst error \(worstY)")
                 }
             }
@@ -92,14 +87,7 @@ struct KernelTests {
         forEachISA { isa in
             var c = [Float](repeating: .nan, count: m * n)
             Kernels.gemmPacked(a, lda: k, m: m, panels.pointer, n: n, k: k, alpha: 0.5, into: &c, ldc: n)
-            var worst = 0.0
-            for i in 0..<m {
-                for j in 0..<n {
-                    var sum = 0.0
-                    for t in 0..<k { sum += Double(a[i * k + t]) * Double(b[j * k + t]) }
-                    worst = max(worst, abs(Double(c[i * n + j]) - 0.5 * sum) / max(1, abs(sum)))
-                }
-            }
+            let worst = worstProductError(c, a, b, m: m, n: n, k: k, alpha: 0.5, relative: true)
             #expect(worst < 1e-5, "\(isa): worst relative error \(worst)")
             // Each panel alone, and each row alone, reproduce the whole call bit for bit.
             var pieces = [Float](repeating: .nan, count: m * n)

@@ -12,7 +12,7 @@
  *    through it (for example, any size argument that makes the output empty is zero).
  *  - Outputs must not overlap inputs, except where a function says otherwise.
  *  - No function allocates, starts threads or keeps state, apart from the ISA choice. All kernels are
- *    safe to call concurrently from several threads on disjoint outputs. Stack use is at most ~28 KiB.
+ *    safe to call concurrently from several threads on disjoint outputs. Stack use is at most ~20 KiB.
  *  - Speed: F32 rows that start on a 64-byte boundary avoid cache-line-split loads (10-20% faster);
  *    typed weights behind void pointers may sit at any byte address.
  *  - Determinism: for a given ISA every output element is bitwise reproducible. Its value does not
