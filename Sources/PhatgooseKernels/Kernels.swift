@@ -3,8 +3,8 @@ import CPhatgooseKernels
 /// The numeric kernels, over unsafe buffers: allocation-free, thread-free and deterministic per instruction set
 /// (each output element's bits do not depend on batch size, position or tiling).
 ///
-/// On x86-64 the AVX-512 versions of the products (score GEMM, shrink, expand) and the AVX2/FMA/F16C versions of
-/// the rest are chosen at run time when the CPU has them; otherwise, and on other architectures, portable C. No unsafe build flag is involved, so the package stays usable as a dependency.
+/// On x86-64 the AVX-512 versions of the products (score GEMMs, shrink, expand) and of LayerNorm, and the
+/// AVX2/FMA/F16C versions of the rest, are chosen at run time when the CPU has them; otherwise, and on other architectures, portable C. No unsafe build flag is involved, so the package stays usable as a dependency.
 public enum Kernels {
     /// The instruction sets the kernels can use.
     public enum ISA: Int32, Sendable, CaseIterable, CustomStringConvertible {
@@ -12,7 +12,7 @@ public enum Kernels {
         case portable = 0
         /// x86-64 AVX2 with FMA and F16C.
         case avx2 = 1
-        /// x86-64 AVX-512 F, BW and VL for the products (the other kernels run their AVX2 versions).
+        /// x86-64 AVX-512 F, BW and VL for the products and LayerNorm (the other kernels run their AVX2 versions).
         case avx512 = 2
         /// The kernels' name for the instruction set: `portable`, `avx2` or `avx512`.
         public var description: String { String(cString: pg_isa_name(rawValue)) }

@@ -40,7 +40,8 @@ public struct LayerRouter: Sendable {
     let scoreMatrix: WeightTensor?
     /// `scoreMatrix` packed into column panels of ``Kernels/panelWidth`` candidates (64-byte aligned), which the
     /// score GEMM reads: built once here, since the matrix is fixed while the router lives. It costs as much memory
-    /// again as the matrix, and measured 1.45x the dot-product GEMM's rate with AVX-512.
+    /// again as the matrix (candidates rounded up to a multiple of 16), and measured 1.5-2.2x the dot-product
+    /// GEMM's rate with AVX-512 (docs/performance.md).
     let scorePanels: HeapBuffer?
     /// Multiplies every raw score: 1 for PHATGOOSE (the 1/sqrt(in) is in the gates), 1/temperature (and
     /// 1/sqrt(in) when scaled) for Arrow.

@@ -57,7 +57,12 @@ final class LibrarySnapshot: Sendable {
             module.flatMap { candidate in zip(candidate.nodes, candidate.pieces).map { (node: Int32($0.0), view: ExpertKernelView($0.1)) } }
         }
         pieceStarts = copies.map { module in
-            module.reduce(into: [Int32(0)]) { starts, candidate in starts.append(starts.last! + Int32(candidate.pieces.count)) }
+            module.reduce(into: [Int32(0)]) { starts, candidate in
+                // The hot path picks a copy from this range without bounds checks: every candidate needs one.
+                precondition(!candidate.pieces.isEmpty && candidate.pieces.count == candidate.nodes.count,
+                             "every candidate needs at least one placed copy of its weights")
+                starts.append(starts.last! + Int32(candidate.pieces.count))
+            }
         }
         candidateExperts = library.modules.map { module in module.experts.map(\.expert.rawValue) }
     }

@@ -97,8 +97,9 @@ void pg_pack_panels(const float *b, size_t ldb, size_t n, size_t k, float *packe
 
 /* C[i,j] = alpha * sum_k A[i,k] * B[j,k] for i < m, j < n, with B packed by pg_pack_panels (n, k as packed;
  * 64-byte aligned). Panels are independent: to compute columns 16p .. 16p + n' - 1 alone, pass
- * packed + p * 16 * k, n' and c + 16p. Every output is one chain acc = acc + a*b over k = 0..k-1 in order, from +0
- * (fused under AVX2 and AVX-512, which agree bit for bit; separately rounded in portable C), then times alpha. */
+ * packed + p * 16 * k, n' and c + 16p. Every output is, per k-block of 128 from k = 0, one chain acc = acc + a*b in
+ * order from +0 (fused under AVX2 and AVX-512, which agree bit for bit; separately rounded in portable C); the block
+ * sums are added in block order from +0, then multiplied by alpha. */
 void pg_gemm_packed_f32(const float *a, size_t lda, size_t m, const float *packed, size_t n, size_t k, float alpha,
                         float *c, size_t ldc);
 
