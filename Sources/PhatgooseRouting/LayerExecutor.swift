@@ -160,14 +160,17 @@ extension LayerExecutor: Sendable {}
 public struct ExpertKernelView: @unchecked Sendable {
     /// The expert the weights belong to (its index in the library).
     public var expert: Int32
-    /// `lora_A` [rank, in] and its kernel dtype.
+    /// `lora_A` [rank, in].
     public var a: UnsafeRawPointer
+    /// The kernel dtype of `a` (a `pg_dtype` value).
     public var aDType: Int32
-    /// `lora_B` transposed [rank, out] and its kernel dtype.
+    /// `lora_B` transposed [rank, out].
     public var bTransposed: UnsafeRawPointer
+    /// The kernel dtype of `bTransposed`.
     public var bDType: Int32
-    /// The LoRA rank and scale.
+    /// The LoRA rank at this module.
     public var rank: Int
+    /// The LoRA scale (alpha / r, or alpha / sqrt(r) with rsLoRA).
     public var scale: Float
 
     /// The view of `piece`'s weights (valid while `piece`'s tensors live).

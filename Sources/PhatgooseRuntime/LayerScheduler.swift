@@ -215,14 +215,20 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         }
         // Owners: the least-loaded participant on a node holding the candidate (any participant when no participant
         // sits on such a node).
-        let copies = snapshot.copies[m]
-        for i in 0..<itemCount {
-            let holders = copies[Int(itemList[i].candidate)].nodes
-            var best = -1
-            for p in 0..<participants where holders.contains(nodes[p]) && (best < 0 || load[p] < load[best]) { best = p }
-            if best < 0 { for p in 0..<participants where best < 0 || load[p] < load[best] { best = p } }
-            itemList[i].owner = Int32(best)
-            load[best] += Int(itemList[i].count)
+        // The holders' nodes come from the plain per-module table (indexing `copies` would copy its arrays).
+        snapshot.pieceViews[m].withUnsafeBufferPointer { views in
+            snapshot.pieceStarts[m].withUnsafeBufferPointer { pieceStarts in
+                for i in 0..<itemCount {
+                    let c = Int(itemList[i].candidate)
+                    let holders = Int(pieceStarts[c])..<Int(pieceStarts[c + 1])
+                    var best = -1
+                    for p in 0..<participants where (best < 0 || load[p] < load[best])
+                        && holders.contains(where: { views[$0].node == Int32(nodes[p]) }) { best = p }
+                    if best < 0 { for p in 0..<participants where best < 0 || load[p] < load[best] { best = p } }
+                    itemList[i].owner = Int32(best)
+                    load[best] += Int(itemList[i].count)
+                }
+            }
         }
         // Counting sort by owner into per-participant queues.
         for p in 0...participants { starts[p] = 0 }

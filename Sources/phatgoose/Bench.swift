@@ -84,7 +84,7 @@ struct Bench: ParsableCommand {
             throw ValidationError("--impl: expected runtime, dispatch, naive or dense, found \(name)")
         }
         guard seconds > 0 else { throw ValidationError("--seconds: expected a positive number") }
-        for name in (isa ?? "").split(separator: ",", omittingEmptySubsequences: false) where isa != nil {
+        for name in isa?.split(separator: ",", omittingEmptySubsequences: false) ?? [] {
             guard let known = Kernels.ISA.allCases.first(where: { $0.description == name }) else {
                 throw ValidationError("--isa: expected portable, avx2 or avx512, found '\(name)'")
             }
