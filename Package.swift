@@ -41,7 +41,7 @@ let package = Package(
         .target(name: "CPhatgooseKernels"),
         .target(name: "CPhatgooseSystem"),
         .systemLibrary(name: "CNuma", providers: [.apt(["libnuma-dev"])]),
-        .target(name: "PhatgooseFormats", dependencies: ["CPhatgooseKernels"]),
+        .target(name: "PhatgooseFormats", dependencies: ["CPhatgooseKernels", "CPhatgooseSystem"]),
         .target(name: "PhatgooseKernels", dependencies: ["CPhatgooseKernels", "PhatgooseFormats"]),
         .target(name: "PhatgooseLibrary", dependencies: ["PhatgooseFormats", "PhatgooseKernels"]),
         .target(

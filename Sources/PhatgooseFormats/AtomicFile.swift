@@ -1,3 +1,4 @@
+import CPhatgooseSystem
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -8,7 +9,9 @@ import Darwin
 
 /// Writes a file so that it appears whole or not at all: data goes to a hidden temporary file in the same directory,
 /// which is renamed over the destination only by ``commit()``. If the writer is dropped without committing, the
-/// temporary file is removed, so no failure ever leaves a partial output behind.
+/// temporary file is removed, so no failure ever leaves a partial output behind. The temporary file is also in the
+/// process's cleanup registry, so a command that installed ``TemporaryFiles/removeOnSignals()`` leaves nothing behind
+/// when SIGINT or SIGTERM interrupts it mid-write.
 ///
 /// # Thread safety
 /// Not thread-safe; one owner writes and commits.
@@ -18,6 +21,7 @@ public final class AtomicFile {
     private let temporaryPath: String
     private var fd: Int32
     private var committed = false
+    private let cleanupSlot: Int32
     private var buffer: [UInt8] = []
     private static let bufferLimit = 1 << 20
 
@@ -34,6 +38,7 @@ public final class AtomicFile {
         }
         self.fd = fd
         self.temporaryPath = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        cleanupSlot = pg_cleanup_register(temporaryPath, 0)
         fchmod(fd, 0o644)
     }
 
@@ -100,10 +105,14 @@ public final class AtomicFile {
             throw FormatError(.io, file: path, "cannot rename the finished file into place: \(String(cString: strerror(errno)))")
         }
         committed = true
+        pg_cleanup_unregister(cleanupSlot)
     }
 
     deinit {
         if fd >= 0 { close(fd) }
-        if !committed { unlink(temporaryPath) }
+        if !committed {
+            unlink(temporaryPath)
+            pg_cleanup_unregister(cleanupSlot)
+        }
     }
 }

@@ -20,6 +20,12 @@ public struct FormatError: Error, Sendable, CustomStringConvertible {
         public static let values = Code("values")
         /// A packed library breaks its format.
         public static let packed = Code("packed")
+        /// A zip archive is truncated, damaged or uses a feature that is not read (compression, encryption).
+        public static let zip = Code("zip")
+        /// A pickle is malformed, or asks for a global (code) that reading a tensor state dict does not need.
+        public static let pickle = Code("pickle")
+        /// A PyTorch checkpoint's structure is not what was expected (layout, storages, tensors, keys).
+        public static let checkpoint = Code("checkpoint")
     }
 
     /// What kind of failure this is.

@@ -54,6 +54,13 @@ public final class MappedFile: @unchecked Sendable {
         bytes = UnsafeRawBufferPointer(start: base, count: size)
     }
 
+    /// Lets the kernel drop the mapping's resident pages (they are read again from the file when touched), so that
+    /// streaming through a file larger than memory keeps the process's resident size bounded. No effect on a copy.
+    public func dropResidentPages() {
+        guard !ownsHeapCopy, let base = bytes.baseAddress else { return }
+        _ = madvise(UnsafeMutableRawPointer(mutating: base), bytes.count, MADV_DONTNEED)
+    }
+
     deinit {
         guard let base = bytes.baseAddress else { return }
         if ownsHeapCopy {

@@ -15,10 +15,12 @@ struct Phatgoose: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "phatgoose",
         abstract: "Serve PHATGOOSE routing among LoRA experts on CPUs.",
-        subcommands: [Inspect.self, SynthCommand.self, Pack.self, Apply.self, Bench.self, PlacementCommand.self, LoadTestCommand.self, ProfileCommand.self]
+        subcommands: [Inspect.self, SynthCommand.self, Pack.self, Apply.self, ImportOfficialCommand.self, Bench.self, PlacementCommand.self, LoadTestCommand.self, ProfileCommand.self]
     )
 
     static func main() {
+        // Temporary files of interrupted writes are removed on SIGINT, SIGTERM, SIGHUP and SIGQUIT.
+        TemporaryFiles.removeOnSignals()
         let command: ParsableCommand
         do {
             command = try parseAsRoot()

@@ -70,6 +70,10 @@ void pg_convert_to_f32(const void *src, int dtype, float *dst, size_t n);
  * results are exact. PG_DTYPE_F32 copies. */
 void pg_convert_from_f32(const float *src, int dtype, void *dst, size_t n);
 
+/* The CRC-32 of zip archives (reflected polynomial 0xEDB88320) of n bytes, continuing from crc (0 to start):
+ * pg_crc32(pg_crc32(0, a, n), b, m) is the CRC of a followed by b. Little-endian hosts only. */
+uint32_t pg_crc32(uint32_t crc, const void *data, size_t n);
+
 /* The number of elements among n elements of type dtype that are NaN or +-inf. */
 size_t pg_count_nonfinite(const void *src, int dtype, size_t n);
 

@@ -116,4 +116,13 @@ static inline long pg_query_page_nodes(unsigned long count, void **pages, int *s
 #endif
 }
 
+/* Cleanup registry: paths of temporary files and directories that must not outlive an interrupted process.
+ * pg_cleanup_register copies path and returns a slot (or -1 when full or out of memory); pg_cleanup_unregister(slot)
+ * forgets it (call it once the path is renamed into place or removed). After pg_cleanup_install_signal_handlers,
+ * SIGINT, SIGTERM, SIGHUP and SIGQUIT remove every registered file, then every registered (empty) directory, newest
+ * first, and the process dies of the same signal. Thread-safe; the handler is async-signal-safe. */
+int pg_cleanup_register(const char *path, int is_directory);
+void pg_cleanup_unregister(int slot);
+int pg_cleanup_install_signal_handlers(void);
+
 #endif
