@@ -78,7 +78,7 @@ let package = Package(
         .executableTarget(
             name: "phatgoose",
             dependencies: [
-                "PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime", "PhatgooseSynth",
+                "CPhatgoose", "PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime", "PhatgooseSynth",
                 "PhatgooseProfiling", "PhatgooseLoadTest",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]

@@ -37,6 +37,40 @@ void pg_cleanup_unregister(int slot) {
     if (path && !__atomic_load_n(&pg_cleanup_running, __ATOMIC_SEQ_CST)) free(path);
 }
 
+/* Creation and registration with the cleanup signals blocked, so that no signal can land between the two and leave
+ * an unregistered file behind. */
+static void pg_cleanup_block(sigset_t *saved) {
+    sigset_t blocked;
+    sigemptyset(&blocked);
+    sigaddset(&blocked, SIGINT);
+    sigaddset(&blocked, SIGTERM);
+    sigaddset(&blocked, SIGHUP);
+    sigaddset(&blocked, SIGQUIT);
+    pthread_sigmask(SIG_BLOCK, &blocked, saved);
+}
+
+int pg_cleanup_mkstemp(char *template_path, int *slot) {
+    sigset_t saved;
+    pg_cleanup_block(&saved);
+    int fd = mkstemp(template_path);
+    int saved_errno = errno;
+    *slot = fd >= 0 ? pg_cleanup_register(template_path, 0) : -1;
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    errno = saved_errno;
+    return fd;
+}
+
+char *pg_cleanup_mkdtemp(char *template_path, int *slot) {
+    sigset_t saved;
+    pg_cleanup_block(&saved);
+    char *made = mkdtemp(template_path);
+    int saved_errno = errno;
+    *slot = made ? pg_cleanup_register(template_path, 1) : -1;
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    errno = saved_errno;
+    return made;
+}
+
 static void pg_cleanup_remove_all(void) {
     __atomic_store_n(&pg_cleanup_running, 1, __ATOMIC_SEQ_CST);
     /* Files first, then directories from the most recently registered (innermost) outwards. */
@@ -67,8 +101,17 @@ int pg_cleanup_install_signal_handlers(void) {
     memset(&action, 0, sizeof action);
     action.sa_handler = pg_cleanup_on_signal;
     sigfillset(&action.sa_mask);
+    sigset_t unblock;
+    sigemptyset(&unblock);
     for (size_t i = 0; i < sizeof signals / sizeof signals[0]; i++) {
+        /* A signal ignored at start (nohup, a shell's background job) stays ignored: it interrupts nothing. */
+        struct sigaction previous;
+        if (sigaction(signals[i], NULL, &previous) != 0) return -1;
+        if (previous.sa_handler == SIG_IGN) continue;
         if (sigaction(signals[i], &action, NULL) != 0) return -1;
+        sigaddset(&unblock, signals[i]);
     }
-    return 0;
+    /* A mask inherited from the parent (some process launchers block signals in the threads that spawn) would hold
+     * the signal until the write is done: a tool that can be interrupted must receive it. */
+    return pthread_sigmask(SIG_UNBLOCK, &unblock, NULL) == 0 ? 0 : -1;
 }

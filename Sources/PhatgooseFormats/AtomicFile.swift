@@ -32,13 +32,14 @@ public final class AtomicFile {
         let directory = slash.map { String(path[..<$0]) } ?? "."
         let base = slash.map { String(path[path.index(after: $0)...]) } ?? path
         var template = Array("\(directory.isEmpty ? "/" : directory)/.\(base).tmp-XXXXXX".utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        var slot: Int32 = -1
+        let fd = template.withUnsafeMutableBufferPointer { pg_cleanup_mkstemp($0.baseAddress!, &slot) }
         guard fd >= 0 else {
             throw FormatError(.io, file: path, "cannot create a temporary file in \(directory): \(String(cString: strerror(errno)))")
         }
         self.fd = fd
         self.temporaryPath = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-        cleanupSlot = pg_cleanup_register(temporaryPath, 0)
+        cleanupSlot = slot
         fchmod(fd, 0o644)
     }
 

@@ -129,11 +129,12 @@ public final class StagedDirectory {
         let parent = slash.map { String(trimmed[..<$0]) } ?? "."
         let base = slash.map { String(trimmed[trimmed.index(after: $0)...]) } ?? trimmed
         var template = Array("\(parent.isEmpty ? "" : parent)/.\(base).tmp-XXXXXX".utf8CString)
-        guard template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) != nil else {
+        var slot: Int32 = -1
+        guard template.withUnsafeMutableBufferPointer({ pg_cleanup_mkdtemp($0.baseAddress!, &slot) }) != nil else {
             throw FormatError(.io, file: destination, "cannot create a staging directory in \(parent.isEmpty ? "/" : parent): \(String(cString: strerror(errno)))")
         }
         path = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-        registered.append((pg_cleanup_register(path, 1), path, true))
+        registered.append((slot, path, true))
         // mkdtemp makes the directory private (0700); the finished library gets the usual permissions.
         let mask = umask(0)
         umask(mask)

@@ -57,18 +57,19 @@ public struct SafetensorsFile: Sendable {
         }
         let declared = bytes.loadUnaligned(as: UInt64.self).littleEndian
         guard declared <= UInt64(Self.maximumHeaderLength) else {
-            throw failure("header length", "expected at most \(Self.maximumHeaderLength) bytes, found \(declared)")
+            // Random bytes land here: say what the file is not before the number that proves it.
+            throw failure("header length", "not a safetensors file: expected a header length of at most \(Self.maximumHeaderLength) bytes, found \(declared)")
         }
         let headerLength = Int(declared)
         guard 8 + headerLength <= bytes.count else {
-            throw failure("header length", "header of \(headerLength) bytes runs past the end of the file (\(bytes.count) bytes)")
+            throw failure("header length", "not a safetensors file, or a truncated one: the header of \(headerLength) bytes runs past the end of the file (\(bytes.count) bytes)")
         }
         let headerBytes = UnsafeRawBufferPointer(rebasing: bytes[8..<(8 + headerLength)])
         guard String(validating: headerBytes, as: UTF8.self) != nil else {
-            throw failure("header", "expected UTF-8 JSON, found bytes that are not valid UTF-8")
+            throw failure("header", "not a safetensors file: expected UTF-8 JSON, found bytes that are not valid UTF-8")
         }
         guard headerLength > 0, headerBytes[0] == UInt8(ascii: "{") else {
-            throw failure("header", "expected a JSON object starting with '{', found \(headerLength == 0 ? "an empty header" : "'\(Character(Unicode.Scalar(headerBytes[0])))'")")
+            throw failure("header", "not a safetensors file: expected a JSON object starting with '{', found \(headerLength == 0 ? "an empty header" : "'\(Character(Unicode.Scalar(headerBytes[0])))'")")
         }
         let root: JSONValue
         do {

@@ -57,7 +57,7 @@ public final class MetricsServer: Sendable {
 
     /// Binds 127.0.0.1:`port` and starts answering with `body()`.
     public init(port: Int, body: @escaping @Sendable () -> [UInt8]) throws {
-        guard port >= 0 && port <= 65_535 else { throw LoadTestError(.option, "metrics port: expected 0 to 65535, found \(port)") }
+        guard port >= 0 && port <= 65_535 else { throw LoadTestError(.option, "--metrics-port: expected 0 to 65535, found \(port)") }
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw LoadTestError(.io, "metrics port \(port): cannot create a socket: \(String(cString: strerror(errno)))") }
         var yes: Int32 = 1

@@ -69,15 +69,16 @@ public struct SynthOptions: Sendable {
 /// options always give the same files, and activations match their library.
 public enum Synth {
     /// Writes a library directory in the user layout (PEFT adapters, gates, optional manifest).
+    /// The directory must not exist or be empty: it is built in a staging directory beside it and renamed into
+    /// place when complete, so nothing is overwritten and a failure or interruption leaves nothing behind.
     public static func writeLibrary(_ options: SynthOptions, to directory: String) throws {
         try validate(options)
-        try createDirectory(directory)
+        let stage = try StagedDirectory(destination: directory)
         let layers = options.shape.layers
         var entries: [LibraryManifest.Entry] = []
         for e in 0..<options.experts {
             let name = options.expertName(e)
-            let expertDirectory = directory + "/" + name
-            try createDirectory(expertDirectory)
+            _ = try stage.directory(name)
             var adapter = SafetensorsWriter()
             var gates = SafetensorsWriter()
             for (l, layer) in layers.enumerated() where adapts(options, expert: e, layer: l) {
@@ -87,8 +88,8 @@ public enum Synth {
                 gates.add(layer.name, floats: values.gate, shape: [layer.inWidth], as: options.gateDType)
             }
             adapter.metadata = ["format": "pt"]
-            try adapter.write(to: expertDirectory + "/adapter_model.safetensors")
-            try gates.write(to: expertDirectory + "/gates.safetensors")
+            try adapter.write(to: stage.file(name + "/adapter_model.safetensors"))
+            try gates.write(to: stage.file(name + "/gates.safetensors"))
             let targets = Array(Set(layers.map { String($0.name.split(separator: ".").last!) })).sorted()
             let config = JSONValue.object([
                 ("peft_type", .string("LORA")),
@@ -104,13 +105,14 @@ public enum Synth {
                 ("modules_to_save", .null),
                 ("lora_dropout", .double(0)),
             ])
-            try writeText(config.serialized() + "\n", to: expertDirectory + "/adapter_config.json")
+            try writeText(config.serialized() + "\n", to: stage.file(name + "/adapter_config.json"))
             entries.append(LibraryManifest.Entry(name: name, path: name))
         }
         if options.manifest {
             let manifest = LibraryManifest(experts: entries, routing: RoutingDefaults(router: .phatgoose, topK: options.topK))
-            try writeText(manifest.document().serialized() + "\n", to: directory + "/library.json")
+            try writeText(manifest.document().serialized() + "\n", to: stage.file("library.json"))
         }
+        try stage.commit()
     }
 
     /// Token activations for every layer, keyed by layer name, F32 [tokens, in], for `phatgoose apply`. Tokens come
@@ -201,14 +203,6 @@ public enum Synth {
         for layer in options.shape.layers {
             guard layer.inWidth >= 1, layer.outWidth >= 1 else { throw bad("layer \(layer.name): expected positive widths, found \(layer.inWidth)x\(layer.outWidth)") }
             guard names.insert(layer.name).inserted else { throw bad("layer \(layer.name): expected unique layer names, found it twice") }
-        }
-    }
-
-    static func createDirectory(_ path: String) throws {
-        do {
-            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-        } catch {
-            throw FormatError(.io, file: path, "cannot create the directory: \(error.localizedDescription)")
         }
     }
 

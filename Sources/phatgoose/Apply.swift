@@ -5,7 +5,7 @@ import PhatgooseRouting
 
 /// Routing options shared by the commands that route.
 struct RoutingFlags: ParsableArguments {
-    @Option(help: "Experts per token (default: the library's top_k).")
+    @Option(parsing: .unconditional, help: "Experts per token (default: the library's top_k).")
     var topK: Int?
 
     @Option(help: "Router: phatgoose, arrow or uniform (default: the library's router).")
@@ -14,10 +14,10 @@ struct RoutingFlags: ParsableArguments {
     @Option(help: "Route per token or per sequence (the mean activation of a sequence routes all its tokens).")
     var granularity: String = "token"
 
-    @Option(help: "Tokens per sequence with --granularity sequence (default: the whole batch is one sequence).")
+    @Option(parsing: .unconditional, help: "Tokens per sequence with --granularity sequence (default: the whole batch is one sequence).")
     var sequenceLength: Int?
 
-    @Option(help: "Arrow: temperature dividing |x . prototype|.")
+    @Option(parsing: .unconditional, help: "Arrow: temperature dividing |x . prototype|.")
     var arrowTemperature: Float = 10
 
     @Flag(help: "Arrow: also scale scores by 1/sqrt(in).")
@@ -54,7 +54,8 @@ struct Apply: ParsableCommand {
         discussion: """
             Input: one tensor per module, keyed by module name, shape [T, in]. Output, per input key: <module> the \
             mixture delta [T, out] F32 (without W x), <module>.experts [T, k] I32, <module>.weights [T, k] F32. \
-            The output is written atomically: on any error no file is left behind.
+            The output is written atomically: on any error or interruption (SIGINT, SIGTERM) no file is left \
+            behind, and an output that is (or resolves to) the input or a file of the library is refused.
             """
     )
 
@@ -69,10 +70,26 @@ struct Apply: ParsableCommand {
 
     @OptionGroup var routing: RoutingFlags
 
+    @Option(help: "Output format for the summary of what was written: text or json.")
+    var format: OutputFormat = .text
+
     func run() throws {
+        try OutputPath.refuseOverwriting(output, option: "--output", inputs: [input, library])
         let loaded = try ExpertLibrary.load(path: library)
         let file = try SafetensorsFile(path: input)
         let writer = try ApplyFile.apply(loaded, input: file, options: routing.options(defaults: loaded.routing, tokens: 0))
         try writer.write(to: output)
+        let tokens = file.tensors.map { $0.shape[0] }
+        switch format {
+        case .json:
+            print(JSONValue.object([
+                ("output", .string(output)), ("modules", .integer(file.tensors.count)),
+                ("tokens", .array(file.tensors.map { .object([("module", .string($0.name)), ("tokens", .integer($0.shape[0]))]) })),
+                ("tensors", .integer(3 * file.tensors.count)),
+            ]).serialized())
+        case .text:
+            let counts = Set(tokens).count == 1 ? "\(tokens.first ?? 0) tokens" : "\(tokens.reduce(0, +)) tokens in all"
+            print("wrote deltas, experts and weights of \(file.tensors.count) modules x \(counts) to \(output)")
+        }
     }
 }

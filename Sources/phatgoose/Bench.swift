@@ -22,14 +22,14 @@ struct Bench: ParsableCommand {
     @Option(help: "Canonical workload: \(Workload.canonical.map(\.name).joined(separator: ", ")), or M1 (a T5-XL model pass) (default: W1, W2 and W3).")
     var workload: [String] = []
 
-    @Option(help: "Custom workload: number of experts.") var experts: Int?
-    @Option(name: .customLong("in"), help: "Custom workload: input width.") var inWidth: Int?
-    @Option(name: .customLong("out"), help: "Custom workload: output width.") var outWidth: Int?
-    @Option(help: "Custom workload: LoRA rank.") var rank: Int = 16
-    @Option(help: "Custom workload: tokens per call.") var tokens: Int?
-    @Option(help: "Custom workload: experts per token.") var topK: Int = 2
+    @Option(parsing: .unconditional, help: "Custom workload: number of experts.") var experts: Int?
+    @Option(name: .customLong("in"), parsing: .unconditional, help: "Custom workload: input width.") var inWidth: Int?
+    @Option(name: .customLong("out"), parsing: .unconditional, help: "Custom workload: output width.") var outWidth: Int?
+    @Option(parsing: .unconditional, help: "Custom workload: LoRA rank.") var rank: Int = 16
+    @Option(parsing: .unconditional, help: "Custom workload: tokens per call.") var tokens: Int?
+    @Option(parsing: .unconditional, help: "Custom workload: experts per token.") var topK: Int = 2
 
-    @Option(help: "Threads for the machine probe and the runtime.")
+    @Option(parsing: .unconditional, help: "Threads for the machine probe and the runtime.")
     var threads: Int = ProcessInfo.processInfo.activeProcessorCount
 
     @Option(help: "Implementations to run (comma-separated): runtime (pinned workers, at 1 thread and at --threads), dispatch (the runtime on Dispatch, at --threads), naive, dense.")
@@ -44,13 +44,13 @@ struct Bench: ParsableCommand {
     @Option(help: "Weight dtype: f32, f16 or bf16.")
     var dtype: String = "bf16"
 
-    @Option(help: "M1: experts in the T5-XL library (36 for P3, 166 for FLAN).")
+    @Option(parsing: .unconditional, help: "M1: experts in the T5-XL library (36 for P3, 166 for FLAN).")
     var modelExperts: Int = 36
 
     @Option(help: "M1: tokens per pass (comma-separated).")
     var modelTokens: String = "64,512"
 
-    @Option(help: "Seconds of measurement per (workload, implementation).")
+    @Option(parsing: .unconditional, help: "Seconds of measurement per (workload, implementation).")
     var seconds: Double = 1
 
     @Option(help: "Instead of layers, time opening this library (directory or packed) with the page cache warm.")
@@ -77,7 +77,9 @@ struct Bench: ParsableCommand {
         }
         let custom = [experts, inWidth, outWidth, tokens].compactMap { $0 }
         if !custom.isEmpty && custom.count != 4 { throw ValidationError("a custom workload needs --experts, --in, --out and --tokens") }
-        if custom.contains(where: { $0 < 1 }) || rank < 1 || topK < 1 { throw ValidationError("workload sizes must be >= 1") }
+        for (flag, value) in [("--experts", experts), ("--in", inWidth), ("--out", outWidth), ("--tokens", tokens), ("--rank", rank), ("--top-k", topK)] {
+            if let value, value < 1 { throw ValidationError("\(flag): expected an integer >= 1, found \(value)") }
+        }
         guard threads >= 1 else { throw ValidationError("--threads: expected at least 1, found \(threads)") }
         guard DType(userSpelling: dtype)?.isComputeFloat == true else { throw ValidationError("--dtype: expected f32, f16 or bf16, found \(dtype)") }
         for name in impl.split(separator: ",") where !["runtime", "dispatch", "naive", "dense"].contains(String(name)) {

@@ -27,7 +27,7 @@ struct ImportOfficialCommand: ParsableCommand {
     @Option(help: "Expert names in index order, comma-separated (default: expert0, expert1, ... zero-padded).")
     var names: String?
 
-    @Option(help: "Default top-k written to library.json.")
+    @Option(parsing: .unconditional, help: "Default top-k written to library.json.")
     var topK: Int = 2
 
     @Option(help: "Output format for the summary: text or json.")

@@ -16,31 +16,31 @@ struct LoadTestFlags: ParsableArguments {
     @Option(help: "A library directory or packed library (default: the built-in synthetic T5-base library, generated on first use and cached in $PHATGOOSE_CACHE or ~/.cache/phatgoose).")
     var library: String?
 
-    @Option(help: "Closed loop: concurrent clients, each sending its next request when its previous one finishes (default 4).")
+    @Option(parsing: .unconditional, help: "Closed loop: concurrent clients, each sending its next request when its previous one finishes (default 4).")
     var clients: Int?
 
-    @Option(help: "Open loop: requests per second, arriving whether or not earlier ones have finished (instead of --clients).")
+    @Option(parsing: .unconditional, help: "Open loop: requests per second, arriving whether or not earlier ones have finished (instead of --clients).")
     var rate: Double?
 
-    @Option(help: "Open loop: shape of the gamma-distributed gaps between arrivals; 1 is Poisson, below 1 burstier, above 1 more regular.")
+    @Option(parsing: .unconditional, help: "Open loop: shape of the gamma-distributed gaps between arrivals; 1 is Poisson, below 1 burstier, above 1 more regular.")
     var burstiness: Double?
 
-    @Option(help: "Open loop: most requests in flight; later arrivals wait for a free client, which is their queueing time (default: --max-queued-calls + 8, so overload shows as rejections).")
+    @Option(parsing: .unconditional, help: "Open loop: most requests in flight; later arrivals wait for a free client, which is their queueing time (default: --max-queued-calls + 8, so overload shows as rejections).")
     var maxConcurrency: Int?
 
-    @Option(help: "Seconds of measurement after the warm-up (default 20; not with --requests).")
+    @Option(parsing: .unconditional, help: "Seconds of measurement after the warm-up (default 20; not with --requests).")
     var duration: Double?
 
-    @Option(help: "Measure until this many requests have completed (instead of --duration).")
+    @Option(parsing: .unconditional, help: "Measure until this many requests have completed (instead of --duration).")
     var requests: Int?
 
-    @Option(help: "Seconds of warm-up, excluded from every figure.")
+    @Option(parsing: .unconditional, help: "Seconds of warm-up, excluded from every figure.")
     var warmup: Double = 3
 
-    @Option(help: "Most seconds to wait after the window for measured requests still in flight; the rest count as unfinished.")
+    @Option(parsing: .unconditional, help: "Most seconds to wait after the window for measured requests still in flight; the rest count as unfinished.")
     var drainTimeout: Double = 10
 
-    @Option(help: "Share of decode-like requests; the rest are prefill-like.")
+    @Option(parsing: .unconditional, help: "Share of decode-like requests; the rest are prefill-like.")
     var decodeFraction: Double = 0.8
 
     @Option(help: "Tokens of a decode-like request: N or MIN-MAX.")
@@ -49,16 +49,16 @@ struct LoadTestFlags: ParsableArguments {
     @Option(help: "Tokens of a prefill-like request: N or MIN-MAX.")
     var prefillTokens: String = "128-512"
 
-    @Option(help: "How strongly a request's tokens lean towards its profile expert's gate (0: no task structure).")
+    @Option(parsing: .unconditional, help: "How strongly a request's tokens lean towards its profile expert's gate (0: no task structure).")
     var affinity: Double = 0.35
 
-    @Option(help: "Zipf exponent of how often each expert is a request's profile expert (0: uniform).")
+    @Option(parsing: .unconditional, help: "Zipf exponent of how often each expert is a request's profile expert (0: uniform).")
     var skew: Double = 1
 
-    @Option(help: "Seed of the request stream and arrival times.")
+    @Option(parsing: .unconditional, help: "Seed of the request stream and arrival times.")
     var seed: UInt64 = 0
 
-    @Option(help: "Most layer calls admitted by the runtime at once (running plus waiting); beyond it a call is refused at once and its request counts as rejected.")
+    @Option(parsing: .unconditional, help: "Most layer calls admitted by the runtime at once (running plus waiting); beyond it a call is refused at once and its request counts as rejected.")
     var maxQueuedCalls: Int = 64
 
     @OptionGroup var runtimeFlags: RuntimeFlags
@@ -67,13 +67,13 @@ struct LoadTestFlags: ParsableArguments {
     @Option(help: "Progress on standard error: auto (a live line on a terminal, a plain line every 5 s otherwise), line, plain or none.")
     var progress: ProgressMode = .auto
 
-    @Option(help: "Seconds between progress reports and metric samples.")
+    @Option(parsing: .unconditional, help: "Seconds between progress reports and metric samples.")
     var progressInterval: Double = 1
 
     @Option(help: "Write the runtime's metrics in Prometheus text format to this file (rewritten atomically every progress interval).")
     var metricsFile: String?
 
-    @Option(help: "Serve the runtime's metrics in Prometheus text format at http://127.0.0.1:PORT/metrics while the test runs.")
+    @Option(parsing: .unconditional, help: "Serve the runtime's metrics in Prometheus text format at http://127.0.0.1:PORT/metrics while the test runs.")
     var metricsPort: Int?
 
     func validate() throws {
@@ -122,6 +122,7 @@ struct LoadTestFlags: ParsableArguments {
 
     /// A load test with `instruments` (metrics added when asked for), and the metrics export if any.
     func makeTest(_ printer: ProgressPrinter?, instruments: LoadTestInstruments) throws -> (LoadTest, PrometheusExport?, MetricsServer?, Double?) {
+        if let metricsFile { try OutputPath.refuseOverwriting(metricsFile, option: "--metrics-file", inputs: library.map { [$0] } ?? []) }
         let (library, description, generated) = try loadLibrary(printer)
         var runtimeOptions = try runtimeFlags.options(routing: routing, defaults: library.routing)
         runtimeOptions.maxQueuedCalls = maxQueuedCalls
@@ -186,6 +187,7 @@ struct LoadTestCommand: ParsableCommand {
     var output: String?
 
     func run() throws {
+        if let output { try OutputPath.refuseOverwriting(output, option: "--output", inputs: load.library.map { [$0] } ?? []) }
         let printer = load.printer()
         let (test, export, server, generated) = try load.makeTest(printer, instruments: LoadTestInstruments())
         defer { server?.stop() }

@@ -5,7 +5,11 @@ import PhatgooseLibrary
 struct Pack: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Pack a library into one memory-mappable file (see docs/formats.md).",
-        discussion: "The library is fully validated first; the packed file is written atomically."
+        discussion: """
+            The library is fully validated first; the packed file is written atomically (on any error or \
+            interruption no file is left behind), and an output that is (or resolves to) a file of the library is \
+            refused.
+            """
     )
 
     @Argument(help: "A library directory (or a packed library, to re-pack).")
@@ -18,6 +22,7 @@ struct Pack: ParsableCommand {
     var format: OutputFormat = .text
 
     func run() throws {
+        try OutputPath.refuseOverwriting(out, option: "--out", inputs: [library])
         let loaded = try ExpertLibrary.load(path: library)
         try loaded.writePacked(to: out)
         switch format {

@@ -1,4 +1,5 @@
 import ArgumentParser
+import CPhatgoose
 import PhatgooseFormats
 import PhatgooseLibrary
 import PhatgooseRouting
@@ -15,6 +16,8 @@ struct Phatgoose: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "phatgoose",
         abstract: "Serve PHATGOOSE routing among LoRA experts on CPUs.",
+        // The C ABI's version: the tool and libphatgoose.so of one build report the same.
+        version: String(cString: phatgoose_version()),
         subcommands: [Inspect.self, SynthCommand.self, Pack.self, Apply.self, ImportOfficialCommand.self, Bench.self, PlacementCommand.self, LoadTestCommand.self, ProfileCommand.self]
     )
 

@@ -5,7 +5,7 @@ import PhatgooseRuntime
 
 /// Options that choose the runtime's executor, workers, topology and placement.
 struct RuntimeFlags: ParsableArguments {
-    @Option(help: "Worker threads besides the caller (default: CPUs - 1).")
+    @Option(parsing: .unconditional, help: "Worker threads besides the caller (default: CPUs - 1).")
     var workers: Int?
 
     @Option(help: "Executor: pinned or dispatch.")
@@ -17,7 +17,7 @@ struct RuntimeFlags: ParsableArguments {
     @Option(help: "Placement: distribute, isolate:NODE, replicate:COUNT, or in-place.")
     var placement: String = "distribute"
 
-    @Option(help: "Memory cap on expert weights, in bytes.")
+    @Option(parsing: .unconditional, help: "Memory cap on expert weights, in bytes.")
     var memoryCap: Int?
 
     func validate() throws {

@@ -23,7 +23,7 @@ struct ProfileCommand: ParsableCommand {
     @Option(help: "Directory to write the trace, report, CSV and summary into (created if missing).")
     var out: String = "phatgoose-profile"
 
-    @Option(help: "Trace ring capacity in events (40 bytes each); beyond it the oldest events are dropped and counted.")
+    @Option(parsing: .unconditional, help: "Trace ring capacity in events (40 bytes each); beyond it the oldest events are dropped and counted.")
     var traceEvents: Int = 262_144
 
     @Option(parsing: .upToNextOption, help: "Instead of a run: compare two runs, given as summary.json files or profile directories (A then B).")
@@ -43,6 +43,7 @@ struct ProfileCommand: ParsableCommand {
     func run() throws {
         if compare.count == 2 { return try runCompare() }
         if overhead { return try runOverhead() }
+        try OutputPath.refuseOverwriting(out, option: "--out", inputs: load.library.map { [$0] } ?? [])
         let printer = load.printer()
         let tracer = TraceRecorder(capacity: traceEvents)
         let (test, export, server, generated) = try load.makeTest(printer, instruments: LoadTestInstruments(tracer: tracer))

@@ -22,13 +22,13 @@ struct SynthCommand: ParsableCommand {
     @Option(name: .customLong("layer"), help: "An explicit layer NAME:IN:OUT (repeatable; replaces --shape).")
     var layers: [String] = []
 
-    @Option(help: "Number of experts.")
+    @Option(parsing: .unconditional, help: "Number of experts.")
     var experts: Int = 8
 
-    @Option(help: "LoRA rank r.")
+    @Option(parsing: .unconditional, help: "LoRA rank r.")
     var rank: Int = 16
 
-    @Option(help: "LoRA alpha (scale = alpha / r).")
+    @Option(parsing: .unconditional, help: "LoRA alpha (scale = alpha / r).")
     var alpha: Double = 1
 
     @Flag(help: "Use rsLoRA scaling (alpha / sqrt(r)).")
@@ -40,19 +40,19 @@ struct SynthCommand: ParsableCommand {
     @Option(help: "Gate dtype: f32, f16 or bf16.")
     var gateDtype: String = "f32"
 
-    @Option(help: "Random seed.")
+    @Option(parsing: .unconditional, help: "Random seed.")
     var seed: UInt64 = 0
 
-    @Option(help: "Number of tasks the experts cluster around (default: experts / 4, at least 1).")
+    @Option(parsing: .unconditional, help: "Number of tasks the experts cluster around (default: experts / 4, at least 1).")
     var tasks: Int?
 
-    @Option(help: "Zipf exponent of task popularity (0 = uniform).")
+    @Option(parsing: .unconditional, help: "Zipf exponent of task popularity (0 = uniform).")
     var popularity: Double = 1
 
-    @Option(help: "Fraction of layers each expert adapts (expert 0 adapts all).")
+    @Option(parsing: .unconditional, help: "Fraction of layers each expert adapts (expert 0 adapts all).")
     var coverage: Double = 1
 
-    @Option(help: "Default top-k written to library.json.")
+    @Option(parsing: .unconditional, help: "Default top-k written to library.json.")
     var topK: Int = 2
 
     @Flag(help: "Do not write library.json (experts are then found by the directory-scan rule).")
@@ -61,10 +61,10 @@ struct SynthCommand: ParsableCommand {
     @Option(help: "Also write token activations for every layer to this .safetensors file.")
     var activations: String?
 
-    @Option(help: "Tokens in the activations file.")
+    @Option(parsing: .unconditional, help: "Tokens in the activations file.")
     var tokens: Int = 64
 
-    @Option(help: "Tokens per sequence in the activations (each sequence is one task).")
+    @Option(parsing: .unconditional, help: "Tokens per sequence in the activations (each sequence is one task).")
     var sequenceLength: Int = 16
 
     @Option(help: "Output format for the summary: text or json.")
@@ -77,6 +77,13 @@ struct SynthCommand: ParsableCommand {
             throw ValidationError("--shape: expected one of \(ModelShape.presets.keys.sorted().joined(separator: ", ")), found \(shape)")
         }
         guard tokens >= 1 else { throw ValidationError("--tokens: expected at least 1, found \(tokens)") }
+        guard experts >= 1 else { throw ValidationError("--experts: expected at least 1, found \(experts)") }
+        guard rank >= 1 else { throw ValidationError("--rank: expected at least 1, found \(rank)") }
+        guard alpha.isFinite else { throw ValidationError("--alpha: expected a finite number, found \(alpha)") }
+        if let tasks, tasks < 1 { throw ValidationError("--tasks: expected at least 1, found \(tasks)") }
+        guard coverage > 0, coverage <= 1 else { throw ValidationError("--coverage: expected a fraction in (0, 1], found \(coverage)") }
+        guard popularity >= 0, popularity.isFinite else { throw ValidationError("--popularity: expected a number >= 0, found \(popularity)") }
+        guard topK >= 1 else { throw ValidationError("--top-k: expected at least 1, found \(topK)") }
         guard sequenceLength >= 1 else { throw ValidationError("--sequence-length: expected at least 1, found \(sequenceLength)") }
         _ = try parsedLayers()
     }

@@ -155,3 +155,150 @@ struct CommandLineTests {
         #expect(result.stderr.contains("expected shape [T, 32]"))
     }
 }
+
+/// Outputs never destroy inputs, interrupted writes leave nothing, and the tool answers as people expect.
+@Suite("phatgoose command line: data safety")
+struct DataSafetyTests {
+    /// A synthesised library and activations for it, in a fresh directory.
+    static func libraryAndInput() throws -> (TemporaryDirectory, library: String, input: String) {
+        let directory = TemporaryDirectory()
+        let library = directory.file("lib")
+        let input = directory.file("x.safetensors")
+        let synth = try runPhatgoose(["synth", "--out", library, "--experts", "3", "--rank", "2", "--activations", input, "--tokens", "8"])
+        #expect(synth.status == 0, "\(synth.stderr)")
+        return (directory, library, input)
+    }
+
+    static func bytes(_ path: String) throws -> [UInt8] { Array(try Data(contentsOf: URL(fileURLWithPath: path))) }
+
+    @Test("apply refuses an output that is, or resolves to, its input or a file of its library, and changes nothing")
+    func applyRefusesInputs() throws {
+        let (directory, library, input) = try Self.libraryAndInput()
+        let adapter = library + "/expert0/adapter_model.safetensors"
+        try FileManager.default.createSymbolicLink(atPath: directory.file("link.safetensors"), withDestinationPath: input)
+        #expect(link(input, directory.file("hard.safetensors")) == 0)
+        #expect(link(adapter, directory.file("hard-adapter.safetensors")) == 0)
+        try FileManager.default.createDirectory(atPath: directory.file("sub"), withIntermediateDirectories: true)
+        let before = try Self.bytes(input), adapterBefore = try Self.bytes(adapter)
+        let outputs = [input, directory.file("link.safetensors"), directory.file("hard.safetensors"), directory.file("sub/../x.safetensors"),
+                       adapter, directory.file("sub/../lib/expert0/adapter_model.safetensors"), directory.file("hard-adapter.safetensors"),
+                       library + "/expert1/new.safetensors"]
+        for output in outputs {
+            let result = try runPhatgoose(["apply", "--library", library, "--input", input, "--output", output])
+            #expect(result.status == 1, "\(output): \(result.stderr)")
+            #expect(result.stderr.contains("--output: expected a path that is not an input of this command"), "\(output): \(result.stderr)")
+        }
+        #expect(try Self.bytes(input) == before)
+        #expect(try Self.bytes(adapter) == adapterBefore)
+        #expect(!FileManager.default.fileExists(atPath: library + "/expert1/new.safetensors"))
+        #expect(try runPhatgoose(["inspect", library]).status == 0)
+    }
+
+    @Test("pack refuses an output inside the library it packs; synth and import-official refuse a directory with files")
+    func packAndSynthRefuse() throws {
+        let (directory, library, _) = try Self.libraryAndInput()
+        let config = library + "/expert0/adapter_config.json"
+        let before = try Self.bytes(config)
+        for output in [config, library + "/lib.phatpack", library + "/../lib/expert2/gates.safetensors"] {
+            let result = try runPhatgoose(["pack", library, "--out", output])
+            #expect(result.status == 1, "\(output)")
+            #expect(result.stderr.contains("--out: expected a path that is not an input of this command"), "\(result.stderr)")
+        }
+        #expect(try Self.bytes(config) == before)
+        #expect(!FileManager.default.fileExists(atPath: library + "/lib.phatpack"))
+        // A pack of a pack onto itself is refused too.
+        let packed = directory.file("lib.phatpack")
+        #expect(try runPhatgoose(["pack", library, "--out", packed]).status == 0)
+        #expect(try runPhatgoose(["pack", packed, "--out", packed]).status == 1)
+        // synth over an existing library: refused, the library intact.
+        let synth = try runPhatgoose(["synth", "--out", library, "--experts", "2", "--seed", "9"])
+        #expect(synth.status == 1)
+        #expect(synth.stderr.contains("found one with files in it"), "\(synth.stderr)")
+        #expect(try Self.bytes(config) == before)
+        #expect(try runPhatgoose(["inspect", library]).status == 0)
+        let entries = try FileManager.default.contentsOfDirectory(atPath: directory.path)
+        #expect(!entries.contains { $0.contains(".tmp-") }, "\(entries)")
+    }
+
+    @Test("SIGTERM and SIGINT during a large pack leave neither the output nor a temporary file", arguments: [SIGTERM, SIGINT])
+    func interruptedPack(_ signal: Int32) throws {
+        // A library of zeros (valid: finite values), 4 experts x 64 MiB, written directly so that making it is quick.
+        let directory = TemporaryDirectory()
+        let library = directory.file("lib")
+        let (inWidth, outWidth, rank) = (4096, 4096, 2048)
+        var entries: [LibraryManifest.Entry] = []
+        for e in 0..<4 {
+            let expert = library + "/e\(e)"
+            try FileManager.default.createDirectory(atPath: expert, withIntermediateDirectories: true)
+            var adapter = SafetensorsWriter()
+            adapter.add("base_model.model.m.lora_A.weight", dtype: .f32, shape: [rank, inWidth], bytes: [UInt8](repeating: 0, count: rank * inWidth * 4))
+            adapter.add("base_model.model.m.lora_B.weight", dtype: .f32, shape: [outWidth, rank], bytes: [UInt8](repeating: 0, count: outWidth * rank * 4))
+            try adapter.write(to: expert + "/adapter_model.safetensors")
+            var gates = SafetensorsWriter()
+            gates.add("m", floats: (0..<inWidth).map { Float(($0 * (e + 3)) % 7) }, shape: [inWidth])
+            try gates.write(to: expert + "/gates.safetensors")
+            writeText(#"{"peft_type": "LORA", "r": \#(rank), "lora_alpha": 1, "target_modules": ["m"]}"#, to: expert + "/adapter_config.json")
+            entries.append(LibraryManifest.Entry(name: "e\(e)", path: "e\(e)"))
+        }
+        writeText(LibraryManifest(experts: entries, routing: RoutingDefaults()).document().serialized(), to: library + "/library.json")
+
+        let output = directory.file("out")
+        try FileManager.default.createDirectory(atPath: output, withIntermediateDirectories: true)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: phatgooseBinary)
+        process.arguments = ["pack", library, "--out", output + "/lib.phatpack"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        // Wait until the temporary file exists (the write has begun), then interrupt.
+        var sawTemporary = false
+        while process.isRunning {
+            if let names = try? FileManager.default.contentsOfDirectory(atPath: output), names.contains(where: { $0.hasPrefix(".lib.phatpack.tmp-") }) {
+                sawTemporary = true
+                kill(process.processIdentifier, signal)
+                break
+            }
+            usleep(200)
+        }
+        process.waitUntilExit()
+        #expect(sawTemporary, "the pack finished before it could be interrupted")
+        #expect(process.terminationReason == .uncaughtSignal && process.terminationStatus == signal)
+        let left = try FileManager.default.contentsOfDirectory(atPath: output)
+        #expect(left == [], "left behind: \(left)")
+    }
+
+    @Test("--version prints the C ABI's version; apply says what it wrote; numeric options take negative values and explain")
+    func expectations() throws {
+        let header = try String(contentsOfFile: packageRoot + "/include/phatgoose.h", encoding: .utf8)
+        let parts = ["MAJOR", "MINOR", "PATCH"].map { part -> String in
+            let line = header.split(separator: "\n").first { $0.hasPrefix("#define PHATGOOSE_VERSION_\(part) ") }!
+            return String(line.split(separator: " ").last!)
+        }
+        let version = try runPhatgoose(["--version"])
+        #expect(version.status == 0 && version.stdout == parts.joined(separator: ".") + "\n", "\(version.stdout)")
+
+        let (directory, library, input) = try Self.libraryAndInput()
+        let output = directory.file("y.safetensors")
+        let text = try runPhatgoose(["apply", "--library", library, "--input", input, "--output", output])
+        #expect(text.status == 0 && text.stdout.hasPrefix("wrote deltas, experts and weights of ") && text.stdout.hasSuffix(" to \(output)\n"), "\(text.stdout)")
+        let json = try runPhatgoose(["apply", "--library", library, "--input", input, "--output", directory.file("z.safetensors"), "--format", "json"])
+        let document = try JSONParser.parse(Array(json.stdout.utf8))
+        guard case let .string(written)? = document["output"], case let .number(modules)? = document["modules"] else {
+            Issue.record("apply --format json: \(json.stdout)")
+            return
+        }
+        let moduleCount = try SafetensorsFile(path: input).tensors.count
+        #expect(written == directory.file("z.safetensors") && modules.int64 == Int64(moduleCount))
+
+        for (arguments, expected) in [
+            (["apply", "--library", library, "--input", input, "--output", output, "--top-k", "-1"], "--top-k: expected an integer >= 1, found -1"),
+            (["synth", "--out", directory.file("s"), "--experts", "-3"], "--experts: expected at least 1, found -3"),
+            (["synth", "--out", directory.file("s"), "--coverage", "2"], "--coverage: expected a fraction in (0, 1], found 2.0"),
+            (["import-official", "x.pt", "--out", directory.file("i"), "--top-k", "0"], "--top-k: expected an integer >= 1, found 0"),
+        ] {
+            let result = try runPhatgoose(arguments)
+            #expect(result.status == 2, "\(arguments)")
+            #expect(result.stderr.contains(expected), "\(arguments): \(result.stderr)")
+        }
+    }
+}

@@ -12,12 +12,22 @@ struct MalformedCase: CustomTestStringConvertible, Sendable {
 
 let f32x2 = [UInt8](repeating: 0, count: 8)
 
+/// 4 KiB of reproducible random bytes (a 64-bit LCG), as a user's wrong file might be.
+let randomBytes: [UInt8] = {
+    var state: UInt64 = 0x9E37_79B9_7F4A_7C15
+    return (0..<4096).map { _ in
+        state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+        return UInt8(truncatingIfNeeded: state >> 56)
+    }
+}()
+
 let malformedSafetensors: [MalformedCase] = [
+    MalformedCase(name: "random bytes", bytes: randomBytes, expected: "not a safetensors file"),
     MalformedCase(name: "file shorter than 8 bytes", bytes: [1, 2, 3, 4], expected: "expected an 8-byte little-endian header length, found a file of 4 bytes"),
-    MalformedCase(name: "header length above 100,000,000", bytes: rawSafetensors(header: "{}", declaredLength: 100_000_001), expected: "expected at most 100000000 bytes, found 100000001"),
-    MalformedCase(name: "header length past the end of the file", bytes: rawSafetensors(header: "{}", declaredLength: 1000), expected: "header of 1000 bytes runs past the end of the file"),
+    MalformedCase(name: "header length above 100,000,000", bytes: rawSafetensors(header: "{}", declaredLength: 100_000_001), expected: "not a safetensors file: expected a header length of at most 100000000 bytes, found 100000001"),
+    MalformedCase(name: "header length past the end of the file", bytes: rawSafetensors(header: "{}", declaredLength: 1000), expected: "the header of 1000 bytes runs past the end of the file"),
     MalformedCase(name: "header not UTF-8", bytes: rawSafetensors(header: "{\"a\u{00e9}\":1}").enumerated().map { $0.offset == 11 ? 0xFF : $0.element }, expected: "not valid UTF-8"),
-    MalformedCase(name: "header not a JSON object", bytes: rawSafetensors(header: "[1, 2]  "), expected: "expected a JSON object starting with '{', found '['"),
+    MalformedCase(name: "header not a JSON object", bytes: rawSafetensors(header: "[1, 2]  "), expected: "not a safetensors file: expected a JSON object starting with '{', found '['"),
     MalformedCase(name: "header invalid JSON", bytes: rawSafetensors(header: "{\"a\": }"), expected: "found invalid JSON"),
     MalformedCase(name: "header with leading whitespace", bytes: rawSafetensors(header: " {}"), expected: "starting with '{'"),
     MalformedCase(name: "unknown dtype (names are case-sensitive)", bytes: rawSafetensors(header: #"{"t":{"dtype":"f32","shape":[2],"data_offsets":[0,8]}}"#, data: f32x2), expected: "expected a known dtype"),

@@ -124,5 +124,9 @@ static inline long pg_query_page_nodes(unsigned long count, void **pages, int *s
 int pg_cleanup_register(const char *path, int is_directory);
 void pg_cleanup_unregister(int slot);
 int pg_cleanup_install_signal_handlers(void);
+/* mkstemp / mkdtemp that register what they create, with the cleanup signals blocked in between (so no signal can
+ * leave an unregistered file behind). *slot receives the registration slot (-1 on failure). */
+int pg_cleanup_mkstemp(char *template_path, int *slot);
+char *pg_cleanup_mkdtemp(char *template_path, int *slot);
 
 #endif
