@@ -52,29 +52,29 @@ public struct LoadTestOptions: Sendable, Equatable {
         self.progressInterval = progressInterval
     }
 
-    /// Throws `LoadTestError(.option)` naming the first option out of range.
+    /// Throws `LoadTestError(.option)` naming the first option out of range, spelled as the command line spells it.
     public func validate() throws {
         func bad(_ message: String) -> LoadTestError { LoadTestError(.option, message) }
         switch loop {
         case let .closed(clients):
-            guard clients >= 1 && clients <= 4096 else { throw bad("clients: expected 1 to 4096, found \(clients)") }
+            guard clients >= 1 && clients <= 4096 else { throw bad("--clients: expected 1 to 4096, found \(clients)") }
         case let .open(rate, burstiness, maxConcurrency):
-            guard rate.isFinite && rate > 0 else { throw bad("rate: expected requests per second > 0, found \(rate)") }
-            guard burstiness.isFinite && burstiness > 0 else { throw bad("burstiness: expected a number > 0 (1 is Poisson), found \(burstiness)") }
-            guard maxConcurrency >= 1 && maxConcurrency <= 4096 else { throw bad("max concurrency: expected 1 to 4096, found \(maxConcurrency)") }
+            guard rate.isFinite && rate > 0 else { throw bad("--rate: expected requests per second > 0, found \(rate)") }
+            guard burstiness.isFinite && burstiness > 0 else { throw bad("--burstiness: expected a number > 0 (1 is Poisson), found \(burstiness)") }
+            guard maxConcurrency >= 1 && maxConcurrency <= 4096 else { throw bad("--max-concurrency: expected 1 to 4096, found \(maxConcurrency)") }
         }
-        guard (duration == nil) != (requests == nil) else { throw bad("expected either a duration or a request count, found \(duration == nil ? "neither" : "both")") }
-        if let duration { guard duration.isFinite && duration > 0 else { throw bad("duration: expected seconds > 0, found \(duration)") } }
-        if let requests { guard requests >= 1 else { throw bad("requests: expected at least 1, found \(requests)") } }
-        guard warmup.isFinite && warmup >= 0 else { throw bad("warm-up: expected seconds >= 0, found \(warmup)") }
-        guard drainTimeout.isFinite && drainTimeout >= 0 else { throw bad("drain timeout: expected seconds >= 0, found \(drainTimeout)") }
-        guard decodeFraction >= 0 && decodeFraction <= 1 else { throw bad("decode fraction: expected 0 to 1, found \(decodeFraction)") }
-        guard decodeTokens.lowerBound >= 1 else { throw bad("decode tokens: expected at least 1, found \(decodeTokens.lowerBound)") }
-        guard prefillTokens.lowerBound >= 1 else { throw bad("prefill tokens: expected at least 1, found \(prefillTokens.lowerBound)") }
-        guard maxTokens <= 65_536 else { throw bad("tokens per request: expected at most 65536, found \(maxTokens)") }
-        guard affinity.isFinite && affinity >= 0 else { throw bad("affinity: expected a number >= 0, found \(affinity)") }
-        guard skew.isFinite && skew >= 0 else { throw bad("skew: expected a number >= 0, found \(skew)") }
-        guard progressInterval.isFinite && progressInterval > 0 else { throw bad("progress interval: expected seconds > 0, found \(progressInterval)") }
+        guard (duration == nil) != (requests == nil) else { throw bad("--duration, --requests: expected either a duration or a request count, found \(duration == nil ? "neither" : "both")") }
+        if let duration { guard duration.isFinite && duration > 0 else { throw bad("--duration: expected seconds > 0, found \(duration)") } }
+        if let requests { guard requests >= 1 else { throw bad("--requests: expected at least 1, found \(requests)") } }
+        guard warmup.isFinite && warmup >= 0 else { throw bad("--warmup: expected seconds >= 0, found \(warmup)") }
+        guard drainTimeout.isFinite && drainTimeout >= 0 else { throw bad("--drain-timeout: expected seconds >= 0, found \(drainTimeout)") }
+        guard decodeFraction >= 0 && decodeFraction <= 1 else { throw bad("--decode-fraction: expected 0 to 1, found \(decodeFraction)") }
+        guard decodeTokens.lowerBound >= 1 else { throw bad("--decode-tokens: expected at least 1, found \(decodeTokens.lowerBound)") }
+        guard prefillTokens.lowerBound >= 1 else { throw bad("--prefill-tokens: expected at least 1, found \(prefillTokens.lowerBound)") }
+        guard maxTokens <= 65_536 else { throw bad("--decode-tokens, --prefill-tokens: tokens per request: expected at most 65536, found \(maxTokens)") }
+        guard affinity.isFinite && affinity >= 0 else { throw bad("--affinity: expected a number >= 0, found \(affinity)") }
+        guard skew.isFinite && skew >= 0 else { throw bad("--skew: expected a number >= 0, found \(skew)") }
+        guard progressInterval.isFinite && progressInterval > 0 else { throw bad("--progress-interval: expected seconds > 0, found \(progressInterval)") }
     }
 
     /// The largest request, in tokens.

@@ -23,11 +23,12 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
         let test = try LoadTest(library: library, options: shortOptions(.closed(clients: 2)), runtimeOptions: RuntimeOptions(workers: 1))
         var reports = 0
         let result = test.run { _ in reports += 1 }
-        #expect(reports >= 3, "progress every 0.25 s over 1.2 s")
-        #expect(result.completed > 10 && result.failed == 0 && result.rejected == 0)
+        // Counts and structure only: how much gets done in a second depends on the machine and its load.
+        #expect(reports >= 1, "progress is reported while the test runs")
+        #expect(result.completed > 0 && result.failed == 0 && result.rejected == 0)
         #expect(result.completed == result.completedDecode + result.completedPrefill)
         #expect(result.e2el.count == result.completed && result.service.count == result.completed)
-        #expect(abs(result.windowSeconds - 1) < 0.05)
+        #expect(result.windowSeconds >= 1, "the window lasts at least --duration")
         #expect(result.requestThroughput > 0 && result.tokenThroughput >= result.requestThroughput)
         // Every routing decision in the window is tallied: each token chooses top-k experts at each of 36 layers.
         #expect(result.tally.decisions > 0 && result.tally.perLayer.allSatisfy { $0 > 0 })
@@ -51,8 +52,10 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
         let test = try LoadTest(library: library, options: options, runtimeOptions: RuntimeOptions(workers: 1))
         let result = test.run()
         #expect(result.failed == 0 && result.rejected == 0)
-        // About 40 req/s arrive for 1.5 s (Poisson: allow wide bounds).
-        #expect(result.completed >= 25 && result.completed <= 110)
+        // About 40 req/s arrive for 1.5 s (Poisson: wide bounds). Arrivals, not completions, are what the seeded
+        // schedule fixes: a slow machine finishes fewer of them inside the window, but they all arrive.
+        #expect(result.completed > 0)
+        #expect(result.completed + result.unfinished >= 25 && result.completed + result.unfinished <= 110)
         #expect(result.queue.count == result.completed)
         // End to end = queueing + service for every request, so the means add up.
         let sum = result.queue.meanMilliseconds + result.service.meanMilliseconds
@@ -66,12 +69,12 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
         // Far more arrivals than one admitted call at a time can serve: calls beyond the bound are refused.
         let options = shortOptions(.open(rate: 4000, burstiness: 1, maxConcurrency: 12))
         let test = try LoadTest(library: library, options: options, runtimeOptions: RuntimeOptions(workers: 1, maxQueuedCalls: 1))
-        let start = Date()
         let result = test.run()
         #expect(result.rejected > 0)
         #expect(result.runtimeStatistics.rejected > 0)
         #expect(result.failed == 0)
-        #expect(Date().timeIntervalSince(start) < 5, "rejections keep the run from piling up work")
+        // Refused calls end at once instead of piling up: every admitted request finished before the drain timeout.
+        #expect(result.unfinished == 0)
         let json = try JSONParser.parse(Array(result.json().serialized().utf8))
         #expect(json["rejected"] == .integer(result.rejected))
     }
@@ -131,10 +134,14 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
     }
 
     @Test func optionsRefuseNonsense() {
-        #expect(throws: LoadTestError.self) { try LoadTestOptions(loop: .closed(clients: 0)).validate() }
-        #expect(throws: LoadTestError.self) { try LoadTestOptions(loop: .open(rate: 0, burstiness: 1, maxConcurrency: 4)).validate() }
-        #expect(throws: LoadTestError.self) { try LoadTestOptions(duration: nil, requests: nil).validate() }
-        #expect(throws: LoadTestError.self) { try LoadTestOptions(decodeFraction: 1.5).validate() }
+        let invalid: [(LoadTestOptions, String)] = [
+            (LoadTestOptions(loop: .closed(clients: 0)), "clients"), (LoadTestOptions(loop: .open(rate: 0, burstiness: 1, maxConcurrency: 4)), "rate"),
+            (LoadTestOptions(duration: nil, requests: nil), "duration"), (LoadTestOptions(decodeFraction: 1.5), "decode"),
+        ]
+        for (options, field) in invalid {
+            let error = #expect(throws: LoadTestError.self) { try options.validate() }
+            #expect(error?.code == .option && error?.description.contains(field) == true, "\(field): \(String(describing: error))")
+        }
         #expect(throws: Never.self) { try LoadTestOptions().validate() }
     }
 

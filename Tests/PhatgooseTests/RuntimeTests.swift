@@ -167,39 +167,57 @@ struct RuntimeTests {
         let afterAdd = try singleThreaded(withSeventh, module: layer.name, options: RoutingOptions(topK: 2), x: x, tokens: 64)
         #expect(afterAdd.delta != before.delta, "the added expert changes routing, so a mixture would be visible")
 
-        let bad = Atomic<Int>(0), seen = Locked<Set<Int>>([])
+        // Callers run without pause while experts come and go. Each completed call is counted by which library it
+        // saw (0: the 6 experts, 1: with the seventh); anything else is a mixture and counts as bad.
+        let bad = Atomic<Int>(0), seen = Locked<[Int]>([0, 0])
         let callers = DispatchGroup()
         let stop = Atomic<Bool>(false)
         for _ in 0..<3 {
             DispatchQueue.global().async(group: callers) {
                 while !stop.load(ordering: .relaxed) {
                     guard let got = try? runtime.apply(layer, input: x, tokens: 64) else { bad.add(1, ordering: .relaxed); continue }
-                    if got.delta == before.delta { seen.withLock { _ = $0.insert(0) } }
-                    else if got.delta == afterAdd.delta { seen.withLock { _ = $0.insert(1) } }
+                    if got.delta == before.delta { seen.withLock { $0[0] += 1 } }
+                    else if got.delta == afterAdd.delta { seen.withLock { $0[1] += 1 } }
                     else { bad.add(1, ordering: .relaxed) }
                 }
             }
         }
-        for _ in 0..<5 {
+        /// Waits until callers have completed `calls` more calls that saw `state`: proof that calls ran on both
+        /// sides of every change while the other callers kept going (bounded, so a stuck runtime fails the test).
+        func awaitCalls(seeing state: Int, _ calls: Int = 3) -> Bool {
+            let start = seen.withLock { $0[state] }
+            let deadline = Date().addingTimeInterval(20)
+            while seen.withLock({ $0[state] }) < start + calls {
+                if Date() > deadline { return false }
+                Thread.sleep(forTimeInterval: 0.001)
+            }
+            return true
+        }
+        #expect(awaitCalls(seeing: 0), "calls before any change")
+        for cycle in 0..<5 {
             let index = try runtime.addExpert(directory: directory.file("all/expert6"), name: "expert6")
             #expect(index == ExpertIndex(6 + (runtime.library.experts.count - 7)))
-            Thread.sleep(forTimeInterval: 0.01)
+            #expect(awaitCalls(seeing: 1), "cycle \(cycle): calls after adding the expert")
             try runtime.removeExpert(named: "expert6")
-            Thread.sleep(forTimeInterval: 0.01)
+            #expect(awaitCalls(seeing: 0), "cycle \(cycle): calls after removing it")
         }
         try runtime.addExpert(directory: directory.file("all/expert6"), name: "expert6")
-        Thread.sleep(forTimeInterval: 0.02)
+        #expect(awaitCalls(seeing: 1), "calls after the last change")
         stop.store(true, ordering: .relaxed)
         callers.wait()
+        let counts = seen.withLock { $0 }
+        #expect(counts[0] >= 18 && counts[1] >= 18, "calls seen per library: \(counts)")
         #expect(bad.load(ordering: .relaxed) == 0, "no call saw a half-updated library")
         // The last added expert has index 11 (indices are never reused) but routes like expert 6 of the 7-expert library.
         let final = try runtime.apply(layer, input: x, tokens: 64)
         #expect(final.delta == afterAdd.delta)
         #expect(Set(final.experts).isSubset(of: [0, 1, 2, 3, 4, 5, 11]))
-        #expect(throws: RuntimeError.self) { try runtime.addExpert(directory: directory.file("all/expert6"), name: "expert6") }
+        let duplicate = #expect(throws: RuntimeError.self) { try runtime.addExpert(directory: directory.file("all/expert6"), name: "expert6") }
+        #expect(duplicate?.code == .library && duplicate?.description.contains("already served") == true, "\(String(describing: duplicate))")
         try runtime.removeExpert(named: "expert6")
         #expect(try runtime.apply(layer, input: x, tokens: 64).delta == before.delta)
-        #expect(throws: RuntimeError.self) { try runtime.removeExpert(named: "expert6") }
+        let missing = #expect(throws: RuntimeError.self) { try runtime.removeExpert(named: "expert6") }
+        #expect(missing?.code == .notFound, "\(String(describing: missing))")
     }
 
     @Test("a memory cap below the library's weights is refused with a clear error")
@@ -241,7 +259,8 @@ struct RuntimeTests {
         let layer = runtime.layer(named: library.modules[0].name)!
         runtime.shutdown()
         runtime.shutdown()
-        #expect(throws: RuntimeError.self) { _ = try runtime.apply(layer, input: randomFloats(64, seed: 1), tokens: 1) }
+        let error = #expect(throws: RuntimeError.self) { _ = try runtime.apply(layer, input: randomFloats(64, seed: 1), tokens: 1) }
+        #expect(error?.code == .shutDown, "\(String(describing: error))")
     }
 
     @Test("placement on a modelled 2-node topology: distribute balances, isolate uses one node, replicate copies hot experts")
@@ -256,7 +275,8 @@ struct RuntimeTests {
         #expect(isolate.nodes == [[1], [1], [1], [1], [], [1]])
         let replicate = try PlacementPlan.make(policy: .replicateHot(count: 1), topology: topology, bytes: bytes, load: [0.1, 0.5, 0.1, 0.1, 0, 0.2])
         #expect(replicate.nodes[1] == [0, 1] && replicate.nodes.filter { $0.count == 2 }.count == 1)
-        #expect(throws: RuntimeError.self) { _ = try PlacementPlan.make(policy: .isolate(node: 2), topology: topology, bytes: bytes, load: nil) }
+        let isolateError = #expect(throws: RuntimeError.self) { _ = try PlacementPlan.make(policy: .isolate(node: 2), topology: topology, bytes: bytes, load: nil) }
+        #expect(isolateError?.code == .option && isolateError?.description.contains("found 2") == true, "\(String(describing: isolateError))")
 
         let library = try synthLibrary()
         let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, topology: topology))
@@ -274,9 +294,10 @@ struct RuntimeTests {
 
     @Test("topology specs are validated")
     func topologySpecs() {
-        #expect(throws: RuntimeError.self) { _ = try Topology.modelled("0;x") }
-        #expect(throws: RuntimeError.self) { _ = try Topology.modelled("0;;1") }
-        #expect(throws: RuntimeError.self) { _ = try Topology.modelled("0;4096") }
+        for (spec, expected) in [("0;x", "expected CPU lists like 0-3,6"), ("0;;1", "expected at least one CPU"), ("0;4096", "expected CPUs this process may use")] {
+            let error = #expect(throws: RuntimeError.self) { _ = try Topology.modelled(spec) }
+            #expect(error?.code == .option && error?.description.contains(expected) == true, "\(spec): \(String(describing: error))")
+        }
         #expect(Topology.detect().cpuCount == Topology.allowedCPUs().count)
     }
 }
