@@ -12,6 +12,7 @@ let package = Package(
         .executableTarget(name: "FuzzAdapterConfig", dependencies: ["CFuzzDriver", .product(name: "Phatgoose", package: "Phatgoose")]),
         .executableTarget(name: "FuzzManifest", dependencies: ["CFuzzDriver", .product(name: "Phatgoose", package: "Phatgoose")]),
         .executableTarget(name: "FuzzPacked", dependencies: ["CFuzzDriver", .product(name: "Phatgoose", package: "Phatgoose")]),
+        .executableTarget(name: "FuzzTorchCheckpoint", dependencies: ["CFuzzDriver", .product(name: "Phatgoose", package: "Phatgoose")]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -10,12 +10,12 @@ swift build -c release --scratch-path "$scratch" -Xswiftc -sanitize=fuzzer,addre
 bin="$(swift build -c release --scratch-path "$scratch" --show-bin-path)"
 mkdir -p ../fuzz-out
 status=0
-for target in FuzzSafetensors:safetensors FuzzAdapterConfig:adapter_config FuzzManifest:manifest FuzzPacked:packed; do
+for target in FuzzSafetensors:safetensors FuzzAdapterConfig:adapter_config FuzzManifest:manifest FuzzPacked:packed FuzzTorchCheckpoint:torch; do
   name="${target%%:*}"; corpus="Corpus/${target##*:}"
   work="$(mktemp -d)"
   cp -r "$corpus"/. "$work"/
   echo "== $name: ${seconds}s over $corpus"
-  if ! "$bin/$name" "$work" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -max_len=65536 \
+  if ! "$bin/$name" "$work" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -max_len=131072 \
        -artifact_prefix=../fuzz-out/"$name"- -print_final_stats=1 2>"../fuzz-out/$name.log"; then
     echo "!! $name found a failure:"; tail -n 40 "../fuzz-out/$name.log"; status=1
   else

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs the C ABI: PREFIX/include/phatgoose.h, PREFIX/lib/libphatgoose.so and PREFIX/lib/pkgconfig/phatgoose.pc,
-# so a C or C++ build finds them with -lphatgoose (and -I/-L for a PREFIX the toolchain does not search).
+# Installs the command-line tool and the C ABI: PREFIX/bin/phatgoose, PREFIX/include/phatgoose.h,
+# PREFIX/lib/libphatgoose.so and PREFIX/lib/pkgconfig/phatgoose.pc, so a shell finds `phatgoose` when PREFIX/bin is on
+# PATH and a C or C++ build finds the library with -lphatgoose (and -I/-L for a PREFIX the toolchain does not search).
 #
 #   bash scripts/install.sh [PREFIX]        PREFIX defaults to /usr/local
 #
-# Builds the library first (swift build -c release --product PhatgooseC) unless PHATGOOSE_NO_BUILD=1. SwiftPM names
+# Builds both first (swift build -c release) unless PHATGOOSE_NO_BUILD=1. SwiftPM names
 # it libPhatgooseC.so (a product named `phatgoose` would collide with the executable); it carries no SONAME, so the
 # installed file name is what programs record. It needs the Swift runtime libraries, which it finds through the
 # RUNPATH of the toolchain that built it. Runs ldconfig when run as root, so the dynamic linker's cache knows the
@@ -19,12 +20,16 @@ case "$prefix" in
 esac
 
 if [ "${PHATGOOSE_NO_BUILD:-0}" != 1 ]; then
-  swift build -c release --product PhatgooseC
+  swift build -c release
 fi
 library="$(swift build -c release --show-bin-path)/libPhatgooseC.so"
+tool="$(swift build -c release --show-bin-path)/phatgoose"
 [ -f "$library" ] || { echo "install: $library: expected a built library, found none (build with swift build -c release)" >&2; exit 1; }
+[ -f "$tool" ] || { echo "install: $tool: expected a built tool, found none (build with swift build -c release)" >&2; exit 1; }
 
-install -d "$prefix/include" "$prefix/lib/pkgconfig"
+install -d "$prefix/bin" "$prefix/include" "$prefix/lib/pkgconfig"
+install -m 755 "$tool" "$prefix/bin/.phatgoose.new"
+mv -f "$prefix/bin/.phatgoose.new" "$prefix/bin/phatgoose"
 install -m 644 include/phatgoose.h "$prefix/include/phatgoose.h"
 # Write beside the target, then rename: a running program that has the old library mapped keeps its copy.
 install -m 755 "$library" "$prefix/lib/.libphatgoose.so.new"
@@ -45,4 +50,4 @@ PC
 if [ "$(id -u)" = 0 ] && command -v ldconfig >/dev/null; then
   ldconfig
 fi
-echo "installed phatgoose $version: $prefix/include/phatgoose.h, $prefix/lib/libphatgoose.so"
+echo "installed phatgoose $version: $prefix/bin/phatgoose, $prefix/include/phatgoose.h, $prefix/lib/libphatgoose.so"

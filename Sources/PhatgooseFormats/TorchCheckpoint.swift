@@ -23,7 +23,12 @@ public struct TorchCheckpoint: Sendable {
 
     /// Opens `path`, reads its pickle and checks every storage the tensors need.
     public init(path: String) throws(FormatError) {
-        let storage = try MappedFile(path: path)
+        try self.init(storage: MappedFile(path: path))
+    }
+
+    /// Reads the checkpoint in `storage` (a mapping, or bytes from elsewhere under a name).
+    public init(storage: MappedFile) throws(FormatError) {
+        let path = storage.path
         let bytes = storage.bytes
         func failure(_ subject: String?, _ message: String) -> FormatError {
             FormatError(.checkpoint, file: path, subject: subject, message)
