@@ -15,8 +15,8 @@ import PhatgooseFormats
 /// 0..<N without gaps; a checkpoint without experts.
 ///
 /// The checkpoint is read through a mapping and written one expert at a time, so memory holds at most one expert's
-/// weights beyond what the page cache keeps. The library is built in a staging directory and renamed into place at
-/// the end, after it has loaded and validated as a whole.
+/// weights beyond what the page cache keeps. The library is built in a staging directory, each expert loaded and
+/// validated as the library loader reads it once written, and renamed into place at the end.
 public enum OfficialCheckpointImport {
     /// What an import wrote.
     public struct Summary: Sendable {
@@ -162,7 +162,7 @@ public enum OfficialCheckpointImport {
         var dtypes = Set<String>()
         for index in 0..<count {
             let name = expertNames[index]
-            _ = try stage.directory(name)
+            let expertDirectory = try stage.directory(name)
             var adapter = SafetensorsWriter()
             var gates = SafetensorsWriter()
             let modules = moduleOrder.filter { slots[$0]![index] != nil }
@@ -188,12 +188,15 @@ public enum OfficialCheckpointImport {
             try adapter.write(to: stage.file(name + "/adapter_model.safetensors"))
             try gates.write(to: stage.file(name + "/gates.safetensors"))
             try writeText(adapterConfig(ranks: ranks[index], modules: modules).serialized() + "\n", to: stage.file(name + "/adapter_config.json"))
+            // The expert as the library loader reads it (config, pairs, shapes, finite values), then let go of it, so
+            // that memory holds one expert at a time; widths across experts were checked above.
+            _ = try ExpertLibrary.loadExpert(directory: expertDirectory, name: name, index: ExpertIndex(index))
             checkpoint.archive.storage.dropResidentPages()
         }
         let manifest = LibraryManifest(experts: expertNames.map { LibraryManifest.Entry(name: $0, path: $0) },
                                        routing: RoutingDefaults(router: .phatgoose, topK: min(topK, count)))
         try writeText(manifest.document().serialized() + "\n", to: stage.file("library.json"))
-        _ = try ExpertLibrary.load(path: stage.path)
+        _ = try LibraryManifest(path: stage.path + "/library.json")
         try stage.commit()
         return Summary(experts: expertNames, modules: moduleOrder.count, weightBytes: weightBytes, dtypes: dtypes.sorted(), ignoredKeys: ignored)
     }

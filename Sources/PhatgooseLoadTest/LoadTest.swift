@@ -333,7 +333,7 @@ struct RequestStatistics: Sendable {
 /// State shared by the clients and the coordinator.
 ///
 /// # Thread safety
-/// Atomics, and `Mutex`es held for a few field updates (once per request, or once per report).
+/// Atomics, and `Locked` (pthread)es held for a few field updates (once per request, or once per report).
 final class RunState: Sendable {
     let windowStart: UInt64
     /// The window's end: fixed with a duration; set by the client completing the last measured request otherwise.
@@ -345,16 +345,16 @@ final class RunState: Sendable {
     let inFlight = Atomic<Int>(0)
     let measuredInFlight = Atomic<Int>(0)
     let started = Atomic<Int>(0)
-    let schedule: Mutex<ArrivalSchedule>?
-    let stats = Mutex(RequestStatistics())
-    let tallies: Mutex<RoutingTally>
+    let schedule: Locked<ArrivalSchedule>?
+    let stats = Locked(RequestStatistics())
+    let tallies: Locked<RoutingTally>
 
     init(windowStart: UInt64, windowEnd: UInt64, requestTarget: Int?, schedule: ArrivalSchedule?, layers: Int, experts: Int) {
         self.windowStart = windowStart
         self.windowEnd = Atomic(windowEnd)
         self.requestTarget = requestTarget
-        self.schedule = schedule.map { Mutex($0) }
-        tallies = Mutex(RoutingTally(layers: layers, experts: experts))
+        self.schedule = schedule.map { Locked($0) }
+        tallies = Locked(RoutingTally(layers: layers, experts: experts))
     }
 
     func backlog(at now: UInt64) -> Int { schedule?.withLock { $0.due(at: now) } ?? 0 }

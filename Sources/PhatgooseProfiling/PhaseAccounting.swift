@@ -86,12 +86,12 @@ public struct PhaseTotals: Sendable, Equatable {
 /// worker utilisation and the phase breakdown (about 30 ns per event).
 ///
 /// # Thread safety
-/// Events of one participant are summed under that participant's own `Mutex`, so the calling thread and the workers
-/// never contend with each other; whole-call and queueing sums sit under a separate `Mutex` taken once per call.
+/// Events of one participant are summed under that participant's own `Locked` (pthread), so the calling thread and the workers
+/// never contend with each other; whole-call and queueing sums sit under a separate `Locked` (pthread) taken once per call.
 /// Events naming a participant or layer beyond the sizes given at `init` are ignored.
 public final class PhaseAccounting: RuntimeObserver, Sendable {
     private final class Shard: Sendable {
-        let totals = Mutex(PhaseTotals.Participant())
+        let totals = Locked(PhaseTotals.Participant())
     }
 
     private struct CallTotals {
@@ -102,14 +102,14 @@ public final class PhaseAccounting: RuntimeObserver, Sendable {
     }
 
     private let shards: [Shard]
-    private let calls: Mutex<CallTotals>
+    private let calls: Locked<CallTotals>
     public let layerCount: Int
 
     /// Accounting for `participants` participants (workers plus the caller) and `layers` modules.
     public init(participants: Int, layers: Int) {
         shards = (0..<max(1, participants)).map { _ in Shard() }
         layerCount = layers
-        calls = Mutex(CallTotals(layers: [PhaseTotals.Layer](repeating: PhaseTotals.Layer(), count: layers)))
+        calls = Locked(CallTotals(layers: [PhaseTotals.Layer](repeating: PhaseTotals.Layer(), count: layers)))
     }
 
     public func observe(_ event: RuntimeEvent) {

@@ -23,7 +23,7 @@ import Synchronization
 /// # Thread safety
 /// `observe` runs on the runtime's threads: it records into the timers (the backend's handlers are thread-safe by
 /// the swift-metrics contract) and adds busy time to an atomic. `sample` may run on any thread; its state (the last
-/// statistics seen and the per-expert counters) sits under a `Mutex`.
+/// statistics seen and the per-expert counters) sits under a `Locked` (pthread).
 public final class RuntimeMetrics: RuntimeObserver, Sendable {
     public static let prefix = "phatgoose"
 
@@ -36,7 +36,7 @@ public final class RuntimeMetrics: RuntimeObserver, Sendable {
     private let callDuration: CoreMetrics.Timer
     private let queueWait: CoreMetrics.Timer
     private let busyNanoseconds = Atomic<UInt64>(0)
-    private let state: Mutex<State>
+    private let state: Locked<State>
 
     private struct State {
         var last: RuntimeStatistics?
@@ -57,7 +57,7 @@ public final class RuntimeMetrics: RuntimeObserver, Sendable {
         busyWorkers = Gauge(label: "\(p)_busy_workers", factory: factory)
         callDuration = CoreMetrics.Timer(label: "\(p)_call_duration_seconds", factory: factory)
         queueWait = CoreMetrics.Timer(label: "\(p)_queue_wait_seconds", factory: factory)
-        state = Mutex(State(expertNames: expertNames, lastSample: MonotonicClock.now()))
+        state = Locked(State(expertNames: expertNames, lastSample: MonotonicClock.now()))
     }
 
     public func observe(_ event: RuntimeEvent) {

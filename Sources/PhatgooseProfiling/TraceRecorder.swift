@@ -8,13 +8,13 @@ import Synchronization
 /// Recording starts switched off (``setRecording(_:)``), so a load test can trace its measured window only.
 ///
 /// # Thread safety
-/// `observe` is called concurrently from the calling thread and the runtime's workers. The ring is a `Mutex` held
+/// `observe` is called concurrently from the calling thread and the runtime's workers. The ring is a `Locked` (pthread) held
 /// for one store (tens of nanoseconds): the runtime emits events at most once per work item, so contention is rare
 /// and short. `recording` is an atomic read once per event.
 public final class TraceRecorder: RuntimeObserver, Sendable {
     /// Most events held.
     public let capacity: Int
-    private let ring: Mutex<Ring>
+    private let ring: Locked<Ring>
     private let recording = Atomic<Bool>(false)
 
     struct Ring {
@@ -27,7 +27,7 @@ public final class TraceRecorder: RuntimeObserver, Sendable {
     public init(capacity: Int) {
         precondition(capacity >= 1, "a trace ring holds at least one event")
         self.capacity = capacity
-        ring = Mutex(Ring(storage: [TraceRecord](repeating: .empty, count: capacity), written: 0))
+        ring = Locked(Ring(storage: [TraceRecord](repeating: .empty, count: capacity), written: 0))
     }
 
     /// Starts or stops recording; events observed while stopped are ignored (not counted as dropped).
