@@ -82,8 +82,8 @@ public struct TorchCheckpoint: Sendable {
             guard let entry = archive.entry(named: name) else {
                 throw failure("entry '\(name)'", "expected the storage of \(storage.count) \(storage.dtype.rawValue) elements, found no such entry (truncated?)")
             }
-            guard entry.dataRange.count == storage.count * storage.dtype.size else {
-                throw failure("entry '\(name)'", "expected \(storage.count * storage.dtype.size) bytes (\(storage.count) \(storage.dtype.rawValue) elements), found \(entry.dataRange.count)")
+            guard entry.compressedSize == storage.count * storage.dtype.size else {
+                throw failure("entry '\(name)'", "expected \(storage.count * storage.dtype.size) bytes (\(storage.count) \(storage.dtype.rawValue) elements), found \(entry.compressedSize)")
             }
         }
         self.archive = archive

@@ -4,16 +4,20 @@ import CPhatgooseKernels
 /// records beyond 4 GiB. Nothing is decompressed or copied; an entry's bytes are a view into the mapping.
 ///
 /// Checks: the end-of-central-directory record (and its ZIP64 form) is where the format puts it, every
-/// central-directory record is whole, each entry's local header agrees with its central record (signature, name)
-/// and its data lies inside the file, entry names are unique, and ``data(of:)`` compares the CRC-32 of the bytes
-/// it hands out with the recorded one. Encrypted and compressed entries are refused when read.
+/// central-directory record is whole and points inside the file, entry names are unique; when an entry is read,
+/// its local header agrees with its central record (signature, name), its data lies inside the file, and
+/// ``data(of:)`` compares the CRC-32 of the bytes it hands out with the recorded one. Encrypted and compressed
+/// entries are refused when read. Local headers are read only for the entries used: touching one per entry would
+/// fault in pages all over a large archive (the kernel maps neighbouring pages of each fault too).
 public struct ZipArchive: Sendable {
     /// One entry of the central directory.
     public struct Entry: Sendable, Equatable {
         /// The entry's name, for example `best/data/0`.
         public let name: String
-        /// Where the entry's (stored) bytes lie in the file.
-        public let dataRange: Range<Int>
+        /// Where the entry's local header starts in the file.
+        public let localHeaderOffset: Int
+        /// The recorded size of the entry's data as stored.
+        public let compressedSize: Int
         /// The recorded CRC-32 of the uncompressed bytes.
         public let crc32: UInt32
         /// The compression method (0 = stored).
@@ -147,22 +151,12 @@ public struct ZipArchive: Sendable {
                 }
                 extra += 4 + size
             }
-            // The local header: its own name and extra field precede the data.
-            guard localOffset <= count - 30, u32(localOffset) == 0x0403_4B50 else {
-                throw failure("entry '\(name)'", "expected a local header at byte \(localOffset), found \(localOffset <= count - 30 ? "no local header signature" : "the end of the file") (truncated?)")
-            }
-            let localName = u16(localOffset + 26), localExtra = u16(localOffset + 28)
-            let dataStart = localOffset + 30 + localName + localExtra
-            guard localName == nameLength, dataStart <= count,
-                  UnsafeRawBufferPointer(rebasing: bytes[(localOffset + 30)..<(localOffset + 30 + localName)]).elementsEqual(nameBytes) else {
-                throw failure("entry '\(name)'", "expected the local header at byte \(localOffset) to name the same entry, found another name")
-            }
-            guard compressed <= count - dataStart else {
-                throw failure("entry '\(name)'", "expected \(compressed) bytes of data at byte \(dataStart), found the file ending at \(count) (truncated?)")
+            guard localOffset <= count - 30, compressed <= count - 30 - localOffset else {
+                throw failure("entry '\(name)'", "expected a local header and \(compressed) bytes of data at byte \(localOffset), found the file ending at \(count) (truncated?)")
             }
             guard index[name] == nil else { throw failure("entry '\(name)'", "expected unique entry names, found this one twice") }
             index[name] = entries.count
-            entries.append(Entry(name: name, dataRange: dataStart..<(dataStart + compressed), crc32: crc, method: method,
+            entries.append(Entry(name: name, localHeaderOffset: localOffset, compressedSize: compressed, crc32: crc, method: method,
                                  flags: flags, uncompressedSize: uncompressed))
             at = recordEnd
         }
@@ -178,17 +172,37 @@ public struct ZipArchive: Sendable {
     /// The entry named `name`, if any.
     public func entry(named name: String) -> Entry? { index[name].map { entries[$0] } }
 
-    /// The bytes of a stored entry, after checking its CRC-32 (which reads every byte once).
+    /// Where an entry's (stored) bytes lie in the file, after checking its local header: its own name and extra
+    /// field (torch's alignment padding) precede the data.
+    public func dataRange(of entry: Entry) throws(FormatError) -> Range<Int> {
+        let bytes = storage.bytes, count = bytes.count, at = entry.localHeaderOffset
+        func failure(_ message: String) -> FormatError { FormatError(.zip, file: path, subject: "entry '\(entry.name)'", message) }
+        guard at <= count - 30, bytes.loadUnaligned(fromByteOffset: at, as: UInt32.self).littleEndian == 0x0403_4B50 else {
+            throw failure("expected a local header at byte \(at), found \(at <= count - 30 ? "no local header signature" : "the end of the file") (truncated?)")
+        }
+        let nameLength = Int(bytes.loadUnaligned(fromByteOffset: at + 26, as: UInt16.self).littleEndian)
+        let extraLength = Int(bytes.loadUnaligned(fromByteOffset: at + 28, as: UInt16.self).littleEndian)
+        let dataStart = at + 30 + nameLength + extraLength
+        guard dataStart <= count, UnsafeRawBufferPointer(rebasing: bytes[(at + 30)..<(at + 30 + nameLength)]).elementsEqual(entry.name.utf8) else {
+            throw failure("expected the local header at byte \(at) to name the same entry, found another name")
+        }
+        guard entry.compressedSize <= count - dataStart else {
+            throw failure("expected \(entry.compressedSize) bytes of data at byte \(dataStart), found the file ending at \(count) (truncated?)")
+        }
+        return dataStart..<(dataStart + entry.compressedSize)
+    }
+
+    /// The bytes of a stored entry, after checking its local header and its CRC-32 (which reads every byte once).
     public func data(of entry: Entry) throws(FormatError) -> UnsafeRawBufferPointer {
         let subject = "entry '\(entry.name)'"
         guard entry.flags & 1 == 0 else { throw FormatError(.zip, file: path, subject: subject, "expected an unencrypted entry, found an encrypted one") }
         guard entry.method == 0 else {
             throw FormatError(.zip, file: path, subject: subject, "expected a stored (uncompressed) entry as torch.save writes them, found compression method \(entry.method)")
         }
-        guard entry.uncompressedSize == entry.dataRange.count else {
-            throw FormatError(.zip, file: path, subject: subject, "expected a stored entry's sizes to agree, found \(entry.dataRange.count) stored and \(entry.uncompressedSize) uncompressed bytes")
+        guard entry.uncompressedSize == entry.compressedSize else {
+            throw FormatError(.zip, file: path, subject: subject, "expected a stored entry's sizes to agree, found \(entry.compressedSize) stored and \(entry.uncompressedSize) uncompressed bytes")
         }
-        let data = UnsafeRawBufferPointer(rebasing: storage.bytes[entry.dataRange])
+        let data = UnsafeRawBufferPointer(rebasing: storage.bytes[try dataRange(of: entry)])
         let crc = data.isEmpty ? 0 : pg_crc32(0, data.baseAddress, data.count)
         guard crc == entry.crc32 else {
             throw FormatError(.zip, file: path, subject: subject, "expected CRC-32 \(Self.hex(entry.crc32)), found \(Self.hex(crc)) (the archive is damaged)")

@@ -124,7 +124,7 @@ struct OfficialImportTests {
         let checkpoint = try TorchCheckpoint(path: Self.fixtures + "/tiny_f32.pt")
         let layer1 = try #require(checkpoint.tensor(named: "encoder.block.0.layer.0.SelfAttention.q._addons.expert_lora.layer1__1"))
         let entry = try #require(checkpoint.archive.entry(named: "\(checkpoint.prefix)/data/\(layer1.storage.key)"))
-        bytes[entry.dataRange.lowerBound + 5] ^= 0x40
+        bytes[try checkpoint.archive.dataRange(of: entry).lowerBound + 5] ^= 0x40
         let path = directory.file("damaged.pt")
         writeBytes(bytes, to: path)
         #expect {
