@@ -10,7 +10,9 @@
  *   phatgoose_layer     one routed layer (module) of a runtime, resolved once from its name.
  * A handle is a checked token, not a pointer to memory: every function validates the handles it is given on entry,
  * so NULL, a handle already destroyed, a handle of the wrong kind or a layer of another runtime gets
- * PHATGOOSE_STATUS_INVALID_HANDLE, never a crash. Destroying a runtime also destroys its layers.
+ * PHATGOOSE_STATUS_INVALID_HANDLE, never a crash. The message tells a live handle of another kind ("found a library
+ * handle") from bits that are no live handle at all (garbage, destroyed: "found no handle"). Destroying a runtime
+ * also destroys its layers.
  *
  * Errors. Every function that can fail returns a phatgoose_status. On failure the function changes none of its
  * outputs (except where stated) and phatgoose_last_error_message() returns one line naming what was expected and

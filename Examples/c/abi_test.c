@@ -26,6 +26,7 @@ static int failures = 0;
     } while (0)
 
 #define EXPECT(call, status) CHECK((call) == (status))
+#define MESSAGE_HAS(text) CHECK(strstr(phatgoose_last_error_message(), (text)) != NULL)
 
 static const char *const Q = "encoder.block.0.layer.0.SelfAttention.q";  /* in 32, out 32 */
 static const char *const WO = "encoder.block.0.layer.1.DenseReluDense.wo"; /* in 64, out 32 */
@@ -85,9 +86,21 @@ int main(int argc, char **argv) {
     options.workers = 1;
     EXPECT(phatgoose_runtime_create(library, &options, &runtime), PHATGOOSE_STATUS_OK);
     EXPECT(phatgoose_runtime_open(argv[1], NULL, &other), PHATGOOSE_STATUS_OK);
+    /* A live handle of another kind is named as such; bits that are no live handle (garbage, even with another
+     * kind's low bits; a destroyed handle) are no handle at all. */
+    EXPECT(phatgoose_runtime_shutdown((phatgoose_runtime *)library), PHATGOOSE_STATUS_INVALID_HANDLE);
+    MESSAGE_HAS("runtime: expected a runtime handle, found a library handle");
+    EXPECT(phatgoose_runtime_shutdown((phatgoose_runtime *)(uintptr_t)0xDEADBEE1u), PHATGOOSE_STATUS_INVALID_HANDLE);
+    MESSAGE_HAS("runtime: expected a live runtime handle, found no handle (0xdeadbee1");
+    EXPECT(phatgoose_library_expert_count((phatgoose_library *)(uintptr_t)0x7F0012345678ull, &count), PHATGOOSE_STATUS_INVALID_HANDLE);
+    MESSAGE_HAS("found no handle");
     EXPECT(phatgoose_library_destroy(library), PHATGOOSE_STATUS_OK);
     EXPECT(phatgoose_library_destroy(library), PHATGOOSE_STATUS_INVALID_HANDLE); /* destroyed handle used again */
+    MESSAGE_HAS("library: expected a live library handle, found no handle");
     EXPECT(phatgoose_runtime_create(library, NULL, &runtime), PHATGOOSE_STATUS_INVALID_HANDLE);
+    EXPECT(phatgoose_runtime_shutdown((phatgoose_runtime *)library), PHATGOOSE_STATUS_INVALID_HANDLE);
+    CHECK(strstr(phatgoose_last_error_message(), "found no handle") != NULL &&
+          strstr(phatgoose_last_error_message(), "library handle") == NULL);
 
     /* Layers. */
     EXPECT(phatgoose_layer_create(runtime, "no.such.module", &q), PHATGOOSE_STATUS_NOT_FOUND);

@@ -103,7 +103,7 @@ def test_closed_objects_raise_invalid_handle(synth, x):
     runtime.close()  # idempotent
     with pytest.raises(phatgoose.InvalidHandleError, match="runtime: expected an open runtime, found it closed"):
         runtime.apply(layer, x)
-    with pytest.raises(phatgoose.InvalidHandleError, match="layer: expected a live layer handle, found one that was destroyed"):
+    with pytest.raises(phatgoose.InvalidHandleError, match=r"layer: expected a live layer handle, found no handle \(0x[0-9a-f]+: one that was destroyed"):
         _ = layer.slots  # destroyed with its runtime
     layer.close()  # already destroyed with the runtime: closing is still fine
     library = phatgoose.Library(synth[0])
@@ -202,6 +202,11 @@ def test_raw_handles_are_checked(synth, x):
     assert lib.phatgoose_runtime_library(runtime, ctypes.byref(library)) == _native.OK
     assert apply_raw(library.value, layer, *args) == _native.INVALID_HANDLE
     assert "found a library handle" in message()
+    # Bits that are no live handle are no handle, whatever kind their low bits would name.
+    for garbage, kind in ((0xDEADBEE1, "library"), (0xDEADBEE3, "layer"), ((library.value & ~3) | 3, "layer")):
+        assert apply_raw(garbage, layer, *args) == _native.INVALID_HANDLE
+        assert message() == f"runtime: expected a live runtime handle, found no handle ({garbage:#x}: one that was destroyed or never made)"
+        assert f"{kind} handle" not in message()
     # A forged handle: a live slot and generation with another kind's bits.
     forged = (runtime & ~3) | 1
     count = ctypes.c_size_t()
@@ -210,6 +215,8 @@ def test_raw_handles_are_checked(synth, x):
     assert lib.phatgoose_library_destroy(library.value) == _native.OK
     assert lib.phatgoose_library_destroy(library.value) == _native.INVALID_HANDLE
     assert "destroyed or never made" in message()
+    assert apply_raw(library.value, layer, *args) == _native.INVALID_HANDLE  # a destroyed library as a runtime
+    assert "found no handle" in message() and "library handle" not in message()
     assert lib.phatgoose_runtime_destroy(runtime) == _native.OK
     assert lib.phatgoose_runtime_destroy(runtime) == _native.INVALID_HANDLE
     assert apply_raw(runtime, layer, *args) == _native.INVALID_HANDLE
