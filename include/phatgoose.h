@@ -108,8 +108,8 @@ typedef struct phatgoose_layer phatgoose_layer;
  * Libraries
  * ------------------------------------------------------------------------------------------------------------ */
 
-/* Opens and validates the library at `path` (a directory in the PEFT layout or a packed file) into *library.
- * Thread safety: any thread. */
+/* Opens and validates the library at `path` (a directory in the PEFT layout or a packed file) into *library. An
+ * empty path is PHATGOOSE_STATUS_INVALID_ARGUMENT. Thread safety: any thread. */
 phatgoose_status phatgoose_library_open(const char *path, phatgoose_library **library);
 
 /* Releases a library. Runtimes created from it are unaffected. NULL is a no-op; a handle destroyed already gets

@@ -61,6 +61,11 @@ int main(int argc, char **argv) {
     CHECK(strstr(phatgoose_last_error_message(), "/nonexistent") != NULL);
     CHECK(library == NULL);
     EXPECT(phatgoose_library_open(NULL, &library), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_library_open("", &library), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    MESSAGE_HAS("path: expected the path of a library (a directory or a packed file), found an empty string");
+    EXPECT(phatgoose_runtime_open("", NULL, &runtime), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    MESSAGE_HAS("found an empty string");
+    CHECK(library == NULL && runtime == NULL);
     EXPECT(phatgoose_library_open(argv[1], NULL), PHATGOOSE_STATUS_INVALID_ARGUMENT);
     EXPECT(phatgoose_library_open(argv[1], &library), PHATGOOSE_STATUS_OK);
     EXPECT(phatgoose_library_expert_count(library, &count), PHATGOOSE_STATUS_OK);

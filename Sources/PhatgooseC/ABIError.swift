@@ -79,6 +79,16 @@ func string(_ pointer: UnsafePointer<CChar>?, _ name: String) throws(ABIError) -
     return value
 }
 
+/// A C string argument naming a file or directory: a string (as ``string(_:_:)``) that is not empty, since an
+/// empty path names nothing and would otherwise surface as a puzzling file error. `what` says what it should name.
+func filePath(_ pointer: UnsafePointer<CChar>?, _ name: String, naming what: String) throws(ABIError) -> String {
+    let value = try string(pointer, name)
+    guard !value.isEmpty else {
+        throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "\(name): expected the path of \(what), found an empty string")
+    }
+    return value
+}
+
 /// A `size_t` argument, which arrives as an `Int`: values above `Int.max` show up negative.
 func count(_ value: Int, _ name: String) throws(ABIError) -> Int {
     guard value >= 0 else {

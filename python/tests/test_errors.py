@@ -159,6 +159,14 @@ def test_a_layer_whose_last_expert_was_removed_is_not_found(tool, tmp_path):
         assert runtime.modules == []
 
 
+def test_an_empty_path_is_refused_as_such(runtime):
+    for opening in (phatgoose.Library, phatgoose.Runtime):
+        with pytest.raises(phatgoose.InvalidArgumentError, match="path: expected the path of a library .a directory or a packed file., found an empty string"):
+            opening("")
+    with pytest.raises(phatgoose.InvalidArgumentError, match="directory: expected the path of an expert directory, found an empty string"):
+        runtime.add_expert("", "extra")
+
+
 def test_non_finite_inputs_do_not_crash(runtime, x):
     x[0, 0] = np.nan
     x[1, :] = np.inf
