@@ -166,7 +166,11 @@ typedef enum phatgoose_placement {
 #define PHATGOOSE_MAX_TOP_K 4096
 
 /* How a runtime serves. Always initialise with phatgoose_runtime_options_init(&options, sizeof options), then set
- * fields: struct_size tells the library which fields the caller knows, so the struct can grow compatibly. */
+ * fields: struct_size tells the library which fields the caller knows, so the struct can grow compatibly.
+ * struct_size must be from sizeof this struct (56 bytes in ABI 1) to 4096. A library given a larger struct (built
+ * against a newer header) accepts it when every byte beyond the fields it knows is zero, which is what
+ * phatgoose_runtime_options_init writes there and what every field added later means "as before"; a non-zero byte
+ * there asks for something this library cannot do and is PHATGOOSE_STATUS_INVALID_ARGUMENT, naming its offset. */
 typedef struct phatgoose_runtime_options {
     uint32_t struct_size;       /* sizeof(phatgoose_runtime_options) as the caller compiled it */
     int32_t router;             /* a phatgoose_router */
@@ -183,8 +187,9 @@ typedef struct phatgoose_runtime_options {
     uint64_t memory_cap_bytes;  /* most bytes of expert weights held (copies included); 0: no cap */
 } phatgoose_runtime_options;
 
-/* Fills the first struct_size bytes of *options with the defaults and sets options->struct_size. Pass
- * sizeof(phatgoose_runtime_options). Thread safety: any thread. */
+/* Fills the first struct_size bytes of *options: the fields this library knows with their defaults (struct_size set
+ * to the struct_size given), any bytes beyond them with zeros. Pass sizeof(phatgoose_runtime_options); a size
+ * outside 56 ... 4096 is PHATGOOSE_STATUS_INVALID_ARGUMENT, writing nothing. Thread safety: any thread. */
 phatgoose_status phatgoose_runtime_options_init(phatgoose_runtime_options *options, size_t struct_size);
 
 /* ---------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,12 @@ static int failures = 0;
 #define EXPECT(call, status) CHECK((call) == (status))
 #define MESSAGE_HAS(text) CHECK(strstr(phatgoose_last_error_message(), (text)) != NULL)
 
+/* An options struct as a caller built against a newer header would pass: fields this library does not know. */
+typedef struct newer_options {
+    phatgoose_runtime_options known;
+    unsigned char unknown[16];
+} newer_options;
+
 static const char *const Q = "encoder.block.0.layer.0.SelfAttention.q";  /* in 32, out 32 */
 static const char *const WO = "encoder.block.0.layer.1.DenseReluDense.wo"; /* in 64, out 32 */
 
@@ -39,6 +45,8 @@ int main(int argc, char **argv) {
     phatgoose_layer_output entries[2];
     float x[8 * 64], out[8 * 32], out2[8 * 32], weights[8 * 2];
     int32_t experts[8 * 2], index = -1;
+    newer_options newer;
+    phatgoose_runtime *uniform = NULL;
     uint64_t calls = 0, tokens = 0, rejected = 0, per_expert[16];
     size_t count = 0, length = 0, in_width = 0, out_width = 0, slots = 0, i;
     char name[64];
@@ -84,6 +92,14 @@ int main(int argc, char **argv) {
     /* Runtimes and options. */
     EXPECT(phatgoose_runtime_options_init(&options, sizeof options), PHATGOOSE_STATUS_OK);
     CHECK(options.struct_size == sizeof options && options.workers == PHATGOOSE_WORKERS_DEFAULT);
+    /* A newer caller's larger struct: the known fields get their defaults, the bytes beyond them zeros. */
+    memset(&newer, 0xAB, sizeof newer);
+    EXPECT(phatgoose_runtime_options_init(&newer.known, sizeof newer), PHATGOOSE_STATUS_OK);
+    CHECK(newer.known.struct_size == sizeof newer && newer.known.max_queued_calls == 64 && newer.known.reserved == 0);
+    for (i = 0; i < sizeof newer.unknown; i++) CHECK(newer.unknown[i] == 0);
+    EXPECT(phatgoose_runtime_options_init(&newer.known, 8), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_runtime_options_init(&newer.known, 5000), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    CHECK(newer.known.struct_size == sizeof newer); /* failures write nothing */
     options.top_k = PHATGOOSE_MAX_TOP_K + 1;
     EXPECT(phatgoose_runtime_create(library, &options, &runtime), PHATGOOSE_STATUS_INVALID_ARGUMENT);
     CHECK(runtime == NULL);
@@ -91,6 +107,19 @@ int main(int argc, char **argv) {
     options.workers = 1;
     EXPECT(phatgoose_runtime_create(library, &options, &runtime), PHATGOOSE_STATUS_OK);
     EXPECT(phatgoose_runtime_open(argv[1], NULL, &other), PHATGOOSE_STATUS_OK);
+    /* Zero bytes beyond the known fields are accepted (a newer caller that left its new fields alone), others not. */
+    newer.known.workers = 1;
+    newer.unknown[3] = 1;
+    EXPECT(phatgoose_runtime_create(library, &newer.known, &uniform), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    MESSAGE_HAS("expected zero bytes beyond the 56 this library knows");
+    MESSAGE_HAS("found byte 59 = 0x1");
+    CHECK(uniform == NULL);
+    newer.unknown[3] = 0;
+    newer.known.struct_size = 5000;
+    EXPECT(phatgoose_runtime_create(library, &newer.known, &uniform), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    newer.known.struct_size = sizeof newer;
+    newer.known.router = PHATGOOSE_ROUTER_UNIFORM;
+    EXPECT(phatgoose_runtime_create(library, &newer.known, &uniform), PHATGOOSE_STATUS_OK);
     /* A live handle of another kind is named as such; bits that are no live handle (garbage, even with another
      * kind's low bits; a destroyed handle) are no handle at all. */
     EXPECT(phatgoose_runtime_shutdown((phatgoose_runtime *)library), PHATGOOSE_STATUS_INVALID_HANDLE);
@@ -160,6 +189,8 @@ int main(int argc, char **argv) {
     EXPECT(phatgoose_runtime_statistics(runtime, &calls, &tokens, &rejected, per_expert, 1, &count), PHATGOOSE_STATUS_BUFFER_TOO_SMALL);
     EXPECT(phatgoose_runtime_statistics(runtime, &calls, &tokens, &rejected, per_expert, 16, &count), PHATGOOSE_STATUS_OK);
     CHECK(calls == 2 && tokens == 16 && rejected == 0 && count == (size_t)index + 1);
+
+    EXPECT(phatgoose_runtime_destroy(uniform), PHATGOOSE_STATUS_OK);
 
     /* Shutdown, then destruction. */
     EXPECT(phatgoose_runtime_shutdown(runtime), PHATGOOSE_STATUS_OK);

@@ -296,7 +296,7 @@ def test_raw_options_are_checked(synth):
     handle = ctypes.c_void_p()
     path = str(synth[0]).encode()
     assert lib.phatgoose_runtime_open(path, ctypes.byref(options), ctypes.byref(handle)) == _native.INVALID_ARGUMENT
-    assert "options struct_size: expected at least 56 (initialise with phatgoose_runtime_options_init), found 0" in message()
+    assert "options struct_size: expected 56 to 4096 (initialise with phatgoose_runtime_options_init), found 0" in message()
     assert lib.phatgoose_runtime_options_init(ctypes.byref(options), 8) == _native.INVALID_ARGUMENT
     assert lib.phatgoose_runtime_options_init(None, 56) == _native.INVALID_ARGUMENT
     assert lib.phatgoose_runtime_options_init(ctypes.byref(options), ctypes.sizeof(options)) == _native.OK
@@ -307,6 +307,31 @@ def test_raw_options_are_checked(synth):
         assert lib.phatgoose_runtime_open(path, ctypes.byref(bad), ctypes.byref(handle)) == _native.INVALID_ARGUMENT, field
         assert f"options {field}" in message()
     assert handle.value is None  # never written on failure
+    # A caller built against a newer header: a larger struct. Init zeroes what this library does not know; zero bytes
+    # there are accepted, anything else is refused, naming the byte.
+    newer = (ctypes.c_uint8 * 72)(*([0xAB] * 72))
+    pointer = ctypes.cast(newer, ctypes.POINTER(_native.RuntimeOptions))
+    assert lib.phatgoose_runtime_options_init(pointer, 72) == _native.OK
+    known = _native.RuntimeOptions.from_buffer(newer)
+    assert (known.struct_size, known.max_queued_calls, known.reserved) == (72, 64, 0)
+    assert bytes(newer[56:]) == bytes(16)
+    assert bytes(newer[4:56]) == bytes(options)[4:56]
+    known.workers = 1
+    assert lib.phatgoose_runtime_open(path, pointer, ctypes.byref(handle)) == _native.OK
+    lib.phatgoose_runtime_destroy(handle)
+    handle.value = None
+    newer[70] = 0x80
+    assert lib.phatgoose_runtime_open(path, pointer, ctypes.byref(handle)) == _native.INVALID_ARGUMENT
+    assert message() == ("options: expected zero bytes beyond the 56 this library knows (struct_size 72: fields of a newer "
+                         "header left at their defaults), found byte 70 = 0x80")
+    newer[70] = 0
+    for size in (4097, 2 ** 32 - 1):  # an uninitialised struct's size is never believed
+        known.struct_size = size
+        assert lib.phatgoose_runtime_open(path, pointer, ctypes.byref(handle)) == _native.INVALID_ARGUMENT
+        assert f"options struct_size: expected 56 to 4096 (initialise with phatgoose_runtime_options_init), found {size}" in message()
+        assert lib.phatgoose_runtime_options_init(pointer, size) == _native.INVALID_ARGUMENT
+    assert known.struct_size == 2 ** 32 - 1  # refused: nothing written
+    assert handle.value is None
     assert lib.phatgoose_runtime_open(path, None, None) == _native.INVALID_ARGUMENT
     assert lib.phatgoose_runtime_open(None, None, ctypes.byref(handle)) == _native.INVALID_ARGUMENT
     assert message() == "path: expected a string, found NULL"
