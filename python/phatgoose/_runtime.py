@@ -243,10 +243,10 @@ class Runtime:
 
     def apply(self, layer, x, out=None, return_routing=False):
         """Applies `layer` (a Layer or a module name) to `x` [tokens, in] (float32, C order: used in place; any other
-        array is converted). Returns the mixture delta [tokens, out] (float32): a new array, or `out` with the delta
-        ADDED into it (float32, C order, shape [tokens, out], used in place). With `return_routing`, returns
-        (delta, experts, weights): each token's chosen expert indices [tokens, slots] (int32, -1 for a padded slot)
-        and mixture weights (float32)."""
+        real array is converted; complex, string or object arrays raise InvalidArgumentError). Returns the mixture
+        delta [tokens, out] (float32): a new array, or `out` with the delta ADDED into it (float32, C order, shape
+        [tokens, out], used in place). With `return_routing`, returns (delta, experts, weights): each token's chosen
+        expert indices [tokens, slots] (int32, -1 for a padded slot) and mixture weights (float32)."""
         layer = self._resolve(layer)
         x = _input(x)
         tokens = x.shape[0]
@@ -364,9 +364,14 @@ class Runtime:
 
 
 def _input(x):
-    """`x` as a [tokens, in] float32 C-contiguous aligned array: itself when it already is one (zero copy)."""
+    """`x` as a [tokens, in] float32 C-contiguous aligned array: itself when it already is one (zero copy). Real
+    numbers only: converting complex values would drop their imaginary parts, and strings or objects would be parsed
+    or guessed at."""
     if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.aligned):
-        x = np.require(x, dtype=np.float32, requirements=["C_CONTIGUOUS", "ALIGNED"])
+        array = np.asarray(x)
+        if array.dtype.kind not in "fiub":
+            raise invalid(f"x: expected real numbers (float32, float64, float16, an integer or bool array), found {array.dtype}")
+        x = np.require(array, dtype=np.float32, requirements=["C_CONTIGUOUS", "ALIGNED"])
     if x.ndim != 2:
         raise shape(f"x: expected a 2-D array [tokens, in], found {x.ndim} dimensions (shape {x.shape})")
     return x

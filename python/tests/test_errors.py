@@ -167,6 +167,19 @@ def test_an_empty_path_is_refused_as_such(runtime):
         runtime.add_expert("", "extra")
 
 
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_complex_input_is_refused_not_truncated(runtime, x, dtype):
+    z = x.astype(dtype) + 1j
+    with pytest.raises(phatgoose.InvalidArgumentError, match=f"x: expected real numbers .float32, float64, float16, an integer or bool array., found {np.dtype(dtype).name}"):
+        runtime.apply(Q, z)
+    with pytest.raises(phatgoose.InvalidArgumentError, match="found complex128"):
+        runtime.apply(Q, z.tolist())  # a list of Python complex numbers
+    with pytest.raises(phatgoose.InvalidArgumentError, match="found <U"):
+        runtime.apply(Q, x.astype(str))
+    # Real inputs of other dtypes are still converted.
+    assert (runtime.apply(Q, x.astype(np.float64)) == runtime.apply(Q, x)).all()
+
+
 def test_non_finite_inputs_do_not_crash(runtime, x):
     x[0, 0] = np.nan
     x[1, :] = np.inf
