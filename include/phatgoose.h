@@ -24,7 +24,8 @@
  * that already started finish, later ones get PHATGOOSE_STATUS_INVALID_HANDLE).
  *
  * Buffers are row-major float32 / int32 in native byte order, 4-byte aligned, and must not overlap each other.
- * Sizes are element counts (not bytes) and must equal what the call needs exactly.
+ * Sizes are element counts (not bytes) and must equal what the call needs exactly; only routing buffers may have
+ * rows wider than needed (see phatgoose_runtime_apply).
  *
  * Only 64-bit platforms are supported.
  */
@@ -223,7 +224,8 @@ phatgoose_status phatgoose_runtime_library(const phatgoose_runtime *runtime, pha
 /* Adds the expert in `directory` (PEFT layout: adapter_config.json, adapter_model.safetensors, gates.safetensors)
  * under `name`, with the next expert index (stored in *index, optional). Calls in flight are unaffected; later
  * calls route to it. Fails, changing nothing, when the files are invalid, the name is in use, a module's widths
- * disagree or the memory cap would be exceeded. With the uniform router, layers gaining a candidate gain a slot.
+ * disagree or the memory cap would be exceeded. With the uniform router, layers gaining a candidate gain a slot
+ * (and phatgoose_runtime_remove_expert takes one away): see phatgoose_runtime_apply for sizing routing buffers.
  * Thread safety: any thread, concurrently with calls; changes to one runtime are serialised. */
 phatgoose_status phatgoose_runtime_add_expert(phatgoose_runtime *runtime, const char *directory, const char *name,
                                               int32_t *index);
@@ -254,7 +256,8 @@ phatgoose_status phatgoose_layer_create(phatgoose_runtime *runtime, const char *
 phatgoose_status phatgoose_layer_destroy(phatgoose_layer *layer);
 
 /* The layer's input width, output width and routing slots per token (top-k; every candidate with the uniform
- * router). Each pointer is optional. Thread safety: any thread, concurrently with calls. */
+ * router, so then it changes when experts are added or removed). Each pointer is optional.
+ * Thread safety: any thread, concurrently with calls. */
 phatgoose_status phatgoose_layer_shape(const phatgoose_layer *layer, size_t *in_width, size_t *out_width,
                                        size_t *slots);
 
@@ -265,9 +268,13 @@ phatgoose_status phatgoose_layer_shape(const phatgoose_layer *layer, size_t *in_
 /* Routes `tokens` rows of `input` ([tokens, in], input_count == tokens * in) at `layer` and ADDS the mixture delta
  * (sum over each token's chosen experts of weight * scale * B (A x); without W x) into `output` ([tokens, out],
  * output_count == tokens * out). When `experts` and `weights` are given (both or neither), they receive each
- * token's choices, [tokens, slots] with routing_count == tokens * slots: expert indices best first (-1 for a padded
- * slot, when a module has fewer candidates than k) and mixture weights. With tokens == 0 nothing is read or written
- * and the pointers may be NULL. Results equal `phatgoose apply` bit for bit.
+ * token's choices, [tokens, stride] with routing_count == tokens * stride and stride = routing_count / tokens at
+ * least the layer's slots: expert indices best first (-1 for a padded slot, when a module has fewer candidates than
+ * k) and mixture weights; slots of a row beyond the layer's slots get expert -1 and weight 0. Sizing the rows with
+ * phatgoose_layer_shape's slots is exact; with the uniform router, whose slots change with the experts, a caller
+ * racing expert changes can size them for more slots and read each row up to its first -1 (a call that finds more
+ * slots than the rows hold fails with PHATGOOSE_STATUS_SHAPE, writing nothing). With tokens == 0 nothing is read or
+ * written and the pointers may be NULL. Results equal `phatgoose apply` bit for bit.
  * Non-finite input values are not checked (they would cost a pass over the input); their results are unspecified.
  * On failure nothing is written.
  * Thread safety: any thread; any number of calls at once on one runtime (they take turns on its executor; more

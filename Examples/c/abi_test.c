@@ -43,10 +43,12 @@ int main(int argc, char **argv) {
     phatgoose_layer *q = NULL, *wo = NULL, *foreign = NULL;
     phatgoose_runtime_options options;
     phatgoose_layer_output entries[2];
-    float x[8 * 64], out[8 * 32], out2[8 * 32], weights[8 * 2];
-    int32_t experts[8 * 2], index = -1;
+    float x[8 * 64], out[8 * 32], out2[8 * 32], weights[8 * 2], wide_weights[8 * 16];
+    int32_t experts[8 * 2], wide_experts[8 * 16], index = -1;
     newer_options newer;
     phatgoose_runtime *uniform = NULL;
+    phatgoose_layer *uniform_q = NULL;
+    size_t uniform_slots = 0, j;
     uint64_t calls = 0, tokens = 0, rejected = 0, per_expert[16];
     size_t count = 0, length = 0, in_width = 0, out_width = 0, slots = 0, i;
     char name[64];
@@ -190,6 +192,26 @@ int main(int argc, char **argv) {
     EXPECT(phatgoose_runtime_statistics(runtime, &calls, &tokens, &rejected, per_expert, 16, &count), PHATGOOSE_STATUS_OK);
     CHECK(calls == 2 && tokens == 16 && rejected == 0 && count == (size_t)index + 1);
 
+    EXPECT(phatgoose_layer_create(uniform, Q, &uniform_q), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_layer_shape(uniform_q, NULL, NULL, &uniform_slots), PHATGOOSE_STATUS_OK);
+    CHECK(uniform_slots >= 2 && uniform_slots <= 7);
+    /* The uniform router's slots follow the experts: routing buffers with rows wider than the slots stay valid
+     * (their extra slots get expert -1, weight 0), so a caller racing expert changes can size them with headroom. */
+    EXPECT(phatgoose_runtime_add_expert(uniform, argv[2], "added", NULL), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_layer_shape(uniform_q, NULL, NULL, &slots), PHATGOOSE_STATUS_OK);
+    CHECK(slots == uniform_slots + 1);
+    EXPECT(phatgoose_runtime_apply(uniform, uniform_q, x, 8, 8 * 32, out, 8 * 32, wide_experts, wide_weights, 8 * uniform_slots),
+           PHATGOOSE_STATUS_SHAPE); /* too few slots per row: nothing written */
+    EXPECT(phatgoose_runtime_remove_expert(uniform, "added"), PHATGOOSE_STATUS_OK);
+    for (i = 0; i < 8 * 16; i++) wide_experts[i] = 99;
+    EXPECT(phatgoose_runtime_apply(uniform, uniform_q, x, 8, 8 * 32, out, 8 * 32, wide_experts, wide_weights, 8 * (uniform_slots + 1)),
+           PHATGOOSE_STATUS_OK); /* sized for the slots before the removal */
+    for (i = 0; i < 8; i++) {
+        for (j = 0; j < uniform_slots; j++) CHECK(wide_experts[i * (uniform_slots + 1) + j] >= 0);
+        CHECK(wide_experts[i * (uniform_slots + 1) + uniform_slots] == -1 && wide_weights[i * (uniform_slots + 1) + uniform_slots] == 0.0f);
+    }
+    EXPECT(phatgoose_runtime_apply(uniform, uniform_q, x, 8, 8 * 32, out, 8 * 32, wide_experts, wide_weights, 8 * uniform_slots + 1),
+           PHATGOOSE_STATUS_SHAPE); /* not a whole number of rows */
     EXPECT(phatgoose_runtime_destroy(uniform), PHATGOOSE_STATUS_OK);
 
     /* Shutdown, then destruction. */

@@ -134,10 +134,11 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
     }
 
     /// Applies module `m` of `snapshot` to `tokens` rows of `x`, adding into `out`. Fills `expertsOut`/`weightsOut`
-    /// ([tokens * slots]) when given, and per-candidate assignment counts into `counts`.
+    /// ([tokens, routingStride], routingStride >= slots; slots beyond the module's hold expert -1 and weight 0) when
+    /// given, and per-candidate assignment counts into `counts`.
     func execute(_ snapshot: LibrarySnapshot, module m: Int, x: UnsafePointer<Float>, tokens: Int,
                  out: UnsafeMutablePointer<Float>, expertsOut: UnsafeMutablePointer<Int32>?, weightsOut: UnsafeMutablePointer<Float>?,
-                 counts: UnsafeMutablePointer<Int>?) {
+                 routingStride: Int, counts: UnsafeMutablePointer<Int>?) {
         let module = snapshot.library.modules[m]
         let router = snapshot.routers[m]
         call = CallState()
@@ -260,11 +261,18 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         runPhase(.combine, parallel: call.activeParticipants > 1)
 
         if let expertsOut, let weightsOut {
+            let slots = call.slots
             snapshot.candidateExperts[m].withUnsafeBufferPointer { experts in
-                for i in 0..<(tokens * call.slots) {
-                    let c = call.candidatesOut![i]
-                    expertsOut[i] = c < 0 ? -1 : experts[Int(c)]
-                    weightsOut[i] = call.weightsAll![i]
+                for t in 0..<tokens {
+                    for j in 0..<slots {
+                        let c = call.candidatesOut![t * slots + j]
+                        expertsOut[t * routingStride + j] = c < 0 ? -1 : experts[Int(c)]
+                        weightsOut[t * routingStride + j] = call.weightsAll![t * slots + j]
+                    }
+                    for j in slots..<routingStride {
+                        expertsOut[t * routingStride + j] = -1
+                        weightsOut[t * routingStride + j] = 0
+                    }
                 }
             }
         }

@@ -179,13 +179,18 @@ public final class Runtime: Sendable {
     }
 
     /// Adds the mixture delta of `layer` for `tokens` rows of `input` ([tokens, in], row-major F32) into `output`
-    /// ([tokens, out]). When given, `experts` and `weights` ([tokens, slots]) receive each token's choices.
+    /// ([tokens, out]). When given, `experts` and `weights` receive each token's choices: `tokens` rows of
+    /// `experts.count / tokens` entries (the two buffers the same size, a multiple of `tokens`, at least
+    /// `tokens * slots`), the first ``slots(of:)`` of each row the token's experts and weights, any beyond them
+    /// expert -1 and weight 0. So buffers sized for more slots than the layer has stay valid when the uniform
+    /// router's slots shrink (an expert removed between sizing them and the call).
     ///
     /// Allocation-free once the runtime has served a call of this size.
     public func apply(_ layer: LayerHandle, input: UnsafeBufferPointer<Float>, tokens: Int, output: UnsafeMutableBufferPointer<Float>,
                       experts: UnsafeMutableBufferPointer<Int32>? = nil, weights: UnsafeMutableBufferPointer<Float>? = nil) throws {
         let snapshot = try begin(tokens: tokens)
-        let m = try check(layer, in: snapshot, input: input, tokens: tokens, output: output, experts: experts, weights: weights, sharedInWidth: nil)
+        let (m, stride) = try check(layer, in: snapshot, input: input, tokens: tokens, output: output, experts: experts, weights: weights,
+                                    sharedInWidth: nil)
         guard tokens > 0 else { return }
         try admit()
         defer { admitted.subtract(1, ordering: .sequentiallyConsistent) }
@@ -194,7 +199,7 @@ public final class Runtime: Sendable {
             guard !isShutDown.load(ordering: .acquiring) else { return false }
             observeQueued(scheduler, layer: m, tokens: tokens, since: queuedAt)
             run(scheduler, snapshot, module: m, input: input.baseAddress!, tokens: tokens, output: output.baseAddress!,
-                experts: experts?.baseAddress, weights: weights?.baseAddress)
+                experts: experts?.baseAddress, weights: weights?.baseAddress, routingStride: stride)
             return true
         }
         guard ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
@@ -208,9 +213,9 @@ public final class Runtime: Sendable {
               weights.map({ $0.count == layers.count }) ?? true, (experts == nil) == (weights == nil)
         else { throw RuntimeError(.shape, "apply: expected one output (and routing buffers, both or neither) per layer, found \(layers.count) layers and \(outputs.count) outputs") }
         let snapshot = try begin(tokens: tokens)
-        var modules: [Int] = []
+        var modules: [(index: Int, stride: Int)] = []
         for (i, layer) in layers.enumerated() {
-            let shared = i == 0 ? nil : snapshot.library.modules[modules[0]].inWidth
+            let shared = i == 0 ? nil : snapshot.library.modules[modules[0].index].inWidth
             modules.append(try check(layer, in: snapshot, input: input, tokens: tokens, output: outputs[i], experts: experts?[i],
                                      weights: weights?[i], sharedInWidth: shared))
         }
@@ -220,10 +225,10 @@ public final class Runtime: Sendable {
         let queuedAt = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
         let ran = scheduler.withLock { scheduler in
             guard !isShutDown.load(ordering: .acquiring) else { return false }
-            observeQueued(scheduler, layer: modules[0], tokens: tokens, since: queuedAt)
+            observeQueued(scheduler, layer: modules[0].index, tokens: tokens, since: queuedAt)
             for (i, m) in modules.enumerated() {
-                run(scheduler, snapshot, module: m, input: input.baseAddress!, tokens: tokens, output: outputs[i].baseAddress!,
-                    experts: experts?[i].baseAddress, weights: weights?[i].baseAddress)
+                run(scheduler, snapshot, module: m.index, input: input.baseAddress!, tokens: tokens, output: outputs[i].baseAddress!,
+                    experts: experts?[i].baseAddress, weights: weights?[i].baseAddress, routingStride: m.stride)
             }
             return true
         }
@@ -237,10 +242,11 @@ public final class Runtime: Sendable {
         return current.withLock { $0 }
     }
 
-    /// Resolves `layer` and checks every buffer's size; returns the module index.
+    /// Resolves `layer` and checks every buffer's size; returns the module index and the routing buffers' row
+    /// stride (entries per token: the slots, or more when the caller's buffers have room for more).
     private func check(_ layer: LayerHandle, in snapshot: LibrarySnapshot, input: UnsafeBufferPointer<Float>, tokens: Int,
                        output: UnsafeMutableBufferPointer<Float>, experts: UnsafeMutableBufferPointer<Int32>?,
-                       weights: UnsafeMutableBufferPointer<Float>?, sharedInWidth: Int?) throws(RuntimeError) -> Int {
+                       weights: UnsafeMutableBufferPointer<Float>?, sharedInWidth: Int?) throws(RuntimeError) -> (index: Int, stride: Int) {
         let m = try resolve(layer, in: snapshot)
         let module = snapshot.library.modules[m]
         if let sharedInWidth, module.inWidth != sharedInWidth {
@@ -256,10 +262,13 @@ public final class Runtime: Sendable {
             throw RuntimeError(.shape, "layer \(layer.name): expected both routing buffers (experts and weights) or neither")
         }
         let slots = snapshot.routers[m].slots
-        if let experts, let weights, experts.count < tokens * slots || weights.count < tokens * slots || (tokens > 0 && (experts.baseAddress == nil || weights.baseAddress == nil)) {
-            throw RuntimeError(.shape, "layer \(layer.name): expected routing buffers of \(tokens) x \(slots), found \(experts.count) and \(weights.count)")
+        guard let experts, let weights, tokens > 0 else { return (m, slots) }
+        let stride = experts.count / tokens
+        guard experts.count == weights.count, experts.count % tokens == 0, stride >= slots,
+              experts.baseAddress != nil, weights.baseAddress != nil else {
+            throw RuntimeError(.shape, "layer \(layer.name): expected routing buffers of \(tokens) x \(slots) entries (or \(tokens) rows of more than \(slots)), found \(experts.count) and \(weights.count)")
         }
-        return m
+        return (m, stride)
     }
 
     /// Admission control: a bounded number of calls may run or wait; the rest fail at once. On success the caller
@@ -281,13 +290,15 @@ public final class Runtime: Sendable {
 
     /// One layer under the scheduler lock, then its statistics.
     private func run(_ scheduler: LayerScheduler, _ snapshot: LibrarySnapshot, module m: Int, input: UnsafePointer<Float>, tokens: Int,
-                     output: UnsafeMutablePointer<Float>, experts: UnsafeMutablePointer<Int32>?, weights: UnsafeMutablePointer<Float>?) {
+                     output: UnsafeMutablePointer<Float>, experts: UnsafeMutablePointer<Int32>?, weights: UnsafeMutablePointer<Float>?,
+                     routingStride: Int) {
         // Plain per-candidate values only: iterating `module.experts` would copy (retain and release) every
         // ModuleExpert on each call.
         let candidateExperts = snapshot.candidateExperts[m]
         let counts = scheduler.counts.reserve(candidateExperts.count)
         let callStart = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-        scheduler.execute(snapshot, module: m, x: input, tokens: tokens, out: output, expertsOut: experts, weightsOut: weights, counts: counts)
+        scheduler.execute(snapshot, module: m, x: input, tokens: tokens, out: output, expertsOut: experts, weightsOut: weights,
+                          routingStride: routingStride, counts: counts)
         if let observer = options.observer {
             observer.observe(RuntimeEvent(kind: .call, worker: 0, node: scheduler.nodes[0], layer: m, expert: -1, rows: tokens,
                                           start: callStart, end: DispatchTime.now().uptimeNanoseconds))

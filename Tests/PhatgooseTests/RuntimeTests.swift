@@ -202,6 +202,43 @@ struct RuntimeTests {
         #expect(throws: RuntimeError.self) { try runtime.removeExpert(named: "expert6") }
     }
 
+    @Test("routing buffers with rows wider than the slots get each token's choices, then expert -1 and weight 0")
+    func widerRoutingRows() throws {
+        let library = try synthLibrary()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(routing: RoutingOptions(router: .uniform), workers: 1))
+        defer { runtime.shutdown() }
+        let module = library.modules[0]
+        let layer = runtime.layer(named: module.name)!
+        let tokens = 5, slots = try runtime.slots(of: layer), stride = slots + 2
+        let x = randomFloats(tokens * module.inWidth, seed: 15)
+        let exact = try runtime.apply(layer, input: x, tokens: tokens)
+        var out = [Float](repeating: 0, count: tokens * module.outWidth)
+        func apply(_ count: Int) throws -> ([Int32], [Float]) {
+            var experts = [Int32](repeating: 7, count: count), weights = [Float](repeating: 7, count: count)
+            try x.withUnsafeBufferPointer { input in
+                try out.withUnsafeMutableBufferPointer { output in
+                    try experts.withUnsafeMutableBufferPointer { e in
+                        try weights.withUnsafeMutableBufferPointer { w in
+                            try runtime.apply(layer, input: input, tokens: tokens, output: output, experts: e, weights: w)
+                        }
+                    }
+                }
+            }
+            return (experts, weights)
+        }
+        let (experts, weights) = try apply(tokens * stride)
+        for t in 0..<tokens {
+            #expect(Array(experts[(t * stride)..<(t * stride + slots)]) == Array(exact.experts[(t * slots)..<((t + 1) * slots)]))
+            #expect(Array(weights[(t * stride)..<(t * stride + slots)]) == Array(exact.weights[(t * slots)..<((t + 1) * slots)]))
+            #expect(experts[(t * stride + slots)..<((t + 1) * stride)].allSatisfy { $0 == -1 })
+            #expect(weights[(t * stride + slots)..<((t + 1) * stride)].allSatisfy { $0 == 0 })
+        }
+        for count in [tokens * slots - 1, tokens * stride + 1] {
+            let error = #expect(throws: RuntimeError.self) { _ = try apply(count) }
+            #expect(error?.code == .shape && error?.message.contains("expected routing buffers of 5 x \(slots) entries") == true, "\(count) entries")
+        }
+    }
+
     @Test("a memory cap below the library's weights is refused with a clear error")
     func memoryCap() throws {
         let library = try synthLibrary()

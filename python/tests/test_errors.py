@@ -263,7 +263,8 @@ def test_raw_buffers_are_checked(synth, x):
         ((xp + 2, 8, 256, op, 256), _native.INVALID_ARGUMENT, "expected an address aligned to 4 bytes"),
         ((xp, 8, 256, xp, 256), _native.INVALID_ARGUMENT, "expected no overlap"),
         ((xp, 8, 256, op, 256, ep, None, 16), _native.INVALID_ARGUMENT, "expected experts and weights both or neither, found only experts"),
-        ((xp, 8, 256, op, 256, ep, wp, 15), _native.SHAPE, "routing_count (experts): expected 8 x 2 = 16 elements, found 15"),
+        ((xp, 8, 256, op, 256, ep, wp, 15), _native.SHAPE, "routing_count (experts): expected 8 x 2 = 16 elements (or 8 rows of more than 2), found 15"),
+        ((xp, 8, 256, op, 256, ep, wp, 8), _native.SHAPE, "routing_count (experts): expected 8 x 2 = 16 elements"),
         ((xp, 8, 256, op, 256, ep, op, 16), _native.INVALID_ARGUMENT, "expected no overlap"),
     ]
     for arguments, status, text in cases:
@@ -274,6 +275,34 @@ def test_raw_buffers_are_checked(synth, x):
     assert apply_raw(runtime, layer, None, 0, 0, None, 0) == _native.OK
     assert apply_raw(runtime, layer, xp, 8, 256, op, 256, ep, wp, 16) == _native.OK
     assert (experts >= 0).all()
+    lib.phatgoose_runtime_destroy(runtime)
+
+
+def test_uniform_routing_rows_may_be_wider_than_the_slots(synth, donor, x):
+    """The uniform router's slots change with the experts, so a caller that sized its routing buffers before an expert
+    was removed must not be refused: rows wider than the slots are filled, their extra slots with -1 and 0."""
+    options = _native.RuntimeOptions()
+    assert lib.phatgoose_runtime_options_init(ctypes.byref(options), ctypes.sizeof(options)) == _native.OK
+    options.router = _native.ROUTERS["uniform"]
+    handle = ctypes.c_void_p()
+    assert lib.phatgoose_runtime_open(str(synth[0]).encode(), ctypes.byref(options), ctypes.byref(handle)) == _native.OK
+    runtime = handle.value
+    layer = new_layer(runtime, Q)
+    slots = ctypes.c_size_t()
+    assert lib.phatgoose_layer_shape(layer, None, None, ctypes.byref(slots)) == _native.OK
+    s = slots.value
+    assert lib.phatgoose_runtime_add_expert(runtime, str(donor / "expert0").encode(), b"extra", None) == _native.OK
+    assert lib.phatgoose_layer_shape(layer, None, None, ctypes.byref(slots)) == _native.OK and slots.value == s + 1
+    out = np.zeros((8, 32), np.float32)
+    experts, weights = np.full((8, s + 1), 99, np.int32), np.full((8, s + 1), 99, np.float32)
+    full = (x.ctypes.data, 8, x.size, out.ctypes.data, out.size, experts.ctypes.data, weights.ctypes.data, experts.size)
+    assert apply_raw(runtime, layer, *full) == _native.OK
+    assert (experts >= 0).all() and np.allclose(weights, 1 / (s + 1))
+    assert lib.phatgoose_runtime_remove_expert(runtime, b"extra") == _native.OK
+    experts[:], weights[:] = 99, 99
+    assert apply_raw(runtime, layer, *full) == _native.OK, message()  # buffers sized before the removal
+    assert (experts[:, :s] >= 0).all() and np.allclose(weights[:, :s], 1 / s)
+    assert (experts[:, s] == -1).all() and (weights[:, s] == 0).all()
     lib.phatgoose_runtime_destroy(runtime)
 
 
