@@ -85,7 +85,11 @@ typedef enum phatgoose_status {
     /* A caller's buffer is too small; the needed size was stored. */
     PHATGOOSE_STATUS_BUFFER_TOO_SMALL = 10,
     /* A failure the library did not expect; the message says what. */
-    PHATGOOSE_STATUS_INTERNAL = 11
+    PHATGOOSE_STATUS_INTERNAL = 11,
+    /* Some input rows held NaN or infinite values. Unlike every other failure, the call's outputs ARE written: the
+     * other rows were applied as usual, and those rows were not routed (see phatgoose_runtime_apply). A caller
+     * built against an older header, which lacks it, sees a failure it does not know. */
+    PHATGOOSE_STATUS_NON_FINITE_INPUT = 12
 } phatgoose_status;
 
 /* A short stable name for a status ("ok", "invalid-argument", ..., "unknown"). Static storage.
@@ -275,8 +279,13 @@ phatgoose_status phatgoose_layer_shape(const phatgoose_layer *layer, size_t *in_
  * racing expert changes can size them for more slots and read each row up to its first -1 (a call that finds more
  * slots than the rows hold fails with PHATGOOSE_STATUS_SHAPE, writing nothing). With tokens == 0 nothing is read or
  * written and the pointers may be NULL. Results equal `phatgoose apply` bit for bit.
- * Non-finite input values are not checked (they would cost a pass over the input); their results are unspecified.
- * On failure nothing is written.
+ * Non-finite inputs: a token whose input row holds a NaN or infinite value (routing per sequence with the
+ * PHATGOOSE or Arrow router: whose sequence holds one; with Arrow, also a row so large that its scores overflow) is
+ * not routed: its experts are -1 and its weights NaN in every slot, and nothing is added to its output row. The
+ * other tokens are applied as usual and the call returns PHATGOOSE_STATUS_NON_FINITE_INPUT, the message naming how
+ * many tokens and the first. Finding them costs nothing extra (the routing scores show them), except with the
+ * uniform router (one pass over the input).
+ * On any other failure nothing is written.
  * Thread safety: any thread; any number of calls at once on one runtime (they take turns on its executor; more
  * than max_queued_calls at once get PHATGOOSE_STATUS_OVERLOADED). Buffers must not be touched by others during
  * the call. */
@@ -298,7 +307,8 @@ typedef struct phatgoose_layer_output {
 
 /* Several layers that share one input (q, k and v of one attention block; every layer must have the same input
  * width): one admission and one turn of the executor, each layer's delta added into its own output. Either every
- * entry has routing buffers or none has. Checks every entry before doing any work.
+ * entry has routing buffers or none has. Checks every entry before doing any work. Non-finite input rows are
+ * handled as by phatgoose_runtime_apply, in every layer (PHATGOOSE_STATUS_NON_FINITE_INPUT names the first layer).
  * Thread safety: as phatgoose_runtime_apply. */
 phatgoose_status phatgoose_runtime_apply_layers(phatgoose_runtime *runtime, const float *input, size_t tokens,
                                                 size_t input_count, const phatgoose_layer_output *layers,

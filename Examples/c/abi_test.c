@@ -9,6 +9,7 @@
  */
 #include <phatgoose.h>
 
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +34,34 @@ typedef struct newer_options {
     phatgoose_runtime_options known;
     unsigned char unknown[16];
 } newer_options;
+
+/* Non-finite rows: tokens 1 (a NaN) and 2 (an infinity) of x [8, 32] are refused, the other tokens are applied as
+ * usual. `slots` of the layer; `clean` is the result of the same call on the input without the bad values. */
+static void check_non_finite_rows(phatgoose_runtime *runtime, const phatgoose_layer *layer, const float *x, size_t slots) {
+    float bad[8 * 32], clean[8 * 32], out[8 * 32], weights[8 * 8];
+    int32_t experts[8 * 8];
+    size_t t, j, c, wrong_routing = 0, wrong_output = 0;
+    memcpy(bad, x, sizeof bad);
+    for (c = 0; c < 8 * 32; c++) clean[c] = out[c] = 7.0f;
+    CHECK(slots <= 8);
+    EXPECT(phatgoose_runtime_apply(runtime, layer, x, 8, 8 * 32, clean, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_OK);
+    bad[1 * 32 + 5] = (float)NAN;
+    bad[2 * 32 + 0] = (float)INFINITY;
+    EXPECT(phatgoose_runtime_apply(runtime, layer, bad, 8, 8 * 32, out, 8 * 32, experts, weights, 8 * slots),
+           PHATGOOSE_STATUS_NON_FINITE_INPUT);
+    MESSAGE_HAS("NaN or infinite values in the row (or sequence) of 2 of 8 tokens, the first token 1");
+    for (t = 0; t < 8; t++) {
+        int refused = t == 1 || t == 2;
+        for (j = 0; j < slots; j++) {
+            float w = weights[t * slots + j];
+            wrong_routing += refused ? !(experts[t * slots + j] == -1 && w != w) : !(experts[t * slots + j] >= 0 && w == w);
+        }
+        /* Nothing is added to a refused token's row; the others get exactly what they get without the bad rows. */
+        for (c = 0; c < 32; c++) wrong_output += out[t * 32 + c] != (refused ? 7.0f : clean[t * 32 + c]);
+    }
+    CHECK(wrong_routing == 0);
+    CHECK(wrong_output == 0);
+}
 
 static const char *const Q = "encoder.block.0.layer.0.SelfAttention.q";  /* in 32, out 32 */
 static const char *const WO = "encoder.block.0.layer.1.DenseReluDense.wo"; /* in 64, out 32 */
@@ -64,6 +93,7 @@ int main(int argc, char **argv) {
     CHECK(phatgoose_abi_version() == PHATGOOSE_ABI_VERSION);
     CHECK(strcmp(phatgoose_version(), "0.1.0") == 0 || strlen(phatgoose_version()) >= 5);
     CHECK(strcmp(phatgoose_status_name(PHATGOOSE_STATUS_SHAPE), "shape") == 0);
+    CHECK(strcmp(phatgoose_status_name(PHATGOOSE_STATUS_NON_FINITE_INPUT), "non-finite-input") == 0);
     CHECK(strcmp(phatgoose_status_name((phatgoose_status)15), "unknown") == 0);
 
     /* Libraries. */
@@ -192,9 +222,13 @@ int main(int argc, char **argv) {
     EXPECT(phatgoose_runtime_statistics(runtime, &calls, &tokens, &rejected, per_expert, 16, &count), PHATGOOSE_STATUS_OK);
     CHECK(calls == 2 && tokens == 16 && rejected == 0 && count == (size_t)index + 1);
 
+    /* Non-finite input rows, with a scoring router and with the uniform router (which scores nothing). */
+    check_non_finite_rows(runtime, q, x, 2);
     EXPECT(phatgoose_layer_create(uniform, Q, &uniform_q), PHATGOOSE_STATUS_OK);
     EXPECT(phatgoose_layer_shape(uniform_q, NULL, NULL, &uniform_slots), PHATGOOSE_STATUS_OK);
     CHECK(uniform_slots >= 2 && uniform_slots <= 7);
+    check_non_finite_rows(uniform, uniform_q, x, uniform_slots);
+
     /* The uniform router's slots follow the experts: routing buffers with rows wider than the slots stay valid
      * (their extra slots get expert -1, weight 0), so a caller racing expert changes can size them with headroom. */
     EXPECT(phatgoose_runtime_add_expert(uniform, argv[2], "added", NULL), PHATGOOSE_STATUS_OK);

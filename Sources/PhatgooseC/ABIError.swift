@@ -36,6 +36,7 @@ struct ABIError: Error, Sendable, CustomStringConvertible {
             case .shape: status = PHATGOOSE_STATUS_SHAPE
             case .shutDown: status = PHATGOOSE_STATUS_SHUT_DOWN
             case .library: status = PHATGOOSE_STATUS_LIBRARY
+            case .nonFiniteInput: status = PHATGOOSE_STATUS_NON_FINITE_INPUT
             default: status = PHATGOOSE_STATUS_INTERNAL
             }
             self.init(status, error.description)

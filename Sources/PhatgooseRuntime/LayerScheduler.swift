@@ -135,10 +135,11 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
 
     /// Applies module `m` of `snapshot` to `tokens` rows of `x`, adding into `out`. Fills `expertsOut`/`weightsOut`
     /// ([tokens, routingStride], routingStride >= slots; slots beyond the module's hold expert -1 and weight 0) when
-    /// given, and per-candidate assignment counts into `counts`.
+    /// given, and per-candidate assignment counts into `counts`. Returns the tokens left unrouted (NaN or infinite
+    /// input; see ``RoutingResult``): how many, and the first.
     func execute(_ snapshot: LibrarySnapshot, module m: Int, x: UnsafePointer<Float>, tokens: Int,
                  out: UnsafeMutablePointer<Float>, expertsOut: UnsafeMutablePointer<Int32>?, weightsOut: UnsafeMutablePointer<Float>?,
-                 routingStride: Int, counts: UnsafeMutablePointer<Int>?) {
+                 routingStride: Int, counts: UnsafeMutablePointer<Int>?) -> (count: Int, first: Int?) {
         let module = snapshot.library.modules[m]
         let router = snapshot.routers[m]
         call = CallState()
@@ -160,6 +161,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         call.units = (tokens + call.unit - 1) / call.unit
         if router.options.router == .uniform {
             router.select(routeScratch[0].reserve(1), rows: 0, tokens: tokens, candidates: call.candidatesOut!, weights: call.weightsAll!)
+            router.unrouteNonFiniteRows(x, ldx: module.inWidth, tokens: tokens, candidates: call.candidatesOut!, weights: call.weightsAll!)
         } else if call.units >= participants * 2 || participants == 1 {
             call.activeParticipants = min(participants, call.units)
             for p in 0..<call.activeParticipants {
@@ -180,6 +182,8 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
                 observer.observe(RuntimeEvent(kind: .routing, worker: 0, node: nodes[0], layer: m, expert: -1, rows: tokens, start: start, end: pg_now_ns()))
             }
         }
+
+        let unrouted = LayerRouter.unroutedTokens(call.candidatesOut!, tokens: tokens, slots: call.slots)
 
         // The plan, on the caller.
         let planStart = now()
@@ -277,6 +281,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
             }
         }
         call = CallState()
+        return unrouted
     }
 
     private func routeShare(_ p: Int) {

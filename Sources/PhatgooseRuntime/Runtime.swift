@@ -185,6 +185,11 @@ public final class Runtime: Sendable {
     /// expert -1 and weight 0. So buffers sized for more slots than the layer has stay valid when the uniform
     /// router's slots shrink (an expert removed between sizing them and the call).
     ///
+    /// A token whose input row (or, routing per sequence, whose sequence) holds a NaN or infinite value is not
+    /// routed: its experts are -1 and its weights NaN in every slot, and nothing is added to its output row. The
+    /// other tokens are applied as usual; then the call throws a ``RuntimeError/Code/nonFiniteInput`` error naming
+    /// how many tokens were left unrouted and the first of them.
+    ///
     /// Allocation-free once the runtime has served a call of this size.
     public func apply(_ layer: LayerHandle, input: UnsafeBufferPointer<Float>, tokens: Int, output: UnsafeMutableBufferPointer<Float>,
                       experts: UnsafeMutableBufferPointer<Int32>? = nil, weights: UnsafeMutableBufferPointer<Float>? = nil) throws {
@@ -195,14 +200,21 @@ public final class Runtime: Sendable {
         try admit()
         defer { admitted.subtract(1, ordering: .sequentiallyConsistent) }
         let queuedAt = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-        let ran = scheduler.withLock { scheduler in
-            guard !isShutDown.load(ordering: .acquiring) else { return false }
+        let ran = scheduler.withLock { scheduler -> (count: Int, first: Int?)? in
+            guard !isShutDown.load(ordering: .acquiring) else { return nil }
             observeQueued(scheduler, layer: m, tokens: tokens, since: queuedAt)
-            run(scheduler, snapshot, module: m, input: input.baseAddress!, tokens: tokens, output: output.baseAddress!,
-                experts: experts?.baseAddress, weights: weights?.baseAddress, routingStride: stride)
-            return true
+            return run(scheduler, snapshot, module: m, input: input.baseAddress!, tokens: tokens, output: output.baseAddress!,
+                       experts: experts?.baseAddress, weights: weights?.baseAddress, routingStride: stride)
         }
-        guard ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
+        guard let unrouted = ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
+        if let first = unrouted.first { throw Self.nonFiniteInput(layer, count: unrouted.count, of: tokens, first: first) }
+    }
+
+    /// The error of a call that left tokens unrouted.
+    private static func nonFiniteInput(_ layer: LayerHandle, count: Int, of tokens: Int, first: Int) -> RuntimeError {
+        RuntimeError(.nonFiniteInput, "layer \(layer.name): expected finite input values, found NaN or infinite values in the row (or sequence) "
+                     + "of \(count) of \(tokens) tokens, the first token \(first); those tokens were not routed (experts -1, weights NaN, nothing "
+                     + "added to their output rows), the others were applied")
     }
 
     /// Several layers that share one input (q, k and v): one admission, one turn of the executor lock, each layer's
@@ -223,16 +235,19 @@ public final class Runtime: Sendable {
         try admit()
         defer { admitted.subtract(1, ordering: .sequentiallyConsistent) }
         let queuedAt = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-        let ran = scheduler.withLock { scheduler in
-            guard !isShutDown.load(ordering: .acquiring) else { return false }
+        let ran = scheduler.withLock { scheduler -> (layer: Int, count: Int, first: Int?)? in
+            guard !isShutDown.load(ordering: .acquiring) else { return nil }
             observeQueued(scheduler, layer: modules[0].index, tokens: tokens, since: queuedAt)
+            var unrouted: (layer: Int, count: Int, first: Int?) = (0, 0, nil)
             for (i, m) in modules.enumerated() {
-                run(scheduler, snapshot, module: m.index, input: input.baseAddress!, tokens: tokens, output: outputs[i].baseAddress!,
-                    experts: experts?[i].baseAddress, weights: weights?[i].baseAddress, routingStride: m.stride)
+                let left = run(scheduler, snapshot, module: m.index, input: input.baseAddress!, tokens: tokens, output: outputs[i].baseAddress!,
+                               experts: experts?[i].baseAddress, weights: weights?[i].baseAddress, routingStride: m.stride)
+                if unrouted.first == nil && left.first != nil { unrouted = (i, left.count, left.first) }
             }
-            return true
+            return unrouted
         }
-        guard ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
+        guard let unrouted = ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
+        if let first = unrouted.first { throw Self.nonFiniteInput(layers[unrouted.layer], count: unrouted.count, of: tokens, first: first) }
     }
 
     /// The current snapshot, once the runtime is known to be running and `tokens` valid.
@@ -288,17 +303,17 @@ public final class Runtime: Sendable {
                                       start: since, end: DispatchTime.now().uptimeNanoseconds))
     }
 
-    /// One layer under the scheduler lock, then its statistics.
+    /// One layer under the scheduler lock, then its statistics. Returns the tokens it left unrouted.
     private func run(_ scheduler: LayerScheduler, _ snapshot: LibrarySnapshot, module m: Int, input: UnsafePointer<Float>, tokens: Int,
                      output: UnsafeMutablePointer<Float>, experts: UnsafeMutablePointer<Int32>?, weights: UnsafeMutablePointer<Float>?,
-                     routingStride: Int) {
+                     routingStride: Int) -> (count: Int, first: Int?) {
         // Plain per-candidate values only: iterating `module.experts` would copy (retain and release) every
         // ModuleExpert on each call.
         let candidateExperts = snapshot.candidateExperts[m]
         let counts = scheduler.counts.reserve(candidateExperts.count)
         let callStart = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-        scheduler.execute(snapshot, module: m, x: input, tokens: tokens, out: output, expertsOut: experts, weightsOut: weights,
-                          routingStride: routingStride, counts: counts)
+        let unrouted = scheduler.execute(snapshot, module: m, x: input, tokens: tokens, out: output, expertsOut: experts, weightsOut: weights,
+                                         routingStride: routingStride, counts: counts)
         if let observer = options.observer {
             observer.observe(RuntimeEvent(kind: .call, worker: 0, node: scheduler.nodes[0], layer: m, expert: -1, rows: tokens,
                                           start: callStart, end: DispatchTime.now().uptimeNanoseconds))
@@ -311,9 +326,12 @@ public final class Runtime: Sendable {
                 if e < stats.tokensPerExpert.count { stats.tokensPerExpert[e] += counts[c] }
             }
         }
+        return unrouted
     }
 
-    /// The array form: returns the delta (not added to anything) and each token's choices.
+    /// The array form: returns the delta (not added to anything) and each token's choices. Throws as the buffer form
+    /// does; when tokens are left unrouted (``RuntimeError/Code/nonFiniteInput``) the other tokens' results are lost
+    /// with the arrays, so callers that want them use the buffer form.
     public func apply(_ layer: LayerHandle, input: [Float], tokens: Int) throws -> LayerOutput {
         let (_, outWidth) = try widths(of: layer)
         let slots = try self.slots(of: layer)

@@ -202,6 +202,45 @@ struct RuntimeTests {
         #expect(throws: RuntimeError.self) { try runtime.removeExpert(named: "expert6") }
     }
 
+    @Test("non-finite input rows are left unrouted, the others applied, and the call then throws .nonFiniteInput",
+          arguments: [RouterKind.phatgoose, .arrow, .uniform])
+    func nonFiniteRows(_ router: RouterKind) throws {
+        let library = try synthLibrary()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(routing: RoutingOptions(router: router, topK: 2), workers: 1))
+        defer { runtime.shutdown() }
+        let module = library.modules[0]
+        let layer = runtime.layer(named: module.name)!
+        let tokens = 40, slots = try runtime.slots(of: layer)
+        let x = randomFloats(tokens * module.inWidth, seed: 14)
+        var bad = x
+        bad[3 * module.inWidth + 1] = .nan
+        bad[30 * module.inWidth] = .infinity
+        let clean = try runtime.apply(layer, input: x, tokens: tokens)
+        var out = [Float](repeating: 0, count: tokens * module.outWidth)
+        var experts = [Int32](repeating: 7, count: tokens * slots), weights = [Float](repeating: 7, count: tokens * slots)
+        let error = #expect(throws: RuntimeError.self) {
+            try bad.withUnsafeBufferPointer { input in
+                try out.withUnsafeMutableBufferPointer { output in
+                    try experts.withUnsafeMutableBufferPointer { e in
+                        try weights.withUnsafeMutableBufferPointer { w in
+                            try runtime.apply(layer, input: input, tokens: tokens, output: output, experts: e, weights: w)
+                        }
+                    }
+                }
+            }
+        }
+        #expect(error?.code == .nonFiniteInput)
+        #expect(error?.message.contains("found NaN or infinite values in the row (or sequence) of 2 of 40 tokens, the first token 3") == true)
+        for t in 0..<tokens {
+            let row = (t * module.outWidth)..<((t + 1) * module.outWidth), choices = (t * slots)..<((t + 1) * slots)
+            if t == 3 || t == 30 {
+                #expect(out[row].allSatisfy { $0 == 0 } && experts[choices].allSatisfy { $0 == -1 } && weights[choices].allSatisfy { $0.isNaN })
+            } else {
+                #expect(Array(out[row]) == Array(clean.delta[row]) && Array(experts[choices]) == Array(clean.experts[choices]), "token \(t)")
+            }
+        }
+    }
+
     @Test("routing buffers with rows wider than the slots get each token's choices, then expert -1 and weight 0")
     func widerRoutingRows() throws {
         let library = try synthLibrary()

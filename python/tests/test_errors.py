@@ -9,6 +9,7 @@ import pytest
 
 import phatgoose
 from phatgoose import _native, safetensors
+from phatgoose._errors import NonFiniteInputError
 
 lib = _native.lib
 Q = "encoder.block.0.layer.0.SelfAttention.q"      # in 32, out 32
@@ -180,11 +181,41 @@ def test_complex_input_is_refused_not_truncated(runtime, x, dtype):
     assert (runtime.apply(Q, x.astype(np.float64)) == runtime.apply(Q, x)).all()
 
 
-def test_non_finite_inputs_do_not_crash(runtime, x):
-    x[0, 0] = np.nan
-    x[1, :] = np.inf
-    delta = runtime.apply(Q, x)
-    assert delta.shape == (8, 32)
+@pytest.mark.parametrize("options", [{}, {"router": "arrow"}, {"router": "uniform"}, {"top_k": 3}])
+def test_non_finite_rows_are_left_unrouted_and_reported(synth, x, options):
+    bad = x.copy()
+    bad[1, 5] = np.nan
+    bad[6, :] = -np.inf
+    with phatgoose.Runtime(synth[0], **options) as runtime:
+        clean, clean_experts, clean_weights = runtime.apply(Q, x, out=np.full((8, 32), 3, np.float32), return_routing=True)
+        out = np.full((8, 32), 3, np.float32)
+        with pytest.raises(NonFiniteInputError, match=f"layer {Q}: expected finite input values, found NaN or infinite values in "
+                           r"the row \(or sequence\) of 2 of 8 tokens, the first token 1; those tokens were not routed") as raised:
+            runtime.apply(Q, bad, out=out, return_routing=True)
+        assert raised.value.status_name == "non-finite-input" and isinstance(raised.value, ValueError)
+        delta, experts, weights = raised.value.result
+        assert delta is out
+        refused = [1, 6]
+        kept = [t for t in range(8) if t not in refused]
+        assert (experts[refused] == -1).all() and np.isnan(weights[refused]).all()
+        assert (out[refused] == 3).all(), "nothing is added to a refused token's output row"
+        assert (experts[kept] == clean_experts[kept]).all() and (weights[kept] == clean_weights[kept]).all()
+        assert (out[kept] == clean[kept]).all()
+        with pytest.raises(NonFiniteInputError) as raised:
+            runtime.apply_layers([Q, "encoder.block.0.layer.0.SelfAttention.k"], bad)
+        assert len(raised.value.result) == 2 and (raised.value.result[0][kept] == runtime.apply(Q, x)[kept]).all()
+
+
+def test_per_sequence_routing_leaves_the_whole_sequence_unrouted(synth, x):
+    bad = x.copy()
+    bad[5, 0] = np.nan
+    with phatgoose.Runtime(synth[0], sequence_length=4) as runtime:
+        clean = runtime.apply(Q, x)
+        with pytest.raises(NonFiniteInputError, match="of 4 of 8 tokens, the first token 4") as raised:
+            runtime.apply(Q, bad, return_routing=True)
+        delta, experts, _ = raised.value.result
+        assert (experts[4:] == -1).all() and (delta[4:] == 0).all()
+        assert (delta[:4] == clean[:4]).all() and (experts[:4] >= 0).all()
 
 
 # The C ABI, called raw
@@ -409,9 +440,9 @@ def test_raw_names_and_counts_are_checked(synth):
 
 
 def test_status_names_and_version():
-    names = [lib.phatgoose_status_name(s).decode() for s in range(12)]
+    names = [lib.phatgoose_status_name(s).decode() for s in range(13)]
     assert names == ["ok", "invalid-argument", "invalid-handle", "shape", "not-found", "io", "library", "overloaded",
-                     "memory-cap", "shut-down", "buffer-too-small", "internal"]
+                     "memory-cap", "shut-down", "buffer-too-small", "internal", "non-finite-input"]
     assert lib.phatgoose_status_name(99) == b"unknown"
     assert phatgoose.__version__.count(".") == 2 and phatgoose.ABI_VERSION == 1
 
