@@ -204,6 +204,41 @@ func nearestRank(_ sorted: [Double], _ p: Double) -> Double {
         #expect(html.hasPrefix("<!DOCTYPE html>") && html.hasSuffix("</html>\n"))
     }
 
+    /// The CDF's percentile labels as boxes: each accent-coloured `<text>` of the `latency-cdf` plot, its width at
+    /// 0.6 em per character and its height from 0.75 em above the baseline to 0.25 em below (about what a sans-serif
+    /// font draws), independently of how the report lays them out.
+    func cdfLabelBoxes(_ html: String) throws -> [(text: String, left: Double, right: Double, top: Double, bottom: Double)] {
+        let start = try #require(html.range(of: "<svg id=\"latency-cdf\""))
+        let svg = html[start.lowerBound...].prefix { $0 != "\n" }
+        let pattern = /<text x="([-0-9.]+)" y="([-0-9.]+)" font-size="([0-9.]+)" text-anchor="(start|middle|end)" fill="#c0392b">([^<]*)<\/text>/
+        return svg.matches(of: pattern).map { match in
+            let x = Double(match.1)!, y = Double(match.2)!, size = Double(match.3)!, text = String(match.5)
+            let width = Double(text.count) * size * 0.6
+            let left = match.4 == "end" ? x - width : match.4 == "middle" ? x - width / 2 : x
+            return (text, left, left + width, y - 0.75 * size, y + 0.25 * size)
+        }
+    }
+
+    @Test("the CDF's percentile labels never overlap, however close the percentiles",
+          arguments: [[Int](repeating: 10_000, count: 1000),                                      // every percentile the same
+                      [Int](repeating: 10_000, count: 990) + [Int](repeating: 10_200, count: 10),  // p99 and p99.9 close
+                      (1...1000).map { 1000 + $0 },                                               // close, not equal
+                      (1...1000).map { Int(1000 * pow(1.01, Double($0))) }])                      // far apart
+    func cdfLabelsDoNotOverlap(_ microseconds: [Int]) throws {
+        var report = sampleReport()
+        report.latency = LatencyHistogram()
+        for value in microseconds { report.latency.record(microseconds: UInt64(value)) }
+        let boxes = try cdfLabelBoxes(report.render())
+        #expect(boxes.map { $0.text.split(separator: " ")[0] } == ["p50", "p90", "p99", "p99.9"])
+        for (i, a) in boxes.enumerated() {
+            #expect(a.left >= 0 && a.right <= 900 && a.top >= 0 && a.bottom <= 300, "\(a.text) leaves the plot")
+            for b in boxes[(i + 1)...] {
+                let overlap = a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom
+                #expect(!overlap, "\(a.text) overlaps \(b.text)")
+            }
+        }
+    }
+
     @Test func imbalanceRankingUsesCandidatesOnly() {
         let ranking = sampleReport().imbalanceRanking()
         // Layer b has 3 candidates: counts of experts 0, 1, 2 are 3, 3, 1 (expert 3 is not a candidate).
