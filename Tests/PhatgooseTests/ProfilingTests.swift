@@ -273,6 +273,32 @@ func nearestRank(_ sorted: [Double], _ p: Double) -> Double {
         #expect(comparison.text().contains("request_throughput"))
     }
 
+    @Test("every configuration field that differs is listed, the measured duration included")
+    func comparisonListsEveryConfigurationDifference() throws {
+        let a = try JSONParser.parse(Array(#"""
+            {"tool":"phatgoose profile","library":"lib","router":"phatgoose","top_k":2,"sequence_length":null,"workers":1,"executor":"pinned",
+             "placement":"distribute","mode":"closed","num_clients":4,"decode_tokens":[1,16],"affinity":0.35,"seed":0,"warmup_duration":3,
+             "requests":null,"duration":10.0012,"drain_timeout":10,"trace_ring_capacity":262144,"request_throughput":10,"completed":100}
+            """#.utf8))
+        let b = try JSONParser.parse(Array(#"""
+            {"tool":"phatgoose loadtest","library":"lib","router":"arrow","top_k":2,"sequence_length":16,"workers":1,"executor":"dispatch",
+             "placement":"isolate:0","mode":"closed","num_clients":4,"decode_tokens":[1,8],"affinity":0.35,"seed":0,"warmup_duration":1,
+             "requests":null,"duration":10.0034,"drain_timeout":10,"request_throughput":10,"completed":120}
+            """#.utf8))
+        let comparison = RunComparison(a: a, b: b, pathA: "A", pathB: "B")
+        let expected = [("tool", "phatgoose profile", "phatgoose loadtest"), ("router", "phatgoose", "arrow"), ("sequence_length", "-", "16"),
+                        ("executor", "pinned", "dispatch"), ("placement", "distribute", "isolate:0"), ("decode_tokens", "[1,16]", "[1,8]"),
+                        ("warmup_duration", "3", "1"), ("duration", "10.0012", "10.0034"), ("trace_ring_capacity", "262144", "-")]
+        #expect(comparison.configuration.map(\.0) == expected.map(\.0), "in order, and nothing that is the same in both")
+        let text = comparison.text()
+        for (field, x, y) in expected {
+            #expect(comparison.configuration.contains { $0 == (field, x, y) }, "\(field): \(x) -> \(y)")
+            #expect(text.split(separator: "\n").contains { $0.hasPrefix("  \(field) ") && $0.hasSuffix("\(x)  ->  \(y)") }, "the text lists \(field)")
+        }
+        guard case let .array(listed)? = comparison.json()["configuration"] else { Issue.record("no configuration in the JSON"); return }
+        #expect(listed.compactMap { if case let .string(field)? = $0["field"] { return field } else { return nil } } == expected.map(\.0))
+    }
+
     @Test func loadRefusesWhatIsNotASummary() throws {
         let directory = TemporaryDirectory()
         writeText("{\"x\":1}", to: directory.file("summary.json"))
