@@ -172,10 +172,13 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
     }
 
     @Test func optionsRefuseNonsense() {
-        #expect(throws: LoadTestError.self) { try LoadTestOptions(loop: .closed(clients: 0)).validate() }
-        #expect(throws: LoadTestError.self) { try LoadTestOptions(loop: .open(rate: 0, burstiness: 1, maxConcurrency: 4)).validate() }
-        #expect(throws: LoadTestError.self) { try LoadTestOptions(duration: nil, requests: nil).validate() }
-        #expect(throws: LoadTestError.self) { try LoadTestOptions(decodeFraction: 1.5).validate() }
+        for (options, message) in [(LoadTestOptions(loop: .closed(clients: 0)), "clients: expected 1 to 4096, found 0"),
+                                    (LoadTestOptions(loop: .open(rate: 0, burstiness: 1, maxConcurrency: 4)), "rate: expected requests per second > 0, found 0.0"),
+                                    (LoadTestOptions(duration: nil, requests: nil), "expected either a duration or a request count, found neither"),
+                                    (LoadTestOptions(decodeFraction: 1.5), "decode fraction: expected 0 to 1, found 1.5")] {
+            let error = #expect(throws: LoadTestError.self) { try options.validate() }
+            #expect(error?.code == .option && error?.message == message)
+        }
         #expect(throws: Never.self) { try LoadTestOptions().validate() }
     }
 

@@ -302,8 +302,11 @@ func nearestRank(_ sorted: [Double], _ p: Double) -> Double {
     @Test func loadRefusesWhatIsNotASummary() throws {
         let directory = TemporaryDirectory()
         writeText("{\"x\":1}", to: directory.file("summary.json"))
-        #expect(throws: ProfilingError.self) { try RunComparison.load(directory.path) }
-        #expect(throws: ProfilingError.self) { try RunComparison.load(directory.file("missing.json")) }
+        let notSummary = #expect(throws: ProfilingError.self) { try RunComparison.load(directory.path) }
+        #expect(notSummary?.code == .format && notSummary?.file == directory.file("summary.json"))
+        #expect(notSummary?.message == "expected a run summary (an object with \"request_throughput\"), found an object")
+        let missing = #expect(throws: ProfilingError.self) { try RunComparison.load(directory.file("missing.json")) }
+        #expect(missing?.code == .io && missing?.file == directory.file("missing.json"))
         writeText("{\"request_throughput\":1}", to: directory.file("summary.json"))
         #expect(try RunComparison.load(directory.path)["request_throughput"] != nil)
     }

@@ -196,10 +196,12 @@ struct RuntimeTests {
         let final = try runtime.apply(layer, input: x, tokens: 64)
         #expect(final.delta == afterAdd.delta)
         #expect(Set(final.experts).isSubset(of: [0, 1, 2, 3, 4, 5, 11]))
-        #expect(throws: RuntimeError.self) { try runtime.addExpert(directory: directory.file("all/expert6"), name: "expert6") }
+        let inUse = #expect(throws: RuntimeError.self) { try runtime.addExpert(directory: directory.file("all/expert6"), name: "expert6") }
+        #expect(inUse?.code == .library && inUse?.message == "expert \"expert6\": expected a new name, found one already served")
         try runtime.removeExpert(named: "expert6")
         #expect(try runtime.apply(layer, input: x, tokens: 64).delta == before.delta)
-        #expect(throws: RuntimeError.self) { try runtime.removeExpert(named: "expert6") }
+        let gone = #expect(throws: RuntimeError.self) { try runtime.removeExpert(named: "expert6") }
+        #expect(gone?.code == .notFound && gone?.message == "expert \"expert6\": expected an expert being served, found none of that name")
     }
 
     @Test("non-finite input rows are left unrouted, the others applied, and the call then throws .nonFiniteInput",
@@ -317,7 +319,8 @@ struct RuntimeTests {
         let layer = runtime.layer(named: library.modules[0].name)!
         runtime.shutdown()
         runtime.shutdown()
-        #expect(throws: RuntimeError.self) { _ = try runtime.apply(layer, input: randomFloats(64, seed: 1), tokens: 1) }
+        let error = #expect(throws: RuntimeError.self) { _ = try runtime.apply(layer, input: randomFloats(64, seed: 1), tokens: 1) }
+        #expect(error?.code == .shutDown && error?.message == "runtime: expected a running runtime, found it shut down")
     }
 
     @Test("placement on a modelled 2-node topology: distribute balances, isolate uses one node, replicate copies hot experts")
@@ -332,7 +335,8 @@ struct RuntimeTests {
         #expect(isolate.nodes == [[1], [1], [1], [1], [], [1]])
         let replicate = try PlacementPlan.make(policy: .replicateHot(count: 1), topology: topology, bytes: bytes, load: [0.1, 0.5, 0.1, 0.1, 0, 0.2])
         #expect(replicate.nodes[1] == [0, 1] && replicate.nodes.filter { $0.count == 2 }.count == 1)
-        #expect(throws: RuntimeError.self) { _ = try PlacementPlan.make(policy: .isolate(node: 2), topology: topology, bytes: bytes, load: nil) }
+        let noNode = #expect(throws: RuntimeError.self) { _ = try PlacementPlan.make(policy: .isolate(node: 2), topology: topology, bytes: bytes, load: nil) }
+        #expect(noNode?.code == .option && noNode?.message == "placement isolate: expected a node in 0..<2, found 2")
 
         let library = try synthLibrary()
         let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, topology: topology))
@@ -350,9 +354,12 @@ struct RuntimeTests {
 
     @Test("topology specs are validated")
     func topologySpecs() {
-        #expect(throws: RuntimeError.self) { _ = try Topology.modelled("0;x") }
-        #expect(throws: RuntimeError.self) { _ = try Topology.modelled("0;;1") }
-        #expect(throws: RuntimeError.self) { _ = try Topology.modelled("0;4096") }
+        for (spec, message) in [("0;x", "topology \"0;x\": node 1: expected CPU lists like 0-3,6, found \"x\""),
+                                ("0;;1", "topology \"0;;1\": node 1: expected at least one CPU, found none"),
+                                ("0;4096", "topology \"0;4096\": node 1: expected CPUs this process may use")] {
+            let error = #expect(throws: RuntimeError.self) { _ = try Topology.modelled(spec) }
+            #expect(error?.code == .option && error?.message.hasPrefix(message) == true, "\(spec): \(String(describing: error))")
+        }
         #expect(Topology.detect().cpuCount == Topology.allowedCPUs().count)
     }
 }
