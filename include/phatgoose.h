@@ -10,7 +10,9 @@
  *   phatgoose_layer     one routed layer (module) of a runtime, resolved once from its name.
  * A handle is a checked token, not a pointer to memory: every function validates the handles it is given on entry,
  * so NULL, a handle already destroyed, a handle of the wrong kind or a layer of another runtime gets
- * PHATGOOSE_STATUS_INVALID_HANDLE, never a crash. Destroying a runtime also destroys its layers.
+ * PHATGOOSE_STATUS_INVALID_HANDLE, never a crash. The message tells a live handle of another kind ("found a library
+ * handle") from bits that are no live handle at all (garbage, destroyed: "found no handle"). Destroying a runtime
+ * also destroys its layers.
  *
  * Errors. Every function that can fail returns a phatgoose_status. On failure the function changes none of its
  * outputs (except where stated) and phatgoose_last_error_message() returns one line naming what was expected and
@@ -22,7 +24,8 @@
  * that already started finish, later ones get PHATGOOSE_STATUS_INVALID_HANDLE).
  *
  * Buffers are row-major float32 / int32 in native byte order, 4-byte aligned, and must not overlap each other.
- * Sizes are element counts (not bytes) and must equal what the call needs exactly.
+ * Sizes are element counts (not bytes) and must equal what the call needs exactly; only routing buffers may have
+ * rows wider than needed (see phatgoose_runtime_apply).
  *
  * Only 64-bit platforms are supported.
  */
@@ -82,7 +85,11 @@ typedef enum phatgoose_status {
     /* A caller's buffer is too small; the needed size was stored. */
     PHATGOOSE_STATUS_BUFFER_TOO_SMALL = 10,
     /* A failure the library did not expect; the message says what. */
-    PHATGOOSE_STATUS_INTERNAL = 11
+    PHATGOOSE_STATUS_INTERNAL = 11,
+    /* Some input rows held NaN or infinite values. Unlike every other failure, the call's outputs ARE written: the
+     * other rows were applied as usual, and those rows were not routed (see phatgoose_runtime_apply). A caller
+     * built against an older header, which lacks it, sees a failure it does not know. */
+    PHATGOOSE_STATUS_NON_FINITE_INPUT = 12
 } phatgoose_status;
 
 /* A short stable name for a status ("ok", "invalid-argument", ..., "unknown"). Static storage.
@@ -106,8 +113,8 @@ typedef struct phatgoose_layer phatgoose_layer;
  * Libraries
  * ------------------------------------------------------------------------------------------------------------ */
 
-/* Opens and validates the library at `path` (a directory in the PEFT layout or a packed file) into *library.
- * Thread safety: any thread. */
+/* Opens and validates the library at `path` (a directory in the PEFT layout or a packed file) into *library. An
+ * empty path is PHATGOOSE_STATUS_INVALID_ARGUMENT. Thread safety: any thread. */
 phatgoose_status phatgoose_library_open(const char *path, phatgoose_library **library);
 
 /* Releases a library. Runtimes created from it are unaffected. NULL is a no-op; a handle destroyed already gets
@@ -164,7 +171,11 @@ typedef enum phatgoose_placement {
 #define PHATGOOSE_MAX_TOP_K 4096
 
 /* How a runtime serves. Always initialise with phatgoose_runtime_options_init(&options, sizeof options), then set
- * fields: struct_size tells the library which fields the caller knows, so the struct can grow compatibly. */
+ * fields: struct_size tells the library which fields the caller knows, so the struct can grow compatibly.
+ * struct_size must be from sizeof this struct (56 bytes in ABI 1) to 4096. A library given a larger struct (built
+ * against a newer header) accepts it when every byte beyond the fields it knows is zero, which is what
+ * phatgoose_runtime_options_init writes there and what every field added later means "as before"; a non-zero byte
+ * there asks for something this library cannot do and is PHATGOOSE_STATUS_INVALID_ARGUMENT, naming its offset. */
 typedef struct phatgoose_runtime_options {
     uint32_t struct_size;       /* sizeof(phatgoose_runtime_options) as the caller compiled it */
     int32_t router;             /* a phatgoose_router */
@@ -181,8 +192,9 @@ typedef struct phatgoose_runtime_options {
     uint64_t memory_cap_bytes;  /* most bytes of expert weights held (copies included); 0: no cap */
 } phatgoose_runtime_options;
 
-/* Fills the first struct_size bytes of *options with the defaults and sets options->struct_size. Pass
- * sizeof(phatgoose_runtime_options). Thread safety: any thread. */
+/* Fills the first struct_size bytes of *options: the fields this library knows with their defaults (struct_size set
+ * to the struct_size given), any bytes beyond them with zeros. Pass sizeof(phatgoose_runtime_options); a size
+ * outside 56 ... 4096 is PHATGOOSE_STATUS_INVALID_ARGUMENT, writing nothing. Thread safety: any thread. */
 phatgoose_status phatgoose_runtime_options_init(phatgoose_runtime_options *options, size_t struct_size);
 
 /* ---------------------------------------------------------------------------------------------------------------
@@ -216,7 +228,8 @@ phatgoose_status phatgoose_runtime_library(const phatgoose_runtime *runtime, pha
 /* Adds the expert in `directory` (PEFT layout: adapter_config.json, adapter_model.safetensors, gates.safetensors)
  * under `name`, with the next expert index (stored in *index, optional). Calls in flight are unaffected; later
  * calls route to it. Fails, changing nothing, when the files are invalid, the name is in use, a module's widths
- * disagree or the memory cap would be exceeded. With the uniform router, layers gaining a candidate gain a slot.
+ * disagree or the memory cap would be exceeded. With the uniform router, layers gaining a candidate gain a slot
+ * (and phatgoose_runtime_remove_expert takes one away): see phatgoose_runtime_apply for sizing routing buffers.
  * Thread safety: any thread, concurrently with calls; changes to one runtime are serialised. */
 phatgoose_status phatgoose_runtime_add_expert(phatgoose_runtime *runtime, const char *directory, const char *name,
                                               int32_t *index);
@@ -247,7 +260,8 @@ phatgoose_status phatgoose_layer_create(phatgoose_runtime *runtime, const char *
 phatgoose_status phatgoose_layer_destroy(phatgoose_layer *layer);
 
 /* The layer's input width, output width and routing slots per token (top-k; every candidate with the uniform
- * router). Each pointer is optional. Thread safety: any thread, concurrently with calls. */
+ * router, so then it changes when experts are added or removed). Each pointer is optional.
+ * Thread safety: any thread, concurrently with calls. */
 phatgoose_status phatgoose_layer_shape(const phatgoose_layer *layer, size_t *in_width, size_t *out_width,
                                        size_t *slots);
 
@@ -258,11 +272,20 @@ phatgoose_status phatgoose_layer_shape(const phatgoose_layer *layer, size_t *in_
 /* Routes `tokens` rows of `input` ([tokens, in], input_count == tokens * in) at `layer` and ADDS the mixture delta
  * (sum over each token's chosen experts of weight * scale * B (A x); without W x) into `output` ([tokens, out],
  * output_count == tokens * out). When `experts` and `weights` are given (both or neither), they receive each
- * token's choices, [tokens, slots] with routing_count == tokens * slots: expert indices best first (-1 for a padded
- * slot, when a module has fewer candidates than k) and mixture weights. With tokens == 0 nothing is read or written
- * and the pointers may be NULL. Results equal `phatgoose apply` bit for bit.
- * Non-finite input values are not checked (they would cost a pass over the input); their results are unspecified.
- * On failure nothing is written.
+ * token's choices, [tokens, stride] with routing_count == tokens * stride and stride = routing_count / tokens at
+ * least the layer's slots: expert indices best first (-1 for a padded slot, when a module has fewer candidates than
+ * k) and mixture weights; slots of a row beyond the layer's slots get expert -1 and weight 0. Sizing the rows with
+ * phatgoose_layer_shape's slots is exact; with the uniform router, whose slots change with the experts, a caller
+ * racing expert changes can size them for more slots and read each row up to its first -1 (a call that finds more
+ * slots than the rows hold fails with PHATGOOSE_STATUS_SHAPE, writing nothing). With tokens == 0 nothing is read or
+ * written and the pointers may be NULL. Results equal `phatgoose apply` bit for bit.
+ * Non-finite inputs: a token whose input row holds a NaN or infinite value (routing per sequence with the
+ * PHATGOOSE or Arrow router: whose sequence holds one; with Arrow, also a row so large that its scores overflow) is
+ * not routed: its experts are -1 and its weights NaN in every slot, and nothing is added to its output row. The
+ * other tokens are applied as usual and the call returns PHATGOOSE_STATUS_NON_FINITE_INPUT, the message naming how
+ * many tokens and the first. Finding them costs nothing extra (the routing scores show them), except with the
+ * uniform router (one pass over the input).
+ * On any other failure nothing is written.
  * Thread safety: any thread; any number of calls at once on one runtime (they take turns on its executor; more
  * than max_queued_calls at once get PHATGOOSE_STATUS_OVERLOADED). Buffers must not be touched by others during
  * the call. */
@@ -284,7 +307,8 @@ typedef struct phatgoose_layer_output {
 
 /* Several layers that share one input (q, k and v of one attention block; every layer must have the same input
  * width): one admission and one turn of the executor, each layer's delta added into its own output. Either every
- * entry has routing buffers or none has. Checks every entry before doing any work.
+ * entry has routing buffers or none has. Checks every entry before doing any work. Non-finite input rows are
+ * handled as by phatgoose_runtime_apply, in every layer (PHATGOOSE_STATUS_NON_FINITE_INPUT names the first layer).
  * Thread safety: as phatgoose_runtime_apply. */
 phatgoose_status phatgoose_runtime_apply_layers(phatgoose_runtime *runtime, const float *input, size_t tokens,
                                                 size_t input_count, const phatgoose_layer_output *layers,

@@ -9,6 +9,7 @@
  */
 #include <phatgoose.h>
 
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +27,41 @@ static int failures = 0;
     } while (0)
 
 #define EXPECT(call, status) CHECK((call) == (status))
+#define MESSAGE_HAS(text) CHECK(strstr(phatgoose_last_error_message(), (text)) != NULL)
+
+/* An options struct as a caller built against a newer header would pass: fields this library does not know. */
+typedef struct newer_options {
+    phatgoose_runtime_options known;
+    unsigned char unknown[16];
+} newer_options;
+
+/* Non-finite rows: tokens 1 (a NaN) and 2 (an infinity) of x [8, 32] are refused, the other tokens are applied as
+ * usual. `slots` of the layer; `clean` is the result of the same call on the input without the bad values. */
+static void check_non_finite_rows(phatgoose_runtime *runtime, const phatgoose_layer *layer, const float *x, size_t slots) {
+    float bad[8 * 32], clean[8 * 32], out[8 * 32], weights[8 * 8];
+    int32_t experts[8 * 8];
+    size_t t, j, c, wrong_routing = 0, wrong_output = 0;
+    memcpy(bad, x, sizeof bad);
+    for (c = 0; c < 8 * 32; c++) clean[c] = out[c] = 7.0f;
+    CHECK(slots <= 8);
+    EXPECT(phatgoose_runtime_apply(runtime, layer, x, 8, 8 * 32, clean, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_OK);
+    bad[1 * 32 + 5] = (float)NAN;
+    bad[2 * 32 + 0] = (float)INFINITY;
+    EXPECT(phatgoose_runtime_apply(runtime, layer, bad, 8, 8 * 32, out, 8 * 32, experts, weights, 8 * slots),
+           PHATGOOSE_STATUS_NON_FINITE_INPUT);
+    MESSAGE_HAS("NaN or infinite values in the row (or sequence) of 2 of 8 tokens, the first token 1");
+    for (t = 0; t < 8; t++) {
+        int refused = t == 1 || t == 2;
+        for (j = 0; j < slots; j++) {
+            float w = weights[t * slots + j];
+            wrong_routing += refused ? !(experts[t * slots + j] == -1 && w != w) : !(experts[t * slots + j] >= 0 && w == w);
+        }
+        /* Nothing is added to a refused token's row; the others get exactly what they get without the bad rows. */
+        for (c = 0; c < 32; c++) wrong_output += out[t * 32 + c] != (refused ? 7.0f : clean[t * 32 + c]);
+    }
+    CHECK(wrong_routing == 0);
+    CHECK(wrong_output == 0);
+}
 
 static const char *const Q = "encoder.block.0.layer.0.SelfAttention.q";  /* in 32, out 32 */
 static const char *const WO = "encoder.block.0.layer.1.DenseReluDense.wo"; /* in 64, out 32 */
@@ -36,8 +72,12 @@ int main(int argc, char **argv) {
     phatgoose_layer *q = NULL, *wo = NULL, *foreign = NULL;
     phatgoose_runtime_options options;
     phatgoose_layer_output entries[2];
-    float x[8 * 64], out[8 * 32], out2[8 * 32], weights[8 * 2];
-    int32_t experts[8 * 2], index = -1;
+    float x[8 * 64], out[8 * 32], out2[8 * 32], weights[8 * 2], wide_weights[8 * 16];
+    int32_t experts[8 * 2], wide_experts[8 * 16], index = -1;
+    newer_options newer;
+    phatgoose_runtime *uniform = NULL;
+    phatgoose_layer *uniform_q = NULL;
+    size_t uniform_slots = 0, j;
     uint64_t calls = 0, tokens = 0, rejected = 0, per_expert[16];
     size_t count = 0, length = 0, in_width = 0, out_width = 0, slots = 0, i;
     char name[64];
@@ -53,6 +93,7 @@ int main(int argc, char **argv) {
     CHECK(phatgoose_abi_version() == PHATGOOSE_ABI_VERSION);
     CHECK(strcmp(phatgoose_version(), "0.1.0") == 0 || strlen(phatgoose_version()) >= 5);
     CHECK(strcmp(phatgoose_status_name(PHATGOOSE_STATUS_SHAPE), "shape") == 0);
+    CHECK(strcmp(phatgoose_status_name(PHATGOOSE_STATUS_NON_FINITE_INPUT), "non-finite-input") == 0);
     CHECK(strcmp(phatgoose_status_name((phatgoose_status)15), "unknown") == 0);
 
     /* Libraries. */
@@ -60,6 +101,11 @@ int main(int argc, char **argv) {
     CHECK(strstr(phatgoose_last_error_message(), "/nonexistent") != NULL);
     CHECK(library == NULL);
     EXPECT(phatgoose_library_open(NULL, &library), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_library_open("", &library), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    MESSAGE_HAS("path: expected the path of a library (a directory or a packed file), found an empty string");
+    EXPECT(phatgoose_runtime_open("", NULL, &runtime), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    MESSAGE_HAS("found an empty string");
+    CHECK(library == NULL && runtime == NULL);
     EXPECT(phatgoose_library_open(argv[1], NULL), PHATGOOSE_STATUS_INVALID_ARGUMENT);
     EXPECT(phatgoose_library_open(argv[1], &library), PHATGOOSE_STATUS_OK);
     EXPECT(phatgoose_library_expert_count(library, &count), PHATGOOSE_STATUS_OK);
@@ -78,6 +124,14 @@ int main(int argc, char **argv) {
     /* Runtimes and options. */
     EXPECT(phatgoose_runtime_options_init(&options, sizeof options), PHATGOOSE_STATUS_OK);
     CHECK(options.struct_size == sizeof options && options.workers == PHATGOOSE_WORKERS_DEFAULT);
+    /* A newer caller's larger struct: the known fields get their defaults, the bytes beyond them zeros. */
+    memset(&newer, 0xAB, sizeof newer);
+    EXPECT(phatgoose_runtime_options_init(&newer.known, sizeof newer), PHATGOOSE_STATUS_OK);
+    CHECK(newer.known.struct_size == sizeof newer && newer.known.max_queued_calls == 64 && newer.known.reserved == 0);
+    for (i = 0; i < sizeof newer.unknown; i++) CHECK(newer.unknown[i] == 0);
+    EXPECT(phatgoose_runtime_options_init(&newer.known, 8), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_runtime_options_init(&newer.known, 5000), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    CHECK(newer.known.struct_size == sizeof newer); /* failures write nothing */
     options.top_k = PHATGOOSE_MAX_TOP_K + 1;
     EXPECT(phatgoose_runtime_create(library, &options, &runtime), PHATGOOSE_STATUS_INVALID_ARGUMENT);
     CHECK(runtime == NULL);
@@ -85,9 +139,34 @@ int main(int argc, char **argv) {
     options.workers = 1;
     EXPECT(phatgoose_runtime_create(library, &options, &runtime), PHATGOOSE_STATUS_OK);
     EXPECT(phatgoose_runtime_open(argv[1], NULL, &other), PHATGOOSE_STATUS_OK);
+    /* Zero bytes beyond the known fields are accepted (a newer caller that left its new fields alone), others not. */
+    newer.known.workers = 1;
+    newer.unknown[3] = 1;
+    EXPECT(phatgoose_runtime_create(library, &newer.known, &uniform), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    MESSAGE_HAS("expected zero bytes beyond the 56 this library knows");
+    MESSAGE_HAS("found byte 59 = 0x1");
+    CHECK(uniform == NULL);
+    newer.unknown[3] = 0;
+    newer.known.struct_size = 5000;
+    EXPECT(phatgoose_runtime_create(library, &newer.known, &uniform), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    newer.known.struct_size = sizeof newer;
+    newer.known.router = PHATGOOSE_ROUTER_UNIFORM;
+    EXPECT(phatgoose_runtime_create(library, &newer.known, &uniform), PHATGOOSE_STATUS_OK);
+    /* A live handle of another kind is named as such; bits that are no live handle (garbage, even with another
+     * kind's low bits; a destroyed handle) are no handle at all. */
+    EXPECT(phatgoose_runtime_shutdown((phatgoose_runtime *)library), PHATGOOSE_STATUS_INVALID_HANDLE);
+    MESSAGE_HAS("runtime: expected a runtime handle, found a library handle");
+    EXPECT(phatgoose_runtime_shutdown((phatgoose_runtime *)(uintptr_t)0xDEADBEE1u), PHATGOOSE_STATUS_INVALID_HANDLE);
+    MESSAGE_HAS("runtime: expected a live runtime handle, found no handle (0xdeadbee1");
+    EXPECT(phatgoose_library_expert_count((phatgoose_library *)(uintptr_t)0x7F0012345678ull, &count), PHATGOOSE_STATUS_INVALID_HANDLE);
+    MESSAGE_HAS("found no handle");
     EXPECT(phatgoose_library_destroy(library), PHATGOOSE_STATUS_OK);
     EXPECT(phatgoose_library_destroy(library), PHATGOOSE_STATUS_INVALID_HANDLE); /* destroyed handle used again */
+    MESSAGE_HAS("library: expected a live library handle, found no handle");
     EXPECT(phatgoose_runtime_create(library, NULL, &runtime), PHATGOOSE_STATUS_INVALID_HANDLE);
+    EXPECT(phatgoose_runtime_shutdown((phatgoose_runtime *)library), PHATGOOSE_STATUS_INVALID_HANDLE);
+    CHECK(strstr(phatgoose_last_error_message(), "found no handle") != NULL &&
+          strstr(phatgoose_last_error_message(), "library handle") == NULL);
 
     /* Layers. */
     EXPECT(phatgoose_layer_create(runtime, "no.such.module", &q), PHATGOOSE_STATUS_NOT_FOUND);
@@ -142,6 +221,32 @@ int main(int argc, char **argv) {
     EXPECT(phatgoose_runtime_statistics(runtime, &calls, &tokens, &rejected, per_expert, 1, &count), PHATGOOSE_STATUS_BUFFER_TOO_SMALL);
     EXPECT(phatgoose_runtime_statistics(runtime, &calls, &tokens, &rejected, per_expert, 16, &count), PHATGOOSE_STATUS_OK);
     CHECK(calls == 2 && tokens == 16 && rejected == 0 && count == (size_t)index + 1);
+
+    /* Non-finite input rows, with a scoring router and with the uniform router (which scores nothing). */
+    check_non_finite_rows(runtime, q, x, 2);
+    EXPECT(phatgoose_layer_create(uniform, Q, &uniform_q), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_layer_shape(uniform_q, NULL, NULL, &uniform_slots), PHATGOOSE_STATUS_OK);
+    CHECK(uniform_slots >= 2 && uniform_slots <= 7);
+    check_non_finite_rows(uniform, uniform_q, x, uniform_slots);
+
+    /* The uniform router's slots follow the experts: routing buffers with rows wider than the slots stay valid
+     * (their extra slots get expert -1, weight 0), so a caller racing expert changes can size them with headroom. */
+    EXPECT(phatgoose_runtime_add_expert(uniform, argv[2], "added", NULL), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_layer_shape(uniform_q, NULL, NULL, &slots), PHATGOOSE_STATUS_OK);
+    CHECK(slots == uniform_slots + 1);
+    EXPECT(phatgoose_runtime_apply(uniform, uniform_q, x, 8, 8 * 32, out, 8 * 32, wide_experts, wide_weights, 8 * uniform_slots),
+           PHATGOOSE_STATUS_SHAPE); /* too few slots per row: nothing written */
+    EXPECT(phatgoose_runtime_remove_expert(uniform, "added"), PHATGOOSE_STATUS_OK);
+    for (i = 0; i < 8 * 16; i++) wide_experts[i] = 99;
+    EXPECT(phatgoose_runtime_apply(uniform, uniform_q, x, 8, 8 * 32, out, 8 * 32, wide_experts, wide_weights, 8 * (uniform_slots + 1)),
+           PHATGOOSE_STATUS_OK); /* sized for the slots before the removal */
+    for (i = 0; i < 8; i++) {
+        for (j = 0; j < uniform_slots; j++) CHECK(wide_experts[i * (uniform_slots + 1) + j] >= 0);
+        CHECK(wide_experts[i * (uniform_slots + 1) + uniform_slots] == -1 && wide_weights[i * (uniform_slots + 1) + uniform_slots] == 0.0f);
+    }
+    EXPECT(phatgoose_runtime_apply(uniform, uniform_q, x, 8, 8 * 32, out, 8 * 32, wide_experts, wide_weights, 8 * uniform_slots + 1),
+           PHATGOOSE_STATUS_SHAPE); /* not a whole number of rows */
+    EXPECT(phatgoose_runtime_destroy(uniform), PHATGOOSE_STATUS_OK);
 
     /* Shutdown, then destruction. */
     EXPECT(phatgoose_runtime_shutdown(runtime), PHATGOOSE_STATUS_OK);

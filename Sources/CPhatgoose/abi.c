@@ -30,6 +30,7 @@ const char *phatgoose_status_name(phatgoose_status status) {
     case PHATGOOSE_STATUS_SHUT_DOWN: return "shut-down";
     case PHATGOOSE_STATUS_BUFFER_TOO_SMALL: return "buffer-too-small";
     case PHATGOOSE_STATUS_INTERNAL: return "internal";
+    case PHATGOOSE_STATUS_NON_FINITE_INPUT: return "non-finite-input";
     }
     return "unknown";
 }

@@ -36,6 +36,7 @@ struct ABIError: Error, Sendable, CustomStringConvertible {
             case .shape: status = PHATGOOSE_STATUS_SHAPE
             case .shutDown: status = PHATGOOSE_STATUS_SHUT_DOWN
             case .library: status = PHATGOOSE_STATUS_LIBRARY
+            case .nonFiniteInput: status = PHATGOOSE_STATUS_NON_FINITE_INPUT
             default: status = PHATGOOSE_STATUS_INTERNAL
             }
             self.init(status, error.description)
@@ -75,6 +76,16 @@ func string(_ pointer: UnsafePointer<CChar>?, _ name: String) throws(ABIError) -
     guard let pointer else { throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "\(name): expected a string, found NULL") }
     guard let value = String(validatingCString: pointer) else {
         throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "\(name): expected UTF-8, found invalid bytes")
+    }
+    return value
+}
+
+/// A C string argument naming a file or directory: a string (as ``string(_:_:)``) that is not empty, since an
+/// empty path names nothing and would otherwise surface as a puzzling file error. `what` says what it should name.
+func filePath(_ pointer: UnsafePointer<CChar>?, _ name: String, naming what: String) throws(ABIError) -> String {
+    let value = try string(pointer, name)
+    guard !value.isEmpty else {
+        throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "\(name): expected the path of \(what), found an empty string")
     }
     return value
 }

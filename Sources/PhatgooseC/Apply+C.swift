@@ -2,9 +2,10 @@ import CPhatgoose
 import PhatgooseRuntime
 
 // phatgoose_runtime_apply and _apply_layers: see include/phatgoose.h. Everything the runtime would trap on or
-// misread is checked here first: handles, counts (exact, and products without overflow), NULL, alignment and
-// overlapping buffers. The runtime then checks sizes once more against the snapshot the call really runs on (a
-// concurrent expert change can alter a uniform router's slots), reporting a mismatch as SHAPE.
+// misread is checked here first: handles, counts (exact, except that routing rows may be wider than the slots; and
+// products without overflow), NULL, alignment and overlapping buffers. The runtime then checks sizes once more
+// against the snapshot the call really runs on (a concurrent expert change can alter a uniform router's slots),
+// reporting a mismatch as SHAPE.
 //
 // The single-layer path allocates nothing on success (messages are built only on failure), so it keeps the
 // runtime's allocation-free call path allocation-free through the C ABI.
@@ -129,11 +130,14 @@ private func product(_ a: Int, _ b: Int, _ what: @autoclosure () -> String) thro
     return result
 }
 
-/// Checks a buffer argument of `count` elements of `T` (the call needs `expected`, `tokens` rows of `width`).
+/// Checks a buffer argument of `count` elements of `T` (the call needs `expected`, `tokens` rows of `width`; with
+/// `widerRows`, rows of more than `width` are accepted too, as for routing buffers).
 private func checkBuffer<T>(_ pointer: UnsafePointer<T>?, as _: T.Type, count: Int, expected: Int, tokens: Int, width: Int,
-                            name: @autoclosure () -> String) throws(ABIError) -> Extent {
-    guard count == expected else {
-        throw ABIError(PHATGOOSE_STATUS_SHAPE, "\(name()): expected \(tokens) x \(width) = \(expected) elements, found \(UInt(bitPattern: count))")
+                            widerRows: Bool = false, name: @autoclosure () -> String) throws(ABIError) -> Extent {
+    let wider = widerRows && tokens > 0 && count > expected && count % tokens == 0
+    guard count == expected || wider else {
+        let or = widerRows ? " (or \(tokens) rows of more than \(width))" : ""
+        throw ABIError(PHATGOOSE_STATUS_SHAPE, "\(name()): expected \(tokens) x \(width) = \(expected) elements\(or), found \(UInt(bitPattern: count))")
     }
     guard tokens > 0 else { return Extent() }
     guard let pointer else { throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "\(name()): expected a buffer of \(expected) elements, found NULL") }
@@ -177,10 +181,12 @@ private func checkLayer(_ served: ServedRuntime, _ handle: LayerHandle, _ reques
         let routingCount = try count(request.routing_count, field("routing_count"))
         let expected = try product(tokens, slots, "routing")
         checked.routingCount = routingCount
+        // Rows wider than the slots are accepted (their extra slots get expert -1, weight 0), so buffers sized
+        // before a uniform router lost a slot stay valid.
         checked.experts = try checkBuffer(UnsafePointer(request.experts), as: Int32.self, count: routingCount, expected: expected, tokens: tokens,
-                                          width: slots, name: "layer \(handle.name): \(field("routing_count")) (experts)")
+                                          width: slots, widerRows: true, name: "layer \(handle.name): \(field("routing_count")) (experts)")
         checked.weights = try checkBuffer(UnsafePointer(request.weights), as: Float.self, count: routingCount, expected: expected, tokens: tokens,
-                                          width: slots, name: "layer \(handle.name): \(field("routing_count")) (weights)")
+                                          width: slots, widerRows: true, name: "layer \(handle.name): \(field("routing_count")) (weights)")
     }
     return checked
 }

@@ -76,7 +76,7 @@ enum HandleObject: Sendable {
 /// another thread destroys the handle meanwhile.
 ///
 /// # Thread safety
-/// One global instance behind a `Mutex` (``handles``); every method runs under it.
+/// One global instance behind a `Locked` pthread mutex (``handles``), which ThreadSanitizer sees; every method runs under it.
 struct HandleTable: Sendable {
     private var objects: [HandleObject?] = []
     private var generations: [UInt32] = []
@@ -108,22 +108,30 @@ struct HandleTable: Sendable {
     }
 
     /// The live slot of `handle`, which must be of `kind`.
+    ///
+    /// Bits that do not name a live handle (garbage, a destroyed handle, a forged one) are reported as no handle,
+    /// whatever their kind bits say: only a handle that is live is described as a handle of its kind.
     private func slot(of handle: OpaquePointer?, _ kind: HandleKind, role: String) throws(ABIError) -> Int {
         guard let handle else {
             throw ABIError(PHATGOOSE_STATUS_INVALID_HANDLE, "\(role): expected \(kind.noun) handle, found NULL")
         }
         let bits = UInt(bitPattern: Int(bitPattern: handle))
-        let found = HandleKind(rawValue: bits & 3)
-        guard found == kind else {
-            let what = found.map { "\($0.noun) handle" } ?? "no handle"
-            throw ABIError(PHATGOOSE_STATUS_INVALID_HANDLE, "\(role): expected \(kind.noun) handle, found \(what) (\(Self.describe(bits)))")
+        if let slot = liveSlot(bits), let live = objects[slot]?.kind {
+            if live == kind { return slot }
+            throw ABIError(PHATGOOSE_STATUS_INVALID_HANDLE, "\(role): expected \(kind.noun) handle, found \(live.noun) handle (\(Self.describe(bits)), not \(kind.noun) handle)")
         }
+        throw ABIError(PHATGOOSE_STATUS_INVALID_HANDLE, "\(role): expected a live \(kind.name) handle, found no handle (\(Self.describe(bits)): one that was destroyed or never made)")
+    }
+
+    /// The slot of the live handle whose bits are exactly `bits`, of the kind they carry; nil when no live handle
+    /// has these bits.
+    private func liveSlot(_ bits: UInt) -> Int? {
+        guard let kind = HandleKind(rawValue: bits & 3) else { return nil }
         let slot = Int((bits >> 2) & UInt(Self.slotLimit - 1))
         let generation = UInt32(truncatingIfNeeded: bits >> 32)
-        // The kind is checked again against the object, so a forged handle with another kind's bits is refused too.
-        guard slot < objects.count, generations[slot] == generation, objects[slot]?.kind == kind else {
-            throw ABIError(PHATGOOSE_STATUS_INVALID_HANDLE, "\(role): expected a live \(kind.name) handle, found one that was destroyed or never made (\(Self.describe(bits)))")
-        }
+        // The kind is checked against the object too, so a live slot and generation with another kind's bits is
+        // no handle.
+        guard slot < objects.count, generations[slot] == generation, objects[slot]?.kind == kind else { return nil }
         return slot
     }
 
@@ -172,7 +180,7 @@ struct HandleTable: Sendable {
 }
 
 /// The process's handles.
-let handles = Mutex(HandleTable())
+let handles = Locked(HandleTable())
 
 /// The bits of a handle, for comparing owners.
 func handleBits(_ handle: OpaquePointer?) -> UInt { UInt(bitPattern: Int(bitPattern: handle)) }

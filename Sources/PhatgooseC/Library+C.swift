@@ -8,7 +8,7 @@ import PhatgooseLibrary
 public func phatgoose_library_open(_ path: UnsafePointer<CChar>?, _ library: UnsafeMutablePointer<OpaquePointer?>?) -> phatgoose_status {
     abiCall {
         let out = try required(library, "library")
-        let loaded = try ExpertLibrary.load(path: try string(path, "path"))
+        let loaded = try ExpertLibrary.load(path: try filePath(path, "path", naming: "a library (a directory or a packed file)"))
         out.pointee = try handles.withLock { table throws(ABIError) in try table.insert(.library(loaded)) }
     }
 }

@@ -38,7 +38,7 @@ public func phatgoose_runtime_open(_ path: UnsafePointer<CChar>?, _ options: Uns
                                    _ runtime: UnsafeMutablePointer<OpaquePointer?>?) -> phatgoose_status {
     abiCall {
         let out = try required(runtime, "runtime")
-        try serve(try ExpertLibrary.load(path: try string(path, "path")), options: options, into: out)
+        try serve(try ExpertLibrary.load(path: try filePath(path, "path", naming: "a library (a directory or a packed file)")), options: options, into: out)
     }
 }
 
@@ -83,7 +83,7 @@ public func phatgoose_runtime_add_expert(_ runtime: OpaquePointer?, _ directory:
                                          _ index: UnsafeMutablePointer<Int32>?) -> phatgoose_status {
     abiCall {
         let served = try lookUpRuntime(runtime)
-        let path = try string(directory, "directory")
+        let path = try filePath(directory, "directory", naming: "an expert directory")
         let expertName = try string(name, "name")
         guard !expertName.isEmpty else { throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "name: expected an expert name, found an empty string") }
         try served.checkRunning()

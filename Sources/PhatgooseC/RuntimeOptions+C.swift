@@ -11,20 +11,33 @@ private let defaultOptions = phatgoose_runtime_options(
     placement: Int32(PHATGOOSE_PLACEMENT_DISTRIBUTE.rawValue), placement_argument: 0,
     max_queued_calls: Int32(RuntimeOptions().maxQueuedCalls), reserved: 0, memory_cap_bytes: 0)
 
-/// The smallest `struct_size` accepted: the struct of ABI version 1, which is all there is so far.
+/// The smallest `struct_size` accepted: the struct of ABI version 1, which is all there is so far. It is also the
+/// size of every field this library knows.
 private let minimumOptionsSize = MemoryLayout<phatgoose_runtime_options>.size
+
+/// The largest `struct_size` accepted, so that an uninitialised struct's garbage size never sends a read or a write
+/// far past the caller's struct.
+private let maximumOptionsSize = 4096
+
+/// `struct_size` checked against the sizes this library accepts.
+private func checkedOptionsSize(_ size: Int, hint: String = "") throws(ABIError) -> Int {
+    guard size >= minimumOptionsSize && size <= maximumOptionsSize else {
+        throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "options struct_size: expected \(minimumOptionsSize) to \(maximumOptionsSize)\(hint), found \(UInt(bitPattern: size))")
+    }
+    return size
+}
 
 @c @implementation
 public func phatgoose_runtime_options_init(_ options: UnsafeMutablePointer<phatgoose_runtime_options>?, _ structSize: Int) -> phatgoose_status {
     abiCall {
-        let out = try required(options, "options")
-        guard structSize >= minimumOptionsSize else {
-            throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "options struct_size: expected at least \(minimumOptionsSize), found \(UInt(bitPattern: structSize))")
-        }
-        // Fields beyond the ones this library knows (a caller built against a newer header) are left to the caller.
+        let out = UnsafeMutableRawPointer(try required(options, "options"))
+        let size = try checkedOptionsSize(structSize)
+        // The fields this library knows get their defaults; bytes beyond them (fields of a newer header) are zeroed,
+        // which is what `runtimeOptions` accepts there.
         var defaults = defaultOptions
-        defaults.struct_size = UInt32(clamping: structSize)
-        withUnsafeBytes(of: &defaults) { UnsafeMutableRawPointer(out).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        defaults.struct_size = UInt32(size)
+        withUnsafeBytes(of: &defaults) { out.copyMemory(from: $0.baseAddress!, byteCount: minimumOptionsSize) }
+        (out + minimumOptionsSize).initializeMemory(as: UInt8.self, repeating: 0, count: size - minimumOptionsSize)
     }
 }
 
@@ -33,12 +46,16 @@ public func phatgoose_runtime_options_init(_ options: UnsafeMutablePointer<phatg
 func runtimeOptions(_ pointer: UnsafePointer<phatgoose_runtime_options>?, library: ExpertLibrary) throws(ABIError) -> RuntimeOptions {
     var c = defaultOptions
     if let pointer {
-        let size = Int(UnsafeRawPointer(pointer).loadUnaligned(as: UInt32.self))
-        guard size >= minimumOptionsSize else {
-            throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "options struct_size: expected at least \(minimumOptionsSize) (initialise with phatgoose_runtime_options_init), found \(size)")
+        let raw = UnsafeRawPointer(pointer)
+        let size = try checkedOptionsSize(Int(raw.loadUnaligned(as: UInt32.self)), hint: " (initialise with phatgoose_runtime_options_init)")
+        withUnsafeMutableBytes(of: &c) { $0.copyMemory(from: UnsafeRawBufferPointer(start: raw, count: minimumOptionsSize)) }
+        // Bytes beyond the fields this library knows belong to fields of a newer header; zero is their default
+        // (what phatgoose_runtime_options_init writes), anything else asks for something this library cannot do.
+        if let offset = (minimumOptionsSize..<size).first(where: { raw.load(fromByteOffset: $0, as: UInt8.self) != 0 }) {
+            let byte = raw.load(fromByteOffset: offset, as: UInt8.self)
+            throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "options: expected zero bytes beyond the \(minimumOptionsSize) this library knows "
+                           + "(struct_size \(size): fields of a newer header left at their defaults), found byte \(offset) = 0x\(String(byte, radix: 16))")
         }
-        // Read only the fields this library knows; a newer caller's extra fields are ignored.
-        withUnsafeMutableBytes(of: &c) { $0.copyMemory(from: UnsafeRawBufferPointer(start: pointer, count: minimumOptionsSize)) }
     }
     func invalid(_ field: String, _ expected: String, _ found: some CustomStringConvertible) -> ABIError {
         ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "options \(field): expected \(expected), found \(found)")

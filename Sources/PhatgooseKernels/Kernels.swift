@@ -33,6 +33,12 @@ public enum Kernels {
     @discardableResult
     public static func setThreadISA(_ isa: ISA?) -> Bool { pg_isa_set_thread(isa?.rawValue ?? -1) == 0 }
 
+    /// The number of NaN or infinite values among `count` F32 values.
+    @inlinable
+    public static func nonFiniteCount(_ x: UnsafePointer<Float>, count: Int) -> Int {
+        Int(pg_count_nonfinite(x, Int32(PG_DTYPE_F32.rawValue), count))
+    }
+
     /// Row LayerNorm without affine (mean and biased variance over the row; eps added to the variance).
     @inlinable
     public static func layerNormRows(_ x: UnsafePointer<Float>, ldx: Int, rows: Int, width: Int, epsilon: Float = 1e-5,

@@ -220,7 +220,8 @@ public final class LoadTest: Sendable {
             executor: runtime.executorKind.rawValue, maxQueuedCalls: runtime.options.maxQueuedCalls, topK: runtime.routing.topK,
             router: runtime.routing.router.rawValue, windowSeconds: Double(windowEnd - windowStart) / 1e9, statistics: stats,
             runtimeStatistics: runtimeStats, phases: phases, tally: state.tallies.withLock { $0 },
-            residentBytesStart: rssStart, residentBytesEnd: rssEnd, residentBytesMax: rssMax, timeline: timeline, maxBacklog: maxBacklog)
+            residentBytesStart: rssStart, residentBytesEnd: rssEnd, residentBytesMax: rssMax, timeline: timeline, maxBacklog: maxBacklog,
+            routing: runtime.routing, runtimeOptions: runtime.options, topology: runtime.topology)
     }
 
     // MARK: Clients

@@ -1,5 +1,6 @@
 import PhatgooseFormats
 import PhatgooseProfiling
+import PhatgooseRouting
 import PhatgooseRuntime
 
 /// What a load test measured. ``json()`` gives the stable machine-readable form (field names follow vLLM's
@@ -47,6 +48,13 @@ public struct LoadTestResult: Sendable {
     public var maxBacklog: Int
     /// Seconds spent generating the built-in library in this run, if it was.
     public var generatedLibrarySeconds: Double? = nil
+    /// The routing in force (granularity, Arrow's settings), for the summary's configuration fields; nil (null in
+    /// JSON) when not known.
+    public var routing: RoutingOptions? = nil
+    /// The runtime's options (placement, memory cap), for the summary's configuration fields; nil when not known.
+    public var runtimeOptions: RuntimeOptions? = nil
+    /// The runtime's topology, for the summary's configuration fields; nil when not known.
+    public var topology: Topology? = nil
 
     // MARK: Figures
 
@@ -122,6 +130,7 @@ public struct LoadTestResult: Sendable {
              ("p99_\(name)_ms", num(h.milliseconds(atPercentile: 99))), ("p99.9_\(name)_ms", num(h.milliseconds(atPercentile: 99.9))),
              ("max_\(name)_ms", num(h.maxMilliseconds))]
         }
+        let sequenceLength: JSONValue = if case let .sequence(length)? = routing?.granularity { .integer(length) } else { .null }
         var fields: [(String, JSONValue)] = [
             ("tool", .string("phatgoose loadtest")), ("format_version", .integer(1)),
             ("library", .string(libraryDescription)), ("num_layers", .integer(layerNames.count)), ("num_experts", .integer(expertNames.count)),
@@ -141,7 +150,14 @@ public struct LoadTestResult: Sendable {
             ("prefill_tokens", .array([.integer(options.prefillTokens.lowerBound), .integer(options.prefillTokens.upperBound)])),
             ("affinity", num(options.affinity)), ("skew", num(options.skew)), ("seed", .integer(options.seed)),
             ("workers", .integer(participantNodes.count - 1)), ("executor", .string(executor)), ("max_queued_calls", .integer(maxQueuedCalls)),
-            ("warmup_duration", num(options.warmup)), ("duration", num(windowSeconds)),
+            ("sequence_length", sequenceLength),
+            ("arrow_temperature", routing.map { num(Double($0.arrowTemperature)) } ?? .null),
+            ("arrow_scaled", routing.map { .bool($0.arrowScaled) } ?? .null),
+            ("placement", runtimeOptions.map { .string(Self.describe($0.placement)) } ?? .null),
+            ("memory_cap_bytes", runtimeOptions?.memoryCapBytes.map { .integer($0) } ?? .null),
+            ("topology", topology.map { .string($0.description) } ?? .null),
+            ("warmup_duration", num(options.warmup)), ("requests", options.requests.map { .integer($0) } ?? .null),
+            ("duration", num(windowSeconds)), ("drain_timeout", num(options.drainTimeout)),
             ("completed", .integer(completed)), ("completed_decode", .integer(completedDecode)), ("completed_prefill", .integer(completedPrefill)),
             ("rejected", .integer(rejected)), ("failed", .integer(failed)), ("unfinished", .integer(unfinished)),
             ("first_error", firstFailure.map { .string($0) } ?? .null),
@@ -203,6 +219,16 @@ public struct LoadTestResult: Sendable {
                      ("backlog", .integer(p.backlog)), ("rss_bytes", .integer(p.residentBytes))])
         })))
         return .object(fields)
+    }
+
+    /// A placement as `--placement` spells it.
+    static func describe(_ placement: PlacementPolicy) -> String {
+        switch placement {
+        case .distribute: return "distribute"
+        case let .isolate(node): return "isolate:\(node)"
+        case let .replicateHot(count): return "replicate:\(count)"
+        case .inPlace: return "in-place"
+        }
     }
 
     // MARK: Text

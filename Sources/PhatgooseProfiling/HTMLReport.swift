@@ -195,10 +195,23 @@ public struct HTMLReport: Sendable {
         }
         steps.append((right, y(1)))
         svg.polyline(steps, stroke: "#4e79a7", width: 2)
-        for (label, pct) in [("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9)] {
-            let ms = latency.milliseconds(atPercentile: pct)
-            svg.circle(x: x(ms), y: y(pct / 100), r: 3.5, fill: Palette.accent, title: "\(label): \(formatMilliseconds(ms))")
-            svg.text("\(label) \(formatMilliseconds(ms))", x: x(ms) - 6, y: y(pct / 100) - 6, size: 10, anchor: .end, fill: Palette.accent)
+        // Each label sits up and to the left of its marker; labels that would overlap (percentiles close together,
+        // as p99 and p99.9 often are) are stacked downwards, with a leader line back to the marker.
+        let markers = [("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9)].map { label, pct in
+            (label: label, ms: latency.milliseconds(atPercentile: pct), fraction: pct / 100)
+        }
+        let texts = markers.map { "\($0.label) \(formatMilliseconds($0.ms))" }
+        let wanted = zip(markers, texts).map { marker, text in
+            LabelBox(text, x: x(marker.ms) - 6, baseline: y(marker.fraction) - 6, size: 10, anchor: .end)
+        }
+        let boxes = stackLabels(wanted)
+        for (i, marker) in markers.enumerated() {
+            let mx = x(marker.ms), my = y(marker.fraction)
+            svg.circle(x: mx, y: my, r: 3.5, fill: Palette.accent, title: "\(marker.label): \(formatMilliseconds(marker.ms))")
+            if boxes[i].baseline != wanted[i].baseline {
+                svg.line(x1: boxes[i].right + 1, y1: boxes[i].baseline - 3, x2: mx - 3, y2: my, stroke: Palette.accent, width: 0.5)
+            }
+            svg.text(texts[i], x: boxes[i].right, y: boxes[i].baseline, size: 10, anchor: .end, fill: Palette.accent)
         }
         axes(&svg, left: left, right: right, top: top, bottom: bottom, ticks: logTicks(low: low, high: high).map { (x($0), formatMilliseconds($0)) })
         svg.text("end-to-end latency (log scale)", x: (left + right) / 2, y: 292, size: 11, anchor: .middle)

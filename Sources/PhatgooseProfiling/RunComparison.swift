@@ -45,8 +45,19 @@ public struct RunComparison: Sendable {
         ("expert_imbalance_max_over_mean", .lower), ("mean_layer_imbalance_max_over_mean", .lower),
         ("rss_end_bytes", .lower), ("dropped_trace_events", .lower),
     ]
-    static let configurationFields = ["library", "mode", "num_clients", "max_concurrency", "request_rate", "burstiness",
-                                      "decode_fraction", "workers", "executor", "max_queued_calls", "top_k", "seed"]
+    /// Every field of a run summary that says how the run was set up rather than what it measured, in the order
+    /// the comparison lists them: what made the summary, what was served and how, the load, the workload, and how
+    /// long it ran (`duration` is the measured window, which differs a little between runs of the same length).
+    /// Each one that differs between the runs is listed; a field added to the summary belongs here or among the
+    /// measurements (the tests check that every field is one or the other).
+    public static let configurationFields = [
+        "tool", "format_version",
+        "library", "num_layers", "num_experts", "router", "top_k", "sequence_length", "arrow_temperature", "arrow_scaled",
+        "workers", "executor", "topology", "placement", "memory_cap_bytes", "max_queued_calls",
+        "mode", "num_clients", "max_concurrency", "request_rate", "burstiness",
+        "decode_fraction", "decode_tokens", "prefill_tokens", "affinity", "skew", "seed",
+        "warmup_duration", "requests", "duration", "drain_timeout", "trace_ring_capacity",
+    ]
 
     /// Reads a summary: a JSON file, or a profile directory holding `summary.json`.
     public static func load(_ path: String) throws -> JSONValue {

@@ -52,6 +52,10 @@ struct SVG {
         body += ">\(escapeHTML(s))</text>"
     }
 
+    /// A conservative width of `s` in pixels at font size `size` (sans-serif glyphs are at most about 0.6 em on
+    /// average; wide ones like "m" are offset by narrow ones like "." and "1"), for keeping labels apart.
+    static func textWidth(_ s: String, size: Double) -> Double { Double(s.count) * size * 0.62 }
+
     var rendered: String {
         "<svg id=\"\(id)\" xmlns=\"http://www.w3.org/2000/svg\" width=\"\(f(width))\" height=\"\(f(height))\" viewBox=\"0 0 \(f(width)) \(f(height))\" font-family=\"sans-serif\">\(body)</svg>"
     }
@@ -142,4 +146,49 @@ func format2(_ v: Double) -> String {
     let scaled = Int((abs(v) * 100).rounded())
     let frac = String(scaled % 100)
     return (v < 0 && scaled != 0 ? "-" : "") + String(scaled / 100) + "." + (frac.count == 1 ? "0" + frac : frac)
+}
+
+/// A text label's box in SVG coordinates (y grows downwards), as ``stackLabels(_:gap:)`` lays it out.
+struct LabelBox: Equatable {
+    var left: Double
+    var right: Double
+    /// The text's baseline; the box spans from `size` above it to a quarter of `size` below it (descenders).
+    var baseline: Double
+    var size: Double
+
+    var top: Double { baseline - size }
+    var bottom: Double { baseline + size / 4 }
+
+    /// A box for `text` drawn at (x, baseline) with `anchor`.
+    init(_ text: String, x: Double, baseline: Double, size: Double, anchor: SVG.Anchor) {
+        let width = SVG.textWidth(text, size: size)
+        switch anchor {
+        case .start: left = x; right = x + width
+        case .middle: left = x - width / 2; right = x + width / 2
+        case .end: left = x - width; right = x
+        }
+        self.baseline = baseline
+        self.size = size
+    }
+
+    func intersects(_ other: LabelBox) -> Bool {
+        left < other.right && other.left < right && top < other.bottom && other.top < bottom
+    }
+}
+
+/// Moves labels down until no two boxes intersect, keeping each as close to where it wants to be as it can: labels
+/// are placed from the top one down, and each one that would cover a label already placed goes just below it
+/// (`gap` pixels apart). Labels whose x ranges do not overlap stay where they are. Returns the boxes in the order
+/// given.
+func stackLabels(_ boxes: [LabelBox], gap: Double = 2) -> [LabelBox] {
+    var placed: [(index: Int, box: LabelBox)] = []
+    for (index, wanted) in boxes.enumerated().sorted(by: { ($0.element.baseline, $0.offset) < ($1.element.baseline, $1.offset) }) {
+        var box = wanted
+        // Each move goes below a placed box, so at most one move per placed box.
+        while let blocker = placed.first(where: { $0.box.intersects(box) }) {
+            box.baseline = blocker.box.bottom + gap + box.size
+        }
+        placed.append((index, box))
+    }
+    return placed.sorted { $0.index < $1.index }.map(\.box)
 }

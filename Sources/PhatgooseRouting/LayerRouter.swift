@@ -3,7 +3,9 @@ import PhatgooseKernels
 import PhatgooseLibrary
 
 /// Each token's chosen experts and weights at one module: `slots` entries per token, best first. Padded slots (a
-/// module with fewer candidates than k) hold candidate -1 and weight 0.
+/// module with fewer candidates than k) hold candidate -1 and weight 0. An unrouted token (its row, or its
+/// sequence, holds NaN or infinite values: see ``LayerRouter/unroutedTokens(_:tokens:slots:)``) holds candidate -1
+/// and weight NaN in every slot, so it gets no delta.
 public struct RoutingResult: Sendable {
     /// Tokens routed.
     public var tokenCount: Int
@@ -126,6 +128,7 @@ public struct LayerRouter: Sendable {
                       candidates: UnsafeMutablePointer<Int32>, weights: UnsafeMutablePointer<Float>) {
         if options.router == .uniform {
             select(scratch, rows: 0, tokens: tokens, candidates: candidates, weights: weights)
+            unrouteNonFiniteRows(x, ldx: ldx, tokens: tokens, candidates: candidates, weights: weights)
             return
         }
         let scores = scoresPointer(scratch, tokens: tokens)
@@ -212,7 +215,9 @@ public struct LayerRouter: Sendable {
     }
 
     /// Step 3: softmax, top-k and renormalisation of each routed row's scores (in place), written to the tokens'
-    /// slots; per sequence, copied to every token of the sequence. The uniform router ignores the scores.
+    /// slots; per sequence, copied to every token of the sequence. A row whose scores are not all finite is unrouted
+    /// (see ``RoutingResult``). The uniform router ignores the scores (see
+    /// ``unrouteNonFiniteRows(_:ldx:tokens:candidates:weights:)``).
     public func select(_ scores: UnsafeMutablePointer<Float>, rows: Int, tokens: Int,
                        candidates: UnsafeMutablePointer<Int32>, weights: UnsafeMutablePointer<Float>) {
         let n = candidateCount
@@ -230,10 +235,15 @@ public struct LayerRouter: Sendable {
         let slots = self.slots
         for row in 0..<rows {
             let p = scores + row * n
-            Self.softmax(p, count: n)
+            let firstToken = routedFirstToken(row)
+            // Scores that are not all finite (a row with NaN or infinite values, or so large that its scores
+            // overflow) have no softmax: the row is unrouted.
+            guard Self.softmax(p, count: n) else {
+                Self.unroute(candidates + firstToken * slots, weights + firstToken * slots, slots: slots)
+                continue
+            }
             // Top-k by probability; on ties the lower candidate (= lower expert index) wins.
             var sum: Float = 0
-            let firstToken = routedFirstToken(row)
             for j in 0..<k {
                 var best = -1
                 var bestValue = -Float.infinity
@@ -275,8 +285,9 @@ public struct LayerRouter: Sendable {
         }
     }
 
-    /// In-place softmax in F32 (max subtracted first).
-    static func softmax(_ values: UnsafeMutablePointer<Float>, count: Int) {
+    /// In-place softmax in F32 (max subtracted first). Returns false, leaving non-finite values, when the scores
+    /// are not all finite.
+    static func softmax(_ values: UnsafeMutablePointer<Float>, count: Int) -> Bool {
         var maximum = -Float.infinity
         for i in 0..<count { maximum = max(maximum, values[i]) }
         var sum: Float = 0
@@ -285,7 +296,41 @@ public struct LayerRouter: Sendable {
             values[i] = e
             sum += e
         }
+        // Finite scores give a sum in [1, count]; a NaN or infinite score makes it NaN.
+        guard sum.isFinite else { return false }
         let inverse = 1 / sum
         for i in 0..<count { values[i] *= inverse }
+        return true
+    }
+
+    /// The uniform router's check, which scores nothing: tokens whose row of `x` holds a NaN or infinite value are
+    /// unrouted (the other routers find them through their scores). One pass over the input.
+    public func unrouteNonFiniteRows(_ x: UnsafePointer<Float>, ldx: Int, tokens: Int, candidates: UnsafeMutablePointer<Int32>,
+                                     weights: UnsafeMutablePointer<Float>) {
+        let slots = self.slots
+        for t in 0..<tokens where Kernels.nonFiniteCount(x + t * ldx, count: inWidth) > 0 {
+            Self.unroute(candidates + t * slots, weights + t * slots, slots: slots)
+        }
+    }
+
+    /// Marks one token unrouted: candidate -1 and weight NaN in every slot.
+    static func unroute(_ candidates: UnsafeMutablePointer<Int32>, _ weights: UnsafeMutablePointer<Float>, slots: Int) {
+        for j in 0..<slots {
+            candidates[j] = -1
+            weights[j] = .nan
+        }
+    }
+
+    /// The tokens of a routing result ([tokens * slots] candidates) that are unrouted: how many, and the first.
+    /// A routed token's first slot always holds a candidate (every module has one), so an unrouted token is one
+    /// whose first slot holds -1.
+    public static func unroutedTokens(_ candidates: UnsafePointer<Int32>, tokens: Int, slots: Int) -> (count: Int, first: Int?) {
+        var count = 0
+        var first: Int?
+        for t in 0..<tokens where candidates[t * slots] < 0 {
+            if first == nil { first = t }
+            count += 1
+        }
+        return (count, first)
     }
 }

@@ -134,10 +134,12 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
     }
 
     /// Applies module `m` of `snapshot` to `tokens` rows of `x`, adding into `out`. Fills `expertsOut`/`weightsOut`
-    /// ([tokens * slots]) when given, and per-candidate assignment counts into `counts`.
+    /// ([tokens, routingStride], routingStride >= slots; slots beyond the module's hold expert -1 and weight 0) when
+    /// given, and per-candidate assignment counts into `counts`. Returns the tokens left unrouted (NaN or infinite
+    /// input; see ``RoutingResult``): how many, and the first.
     func execute(_ snapshot: LibrarySnapshot, module m: Int, x: UnsafePointer<Float>, tokens: Int,
                  out: UnsafeMutablePointer<Float>, expertsOut: UnsafeMutablePointer<Int32>?, weightsOut: UnsafeMutablePointer<Float>?,
-                 counts: UnsafeMutablePointer<Int>?) {
+                 routingStride: Int, counts: UnsafeMutablePointer<Int>?) -> (count: Int, first: Int?) {
         let module = snapshot.library.modules[m]
         let router = snapshot.routers[m]
         call = CallState()
@@ -159,6 +161,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         call.units = (tokens + call.unit - 1) / call.unit
         if router.options.router == .uniform {
             router.select(routeScratch[0].reserve(1), rows: 0, tokens: tokens, candidates: call.candidatesOut!, weights: call.weightsAll!)
+            router.unrouteNonFiniteRows(x, ldx: module.inWidth, tokens: tokens, candidates: call.candidatesOut!, weights: call.weightsAll!)
         } else if call.units >= participants * 2 || participants == 1 {
             call.activeParticipants = min(participants, call.units)
             for p in 0..<call.activeParticipants {
@@ -179,6 +182,8 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
                 observer.observe(RuntimeEvent(kind: .routing, worker: 0, node: nodes[0], layer: m, expert: -1, rows: tokens, start: start, end: pg_now_ns()))
             }
         }
+
+        let unrouted = LayerRouter.unroutedTokens(call.candidatesOut!, tokens: tokens, slots: call.slots)
 
         // The plan, on the caller.
         let planStart = now()
@@ -260,15 +265,23 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         runPhase(.combine, parallel: call.activeParticipants > 1)
 
         if let expertsOut, let weightsOut {
+            let slots = call.slots
             snapshot.candidateExperts[m].withUnsafeBufferPointer { experts in
-                for i in 0..<(tokens * call.slots) {
-                    let c = call.candidatesOut![i]
-                    expertsOut[i] = c < 0 ? -1 : experts[Int(c)]
-                    weightsOut[i] = call.weightsAll![i]
+                for t in 0..<tokens {
+                    for j in 0..<slots {
+                        let c = call.candidatesOut![t * slots + j]
+                        expertsOut[t * routingStride + j] = c < 0 ? -1 : experts[Int(c)]
+                        weightsOut[t * routingStride + j] = call.weightsAll![t * slots + j]
+                    }
+                    for j in slots..<routingStride {
+                        expertsOut[t * routingStride + j] = -1
+                        weightsOut[t * routingStride + j] = 0
+                    }
                 }
             }
         }
         call = CallState()
+        return unrouted
     }
 
     private func routeShare(_ p: Int) {

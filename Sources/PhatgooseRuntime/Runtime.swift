@@ -179,25 +179,42 @@ public final class Runtime: Sendable {
     }
 
     /// Adds the mixture delta of `layer` for `tokens` rows of `input` ([tokens, in], row-major F32) into `output`
-    /// ([tokens, out]). When given, `experts` and `weights` ([tokens, slots]) receive each token's choices.
+    /// ([tokens, out]). When given, `experts` and `weights` receive each token's choices: `tokens` rows of
+    /// `experts.count / tokens` entries (the two buffers the same size, a multiple of `tokens`, at least
+    /// `tokens * slots`), the first ``slots(of:)`` of each row the token's experts and weights, any beyond them
+    /// expert -1 and weight 0. So buffers sized for more slots than the layer has stay valid when the uniform
+    /// router's slots shrink (an expert removed between sizing them and the call).
+    ///
+    /// A token whose input row (or, routing per sequence, whose sequence) holds a NaN or infinite value is not
+    /// routed: its experts are -1 and its weights NaN in every slot, and nothing is added to its output row. The
+    /// other tokens are applied as usual; then the call throws a ``RuntimeError/Code/nonFiniteInput`` error naming
+    /// how many tokens were left unrouted and the first of them.
     ///
     /// Allocation-free once the runtime has served a call of this size.
     public func apply(_ layer: LayerHandle, input: UnsafeBufferPointer<Float>, tokens: Int, output: UnsafeMutableBufferPointer<Float>,
                       experts: UnsafeMutableBufferPointer<Int32>? = nil, weights: UnsafeMutableBufferPointer<Float>? = nil) throws {
         let snapshot = try begin(tokens: tokens)
-        let m = try check(layer, in: snapshot, input: input, tokens: tokens, output: output, experts: experts, weights: weights, sharedInWidth: nil)
+        let (m, stride) = try check(layer, in: snapshot, input: input, tokens: tokens, output: output, experts: experts, weights: weights,
+                                    sharedInWidth: nil)
         guard tokens > 0 else { return }
         try admit()
         defer { admitted.subtract(1, ordering: .sequentiallyConsistent) }
         let queuedAt = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-        let ran = scheduler.withLock { scheduler in
-            guard !isShutDown.load(ordering: .acquiring) else { return false }
+        let ran = scheduler.withLock { scheduler -> (count: Int, first: Int?)? in
+            guard !isShutDown.load(ordering: .acquiring) else { return nil }
             observeQueued(scheduler, layer: m, tokens: tokens, since: queuedAt)
-            run(scheduler, snapshot, module: m, input: input.baseAddress!, tokens: tokens, output: output.baseAddress!,
-                experts: experts?.baseAddress, weights: weights?.baseAddress)
-            return true
+            return run(scheduler, snapshot, module: m, input: input.baseAddress!, tokens: tokens, output: output.baseAddress!,
+                       experts: experts?.baseAddress, weights: weights?.baseAddress, routingStride: stride)
         }
-        guard ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
+        guard let unrouted = ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
+        if let first = unrouted.first { throw Self.nonFiniteInput(layer, count: unrouted.count, of: tokens, first: first) }
+    }
+
+    /// The error of a call that left tokens unrouted.
+    private static func nonFiniteInput(_ layer: LayerHandle, count: Int, of tokens: Int, first: Int) -> RuntimeError {
+        RuntimeError(.nonFiniteInput, "layer \(layer.name): expected finite input values, found NaN or infinite values in the row (or sequence) "
+                     + "of \(count) of \(tokens) tokens, the first token \(first); those tokens were not routed (experts -1, weights NaN, nothing "
+                     + "added to their output rows), the others were applied")
     }
 
     /// Several layers that share one input (q, k and v): one admission, one turn of the executor lock, each layer's
@@ -208,9 +225,9 @@ public final class Runtime: Sendable {
               weights.map({ $0.count == layers.count }) ?? true, (experts == nil) == (weights == nil)
         else { throw RuntimeError(.shape, "apply: expected one output (and routing buffers, both or neither) per layer, found \(layers.count) layers and \(outputs.count) outputs") }
         let snapshot = try begin(tokens: tokens)
-        var modules: [Int] = []
+        var modules: [(index: Int, stride: Int)] = []
         for (i, layer) in layers.enumerated() {
-            let shared = i == 0 ? nil : snapshot.library.modules[modules[0]].inWidth
+            let shared = i == 0 ? nil : snapshot.library.modules[modules[0].index].inWidth
             modules.append(try check(layer, in: snapshot, input: input, tokens: tokens, output: outputs[i], experts: experts?[i],
                                      weights: weights?[i], sharedInWidth: shared))
         }
@@ -218,16 +235,19 @@ public final class Runtime: Sendable {
         try admit()
         defer { admitted.subtract(1, ordering: .sequentiallyConsistent) }
         let queuedAt = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-        let ran = scheduler.withLock { scheduler in
-            guard !isShutDown.load(ordering: .acquiring) else { return false }
-            observeQueued(scheduler, layer: modules[0], tokens: tokens, since: queuedAt)
+        let ran = scheduler.withLock { scheduler -> (layer: Int, count: Int, first: Int?)? in
+            guard !isShutDown.load(ordering: .acquiring) else { return nil }
+            observeQueued(scheduler, layer: modules[0].index, tokens: tokens, since: queuedAt)
+            var unrouted: (layer: Int, count: Int, first: Int?) = (0, 0, nil)
             for (i, m) in modules.enumerated() {
-                run(scheduler, snapshot, module: m, input: input.baseAddress!, tokens: tokens, output: outputs[i].baseAddress!,
-                    experts: experts?[i].baseAddress, weights: weights?[i].baseAddress)
+                let left = run(scheduler, snapshot, module: m.index, input: input.baseAddress!, tokens: tokens, output: outputs[i].baseAddress!,
+                               experts: experts?[i].baseAddress, weights: weights?[i].baseAddress, routingStride: m.stride)
+                if unrouted.first == nil && left.first != nil { unrouted = (i, left.count, left.first) }
             }
-            return true
+            return unrouted
         }
-        guard ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
+        guard let unrouted = ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
+        if let first = unrouted.first { throw Self.nonFiniteInput(layers[unrouted.layer], count: unrouted.count, of: tokens, first: first) }
     }
 
     /// The current snapshot, once the runtime is known to be running and `tokens` valid.
@@ -237,10 +257,11 @@ public final class Runtime: Sendable {
         return current.withLock { $0 }
     }
 
-    /// Resolves `layer` and checks every buffer's size; returns the module index.
+    /// Resolves `layer` and checks every buffer's size; returns the module index and the routing buffers' row
+    /// stride (entries per token: the slots, or more when the caller's buffers have room for more).
     private func check(_ layer: LayerHandle, in snapshot: LibrarySnapshot, input: UnsafeBufferPointer<Float>, tokens: Int,
                        output: UnsafeMutableBufferPointer<Float>, experts: UnsafeMutableBufferPointer<Int32>?,
-                       weights: UnsafeMutableBufferPointer<Float>?, sharedInWidth: Int?) throws(RuntimeError) -> Int {
+                       weights: UnsafeMutableBufferPointer<Float>?, sharedInWidth: Int?) throws(RuntimeError) -> (index: Int, stride: Int) {
         let m = try resolve(layer, in: snapshot)
         let module = snapshot.library.modules[m]
         if let sharedInWidth, module.inWidth != sharedInWidth {
@@ -256,10 +277,13 @@ public final class Runtime: Sendable {
             throw RuntimeError(.shape, "layer \(layer.name): expected both routing buffers (experts and weights) or neither")
         }
         let slots = snapshot.routers[m].slots
-        if let experts, let weights, experts.count < tokens * slots || weights.count < tokens * slots || (tokens > 0 && (experts.baseAddress == nil || weights.baseAddress == nil)) {
-            throw RuntimeError(.shape, "layer \(layer.name): expected routing buffers of \(tokens) x \(slots), found \(experts.count) and \(weights.count)")
+        guard let experts, let weights, tokens > 0 else { return (m, slots) }
+        let stride = experts.count / tokens
+        guard experts.count == weights.count, experts.count % tokens == 0, stride >= slots,
+              experts.baseAddress != nil, weights.baseAddress != nil else {
+            throw RuntimeError(.shape, "layer \(layer.name): expected routing buffers of \(tokens) x \(slots) entries (or \(tokens) rows of more than \(slots)), found \(experts.count) and \(weights.count)")
         }
-        return m
+        return (m, stride)
     }
 
     /// Admission control: a bounded number of calls may run or wait; the rest fail at once. On success the caller
@@ -279,15 +303,17 @@ public final class Runtime: Sendable {
                                       start: since, end: DispatchTime.now().uptimeNanoseconds))
     }
 
-    /// One layer under the scheduler lock, then its statistics.
+    /// One layer under the scheduler lock, then its statistics. Returns the tokens it left unrouted.
     private func run(_ scheduler: LayerScheduler, _ snapshot: LibrarySnapshot, module m: Int, input: UnsafePointer<Float>, tokens: Int,
-                     output: UnsafeMutablePointer<Float>, experts: UnsafeMutablePointer<Int32>?, weights: UnsafeMutablePointer<Float>?) {
+                     output: UnsafeMutablePointer<Float>, experts: UnsafeMutablePointer<Int32>?, weights: UnsafeMutablePointer<Float>?,
+                     routingStride: Int) -> (count: Int, first: Int?) {
         // Plain per-candidate values only: iterating `module.experts` would copy (retain and release) every
         // ModuleExpert on each call.
         let candidateExperts = snapshot.candidateExperts[m]
         let counts = scheduler.counts.reserve(candidateExperts.count)
         let callStart = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-        scheduler.execute(snapshot, module: m, x: input, tokens: tokens, out: output, expertsOut: experts, weightsOut: weights, counts: counts)
+        let unrouted = scheduler.execute(snapshot, module: m, x: input, tokens: tokens, out: output, expertsOut: experts, weightsOut: weights,
+                                         routingStride: routingStride, counts: counts)
         if let observer = options.observer {
             observer.observe(RuntimeEvent(kind: .call, worker: 0, node: scheduler.nodes[0], layer: m, expert: -1, rows: tokens,
                                           start: callStart, end: DispatchTime.now().uptimeNanoseconds))
@@ -300,9 +326,12 @@ public final class Runtime: Sendable {
                 if e < stats.tokensPerExpert.count { stats.tokensPerExpert[e] += counts[c] }
             }
         }
+        return unrouted
     }
 
-    /// The array form: returns the delta (not added to anything) and each token's choices.
+    /// The array form: returns the delta (not added to anything) and each token's choices. Throws as the buffer form
+    /// does; when tokens are left unrouted (``RuntimeError/Code/nonFiniteInput``) the other tokens' results are lost
+    /// with the arrays, so callers that want them use the buffer form.
     public func apply(_ layer: LayerHandle, input: [Float], tokens: Int) throws -> LayerOutput {
         let (_, outWidth) = try widths(of: layer)
         let slots = try self.slots(of: layer)

@@ -23,6 +23,9 @@ public struct RuntimeError: Error, Sendable, CustomStringConvertible {
         public static let shutDown = Code("shut-down")
         /// An expert cannot be added or removed as asked.
         public static let library = Code("library")
+        /// Some tokens' input rows held NaN or infinite values: those tokens were not routed, the others were
+        /// applied (the call's outputs are written; see ``Runtime/apply(_:input:tokens:output:experts:weights:)``).
+        public static let nonFiniteInput = Code("non-finite-input")
     }
 
     /// What kind of failure this is.

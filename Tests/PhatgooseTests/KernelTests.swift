@@ -13,6 +13,10 @@ func randomFloats(_ count: Int, seed: UInt64) -> [Float] {
     }
 }
 
+/// Whether this CPU runs the AVX-512 kernels. Tests that compare them with the AVX2 ones are enabled only then: on
+/// another CPU they would compare nothing, so they are reported as skipped rather than passing without a check.
+let hasAVX512 = Kernels.bestISA == .avx512
+
 /// Runs `body` once per instruction set this CPU supports, restoring the best one afterwards.
 func forEachISA(_ body: (Kernels.ISA) throws -> Void) rethrows {
     defer { Kernels.setThreadISA(nil) }
@@ -83,7 +87,6 @@ struct KernelTests {
         let a = randomFloats(m * k, seed: 16), b = randomFloats(n * k, seed: 17)
         let panels = ScratchBuffer(capacity: Kernels.panelFloatCount(n: n, k: k))
         Kernels.packPanels(b, ldb: k, n: n, k: k, into: panels.pointer)
-        var byISA: [Kernels.ISA: [Float]] = [:]
         forEachISA { isa in
             var c = [Float](repeating: .nan, count: m * n)
             Kernels.gemmPacked(a, lda: k, m: m, panels.pointer, n: n, k: k, alpha: 0.5, into: &c, ldc: n)
@@ -103,9 +106,25 @@ struct KernelTests {
                 }
             }
             #expect(pieces == c, "\(isa): a row or panel computed alone differs from the whole call")
+        }
+    }
+
+    // Skipped, not passed, on a CPU without AVX-512 (see `hasAVX512`).
+    @Test("the packed-panel GEMM gives the same bits under AVX2 and AVX-512", .enabled(if: hasAVX512, "this CPU has no AVX-512 kernels to compare"),
+          arguments: [(1, 1, 1), (13, 7, 64), (25, 33, 203), (7, 166, 300), (64, 36, 2048)])
+    func packedGemmAcrossISAs(_ shape: (Int, Int, Int)) throws {
+        let (m, n, k) = shape
+        let a = randomFloats(m * k, seed: 16), b = randomFloats(n * k, seed: 17)
+        let panels = ScratchBuffer(capacity: Kernels.panelFloatCount(n: n, k: k))
+        Kernels.packPanels(b, ldb: k, n: n, k: k, into: panels.pointer)
+        var byISA: [Kernels.ISA: [Float]] = [:]
+        forEachISA { isa in
+            var c = [Float](repeating: .nan, count: m * n)
+            Kernels.gemmPacked(a, lda: k, m: m, panels.pointer, n: n, k: k, alpha: 0.5, into: &c, ldc: n)
             byISA[isa] = c
         }
-        if let avx2 = byISA[.avx2], let avx512 = byISA[.avx512] { #expect(avx2 == avx512, "AVX2 and AVX-512 packed GEMMs differ") }
+        let avx2 = try #require(byISA[.avx2]), avx512 = try #require(byISA[.avx512])
+        #expect(avx2 == avx512, "AVX2 and AVX-512 packed GEMMs differ")
     }
 
     @Test("adding several rows in one pass gives the bits of adding them one by one, in order", arguments: [1, 2, 3, 8])
@@ -131,8 +150,10 @@ struct KernelTests {
         }
     }
 
-    @Test("layer norm gives the same bits under AVX2 and AVX-512 (the same double partial sums)", arguments: [1, 7, 8, 9, 16, 17, 31, 203, 2048, 5120])
-    func layerNormAcrossISAs(_ width: Int) {
+    // Skipped, not passed, on a CPU without AVX-512 (see `hasAVX512`).
+    @Test("layer norm gives the same bits under AVX2 and AVX-512 (the same double partial sums)",
+          .enabled(if: hasAVX512, "this CPU has no AVX-512 kernels to compare"), arguments: [1, 7, 8, 9, 16, 17, 31, 203, 2048, 5120])
+    func layerNormAcrossISAs(_ width: Int) throws {
         let rows = 5
         let x = randomFloats(rows * width, seed: 18).map { $0 * 3 + 0.7 }
         var byISA: [Kernels.ISA: [Float]] = [:]
@@ -141,11 +162,14 @@ struct KernelTests {
             Kernels.layerNormRows(x, ldx: width, rows: rows, width: width, into: &out, ldo: width)
             byISA[isa] = out
         }
-        if let avx2 = byISA[.avx2], let avx512 = byISA[.avx512] { #expect(avx2 == avx512) }
+        let avx2 = try #require(byISA[.avx2]), avx512 = try #require(byISA[.avx512])
+        #expect(avx2 == avx512)
     }
 
-    @Test("expand gives the same bits under every FMA instruction set (one FMA chain per output)")
-    func expandAcrossISAs() {
+    // Skipped, not passed, on a CPU without AVX-512 (see `hasAVX512`): AVX2 is the only other FMA instruction set.
+    @Test("expand gives the same bits under every FMA instruction set (one FMA chain per output)",
+          .enabled(if: hasAVX512, "this CPU has only one FMA instruction set (no AVX-512 kernels to compare)"))
+    func expandAcrossISAs() throws {
         let rows = 13, rank = 16, width = 2048 + 24
         let h = randomFloats(rows * rank, seed: 14), bt = randomFloats(rank * width, seed: 15)
         var half = [UInt16](repeating: 0, count: bt.count)
@@ -163,9 +187,8 @@ struct KernelTests {
             }
             results[isa] = outputs
         }
-        if let reference = results[.avx2] {
-            for (isa, outputs) in results { #expect(outputs == reference, "\(isa) expand differs from avx2") }
-        }
+        let reference = try #require(results[.avx2])
+        #expect(try #require(results[.avx512]) == reference, "avx512 expand differs from avx2")
     }
 
     @Test("every kernel output is bitwise independent of batch size and position (per ISA)")

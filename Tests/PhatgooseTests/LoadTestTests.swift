@@ -3,6 +3,7 @@ import PhatgooseFormats
 import PhatgooseLibrary
 @testable import PhatgooseLoadTest
 import PhatgooseProfiling
+import PhatgooseRouting
 import PhatgooseRuntime
 import PhatgooseSynth
 import Testing
@@ -79,6 +80,46 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
         #expect(json["rejected"] == .integer(result.rejected))
     }
 
+    /// Every field of a load test's JSON that is a measurement, not configuration (see
+    /// `RunComparison.configurationFields`): together the two lists must cover every field.
+    static let measurementFields: Set<String> = Set(
+        ["completed", "completed_decode", "completed_prefill", "rejected", "failed", "unfinished", "first_error", "total_input_tokens",
+         "request_throughput", "total_token_throughput", "decode", "prefill", "layer_calls", "runtime_rejected_calls", "mean_call_wait_ms",
+         "mean_executor_wait_per_request_ms", "tokens_per_expert", "expert_imbalance_max_over_mean", "expert_imbalance_excess_over_mean",
+         "mean_layer_imbalance_max_over_mean", "max_layer_imbalance_max_over_mean", "layers", "worker_utilisation", "mean_worker_utilisation",
+         "worker_imbalance_max_over_mean", "phase_us_per_call", "rss_start_bytes", "rss_end_bytes", "rss_max_bytes", "max_backlog",
+         "library_generation_seconds", "timeline", "recorded_trace_events", "dropped_trace_events"]
+        + ["e2el", "queue", "service"].flatMap { name in ["mean", "std", "median", "p90", "p99", "p99.9", "max"].map { "\($0)_\(name)_ms" } })
+
+    @Test("comparing two real runs lists every configuration difference; every summary field is configuration or a measurement")
+    func comparisonOfRealRuns() throws {
+        let library = try tinyLibrary()
+        let a = try LoadTest(library: library, options: shortOptions(.closed(clients: 1), duration: 0.4), runtimeOptions: RuntimeOptions(workers: 0)).run()
+        var options = shortOptions(.open(rate: 200, burstiness: 2, maxConcurrency: 6), duration: 0.6)
+        options.seed = 4
+        options.decodeFraction = 0.5
+        options.warmup = 0.1
+        let routing = RoutingOptions(router: .arrow, topK: 3, granularity: .sequence(length: 8), arrowTemperature: 5)
+        let b = try LoadTest(library: library, options: options,
+                             runtimeOptions: RuntimeOptions(routing: routing, workers: 1, placement: .inPlace, memoryCapBytes: 1 << 30)).run()
+        let ja = a.json(), jb = b.json()
+        guard case let .object(fieldsA) = ja, case let .object(fieldsB) = jb else { Issue.record("a load test's JSON is an object"); return }
+        let keys = Set(fieldsA.map(\.key)).union(fieldsB.map(\.key))
+        let configuration = Set(RunComparison.configurationFields)
+        #expect(keys.subtracting(configuration).subtracting(Self.measurementFields).isEmpty,
+                "fields neither configuration nor measurement: \(keys.subtracting(configuration).subtracting(Self.measurementFields).sorted())")
+        let comparison = RunComparison(a: ja, b: jb, pathA: "A", pathB: "B")
+        let listed = Set(comparison.configuration.map(\.0))
+        let differing = Set(configuration.filter { ja[$0].map { $0.serialized() } != jb[$0].map { $0.serialized() } })
+        #expect(listed == differing)
+        for field in ["mode", "num_clients", "max_concurrency", "request_rate", "burstiness", "decode_fraction", "seed", "workers", "router",
+                      "top_k", "sequence_length", "arrow_temperature", "placement", "memory_cap_bytes", "warmup_duration", "duration"] {
+            #expect(listed.contains(field), "\(field) differs but is not listed")
+        }
+        #expect(jb["placement"] == .string("in-place") && jb["sequence_length"] == .integer(8) && jb["memory_cap_bytes"] == .integer(1 << 30))
+        #expect(ja["placement"] == .string("distribute") && ja["sequence_length"] == .null && ja["drain_timeout"] == .double(5))
+    }
+
     @Test func requestCountEndsTheWindow() throws {
         let library = try tinyLibrary()
         var options = shortOptions(.closed(clients: 1))
@@ -134,13 +175,12 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
     }
 
     @Test func optionsRefuseNonsense() {
-        let invalid: [(LoadTestOptions, String)] = [
-            (LoadTestOptions(loop: .closed(clients: 0)), "clients"), (LoadTestOptions(loop: .open(rate: 0, burstiness: 1, maxConcurrency: 4)), "rate"),
-            (LoadTestOptions(duration: nil, requests: nil), "duration"), (LoadTestOptions(decodeFraction: 1.5), "decode"),
-        ]
-        for (options, field) in invalid {
+        for (options, message) in [(LoadTestOptions(loop: .closed(clients: 0)), "--clients: expected 1 to 4096, found 0"),
+                                    (LoadTestOptions(loop: .open(rate: 0, burstiness: 1, maxConcurrency: 4)), "--rate: expected requests per second > 0, found 0.0"),
+                                    (LoadTestOptions(duration: nil, requests: nil), "--duration, --requests: expected either a duration or a request count, found neither"),
+                                    (LoadTestOptions(decodeFraction: 1.5), "--decode-fraction: expected 0 to 1, found 1.5")] {
             let error = #expect(throws: LoadTestError.self) { try options.validate() }
-            #expect(error?.code == .option && error?.description.contains(field) == true, "\(field): \(String(describing: error))")
+            #expect(error?.code == .option && error?.message == message)
         }
         #expect(throws: Never.self) { try LoadTestOptions().validate() }
     }

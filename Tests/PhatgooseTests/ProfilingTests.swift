@@ -204,6 +204,41 @@ func nearestRank(_ sorted: [Double], _ p: Double) -> Double {
         #expect(html.hasPrefix("<!DOCTYPE html>") && html.hasSuffix("</html>\n"))
     }
 
+    /// The CDF's percentile labels as boxes: each accent-coloured `<text>` of the `latency-cdf` plot, its width at
+    /// 0.6 em per character and its height from 0.75 em above the baseline to 0.25 em below (about what a sans-serif
+    /// font draws), independently of how the report lays them out.
+    func cdfLabelBoxes(_ html: String) throws -> [(text: String, left: Double, right: Double, top: Double, bottom: Double)] {
+        let start = try #require(html.range(of: "<svg id=\"latency-cdf\""))
+        let svg = html[start.lowerBound...].prefix { $0 != "\n" }
+        let pattern = /<text x="([-0-9.]+)" y="([-0-9.]+)" font-size="([0-9.]+)" text-anchor="(start|middle|end)" fill="#c0392b">([^<]*)<\/text>/
+        return svg.matches(of: pattern).map { match in
+            let x = Double(match.1)!, y = Double(match.2)!, size = Double(match.3)!, text = String(match.5)
+            let width = Double(text.count) * size * 0.6
+            let left = match.4 == "end" ? x - width : match.4 == "middle" ? x - width / 2 : x
+            return (text, left, left + width, y - 0.75 * size, y + 0.25 * size)
+        }
+    }
+
+    @Test("the CDF's percentile labels never overlap, however close the percentiles",
+          arguments: [[Int](repeating: 10_000, count: 1000),                                      // every percentile the same
+                      [Int](repeating: 10_000, count: 990) + [Int](repeating: 10_200, count: 10),  // p99 and p99.9 close
+                      (1...1000).map { 1000 + $0 },                                               // close, not equal
+                      (1...1000).map { Int(1000 * pow(1.01, Double($0))) }])                      // far apart
+    func cdfLabelsDoNotOverlap(_ microseconds: [Int]) throws {
+        var report = sampleReport()
+        report.latency = LatencyHistogram()
+        for value in microseconds { report.latency.record(microseconds: UInt64(value)) }
+        let boxes = try cdfLabelBoxes(report.render())
+        #expect(boxes.map { $0.text.split(separator: " ")[0] } == ["p50", "p90", "p99", "p99.9"])
+        for (i, a) in boxes.enumerated() {
+            #expect(a.left >= 0 && a.right <= 900 && a.top >= 0 && a.bottom <= 300, "\(a.text) leaves the plot")
+            for b in boxes[(i + 1)...] {
+                let overlap = a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom
+                #expect(!overlap, "\(a.text) overlaps \(b.text)")
+            }
+        }
+    }
+
     @Test func imbalanceRankingUsesCandidatesOnly() {
         let ranking = sampleReport().imbalanceRanking()
         // Layer b has 3 candidates: counts of experts 0, 1, 2 are 3, 3, 1 (expert 3 is not a candidate).
@@ -238,11 +273,40 @@ func nearestRank(_ sorted: [Double], _ p: Double) -> Double {
         #expect(comparison.text().contains("request_throughput"))
     }
 
+    @Test("every configuration field that differs is listed, the measured duration included")
+    func comparisonListsEveryConfigurationDifference() throws {
+        let a = try JSONParser.parse(Array(#"""
+            {"tool":"phatgoose profile","library":"lib","router":"phatgoose","top_k":2,"sequence_length":null,"workers":1,"executor":"pinned",
+             "placement":"distribute","mode":"closed","num_clients":4,"decode_tokens":[1,16],"affinity":0.35,"seed":0,"warmup_duration":3,
+             "requests":null,"duration":10.0012,"drain_timeout":10,"trace_ring_capacity":262144,"request_throughput":10,"completed":100}
+            """#.utf8))
+        let b = try JSONParser.parse(Array(#"""
+            {"tool":"phatgoose loadtest","library":"lib","router":"arrow","top_k":2,"sequence_length":16,"workers":1,"executor":"dispatch",
+             "placement":"isolate:0","mode":"closed","num_clients":4,"decode_tokens":[1,8],"affinity":0.35,"seed":0,"warmup_duration":1,
+             "requests":null,"duration":10.0034,"drain_timeout":10,"request_throughput":10,"completed":120}
+            """#.utf8))
+        let comparison = RunComparison(a: a, b: b, pathA: "A", pathB: "B")
+        let expected = [("tool", "phatgoose profile", "phatgoose loadtest"), ("router", "phatgoose", "arrow"), ("sequence_length", "-", "16"),
+                        ("executor", "pinned", "dispatch"), ("placement", "distribute", "isolate:0"), ("decode_tokens", "[1,16]", "[1,8]"),
+                        ("warmup_duration", "3", "1"), ("duration", "10.0012", "10.0034"), ("trace_ring_capacity", "262144", "-")]
+        #expect(comparison.configuration.map(\.0) == expected.map(\.0), "in order, and nothing that is the same in both")
+        let text = comparison.text()
+        for (field, x, y) in expected {
+            #expect(comparison.configuration.contains { $0 == (field, x, y) }, "\(field): \(x) -> \(y)")
+            #expect(text.split(separator: "\n").contains { $0.hasPrefix("  \(field) ") && $0.hasSuffix("\(x)  ->  \(y)") }, "the text lists \(field)")
+        }
+        guard case let .array(listed)? = comparison.json()["configuration"] else { Issue.record("no configuration in the JSON"); return }
+        #expect(listed.compactMap { if case let .string(field)? = $0["field"] { return field } else { return nil } } == expected.map(\.0))
+    }
+
     @Test func loadRefusesWhatIsNotASummary() throws {
         let directory = TemporaryDirectory()
         writeText("{\"x\":1}", to: directory.file("summary.json"))
-        #expect(throws: ProfilingError.self) { try RunComparison.load(directory.path) }
-        #expect(throws: ProfilingError.self) { try RunComparison.load(directory.file("missing.json")) }
+        let notSummary = #expect(throws: ProfilingError.self) { try RunComparison.load(directory.path) }
+        #expect(notSummary?.code == .format && notSummary?.file == directory.file("summary.json"))
+        #expect(notSummary?.message == "expected a run summary (an object with \"request_throughput\"), found an object")
+        let missing = #expect(throws: ProfilingError.self) { try RunComparison.load(directory.file("missing.json")) }
+        #expect(missing?.code == .io && missing?.file == directory.file("missing.json"))
         writeText("{\"request_throughput\":1}", to: directory.file("summary.json"))
         #expect(try RunComparison.load(directory.path)["request_throughput"] != nil)
     }

@@ -106,6 +106,44 @@ struct RoutingTests {
         }
     }
 
+    @Test("a token whose row (or sequence) holds NaN or an infinity is unrouted: -1 and NaN in every slot, the others as without it",
+          arguments: [RoutingOptions(topK: 2), RoutingOptions(router: .arrow, topK: 3), RoutingOptions(router: .uniform),
+                      RoutingOptions(topK: 2, granularity: .sequence(length: 3))])
+    func nonFiniteRowsAreUnrouted(_ options: RoutingOptions) throws {
+        let directory = TemporaryDirectory()
+        let library = try standardLibrary(directory, experts: 4)
+        let module = library.module(named: q)!
+        let router = try LayerRouter(module: module, options: options)
+        let tokens = 9
+        let x = randomFloats(tokens * 16, seed: 25)
+        var bad = x
+        bad[4 * 16 + 7] = .nan
+        bad[8 * 16] = -.infinity
+        var scratch = [Float](repeating: 0, count: max(1, router.scratchCount(tokens: tokens)))
+        var clean = RoutingResult(tokenCount: tokens, slots: router.slots), result = clean
+        router.route(x, ldx: 16, tokens: tokens, scratch: &scratch, into: &clean)
+        router.route(bad, ldx: 16, tokens: tokens, scratch: &scratch, into: &result)
+        // Per sequence of 3 (with a scoring router), a bad token takes its whole sequence with it.
+        let unrouted: Set<Int> = if case .sequence = options.granularity, options.router != .uniform { [3, 4, 5, 6, 7, 8] } else { [4, 8] }
+        let slots = router.slots
+        for t in 0..<tokens {
+            let candidates = Array(result.candidates[(t * slots)..<((t + 1) * slots)]), weights = Array(result.weights[(t * slots)..<((t + 1) * slots)])
+            if unrouted.contains(t) {
+                #expect(candidates.allSatisfy { $0 == -1 } && weights.allSatisfy { $0.isNaN }, "token \(t)")
+            } else {
+                #expect(candidates == Array(clean.candidates[(t * slots)..<((t + 1) * slots)]), "token \(t)")
+                #expect(weights == Array(clean.weights[(t * slots)..<((t + 1) * slots)]), "token \(t)")
+            }
+        }
+        let counted = result.candidates.withUnsafeBufferPointer { LayerRouter.unroutedTokens($0.baseAddress!, tokens: tokens, slots: slots) }
+        #expect(counted.count == unrouted.count && counted.first == unrouted.min())
+        // The executor adds nothing to an unrouted token's output row.
+        var out = [Float](repeating: 2, count: tokens * module.outWidth)
+        LayerExecutor().apply(module, router: router, x: bad, ldx: 16, tokens: tokens, out: &out, ldo: module.outWidth)
+        for t in unrouted { #expect(out[(t * module.outWidth)..<((t + 1) * module.outWidth)].allSatisfy { $0 == 2 }, "token \(t)") }
+        #expect(out.allSatisfy { $0.isFinite })
+    }
+
     @Test("the dispatch plan groups assignments by expert, tokens ascending, and maps every slot back", arguments: [1, 7, 300])
     func dispatchPlan(_ tokens: Int) {
         var routing = RoutingResult(tokenCount: tokens, slots: 3)

@@ -212,12 +212,88 @@ struct RuntimeTests {
         let final = try runtime.apply(layer, input: x, tokens: 64)
         #expect(final.delta == afterAdd.delta)
         #expect(Set(final.experts).isSubset(of: [0, 1, 2, 3, 4, 5, 11]))
-        let duplicate = #expect(throws: RuntimeError.self) { try runtime.addExpert(directory: directory.file("all/expert6"), name: "expert6") }
-        #expect(duplicate?.code == .library && duplicate?.description.contains("already served") == true, "\(String(describing: duplicate))")
+        let inUse = #expect(throws: RuntimeError.self) { try runtime.addExpert(directory: directory.file("all/expert6"), name: "expert6") }
+        #expect(inUse?.code == .library && inUse?.message == "expert \"expert6\": expected a new name, found one already served")
         try runtime.removeExpert(named: "expert6")
         #expect(try runtime.apply(layer, input: x, tokens: 64).delta == before.delta)
-        let missing = #expect(throws: RuntimeError.self) { try runtime.removeExpert(named: "expert6") }
-        #expect(missing?.code == .notFound, "\(String(describing: missing))")
+        let gone = #expect(throws: RuntimeError.self) { try runtime.removeExpert(named: "expert6") }
+        #expect(gone?.code == .notFound && gone?.message == "expert \"expert6\": expected an expert being served, found none of that name")
+    }
+
+    @Test("non-finite input rows are left unrouted, the others applied, and the call then throws .nonFiniteInput",
+          arguments: [RouterKind.phatgoose, .arrow, .uniform])
+    func nonFiniteRows(_ router: RouterKind) throws {
+        let library = try synthLibrary()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(routing: RoutingOptions(router: router, topK: 2), workers: 1))
+        defer { runtime.shutdown() }
+        let module = library.modules[0]
+        let layer = runtime.layer(named: module.name)!
+        let tokens = 40, slots = try runtime.slots(of: layer)
+        let x = randomFloats(tokens * module.inWidth, seed: 14)
+        var bad = x
+        bad[3 * module.inWidth + 1] = .nan
+        bad[30 * module.inWidth] = .infinity
+        let clean = try runtime.apply(layer, input: x, tokens: tokens)
+        var out = [Float](repeating: 0, count: tokens * module.outWidth)
+        var experts = [Int32](repeating: 7, count: tokens * slots), weights = [Float](repeating: 7, count: tokens * slots)
+        let error = #expect(throws: RuntimeError.self) {
+            try bad.withUnsafeBufferPointer { input in
+                try out.withUnsafeMutableBufferPointer { output in
+                    try experts.withUnsafeMutableBufferPointer { e in
+                        try weights.withUnsafeMutableBufferPointer { w in
+                            try runtime.apply(layer, input: input, tokens: tokens, output: output, experts: e, weights: w)
+                        }
+                    }
+                }
+            }
+        }
+        #expect(error?.code == .nonFiniteInput)
+        #expect(error?.message.contains("found NaN or infinite values in the row (or sequence) of 2 of 40 tokens, the first token 3") == true)
+        for t in 0..<tokens {
+            let row = (t * module.outWidth)..<((t + 1) * module.outWidth), choices = (t * slots)..<((t + 1) * slots)
+            if t == 3 || t == 30 {
+                #expect(out[row].allSatisfy { $0 == 0 } && experts[choices].allSatisfy { $0 == -1 } && weights[choices].allSatisfy { $0.isNaN })
+            } else {
+                #expect(Array(out[row]) == Array(clean.delta[row]) && Array(experts[choices]) == Array(clean.experts[choices]), "token \(t)")
+            }
+        }
+    }
+
+    @Test("routing buffers with rows wider than the slots get each token's choices, then expert -1 and weight 0")
+    func widerRoutingRows() throws {
+        let library = try synthLibrary()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(routing: RoutingOptions(router: .uniform), workers: 1))
+        defer { runtime.shutdown() }
+        let module = library.modules[0]
+        let layer = runtime.layer(named: module.name)!
+        let tokens = 5, slots = try runtime.slots(of: layer), stride = slots + 2
+        let x = randomFloats(tokens * module.inWidth, seed: 15)
+        let exact = try runtime.apply(layer, input: x, tokens: tokens)
+        var out = [Float](repeating: 0, count: tokens * module.outWidth)
+        func apply(_ count: Int) throws -> ([Int32], [Float]) {
+            var experts = [Int32](repeating: 7, count: count), weights = [Float](repeating: 7, count: count)
+            try x.withUnsafeBufferPointer { input in
+                try out.withUnsafeMutableBufferPointer { output in
+                    try experts.withUnsafeMutableBufferPointer { e in
+                        try weights.withUnsafeMutableBufferPointer { w in
+                            try runtime.apply(layer, input: input, tokens: tokens, output: output, experts: e, weights: w)
+                        }
+                    }
+                }
+            }
+            return (experts, weights)
+        }
+        let (experts, weights) = try apply(tokens * stride)
+        for t in 0..<tokens {
+            #expect(Array(experts[(t * stride)..<(t * stride + slots)]) == Array(exact.experts[(t * slots)..<((t + 1) * slots)]))
+            #expect(Array(weights[(t * stride)..<(t * stride + slots)]) == Array(exact.weights[(t * slots)..<((t + 1) * slots)]))
+            #expect(experts[(t * stride + slots)..<((t + 1) * stride)].allSatisfy { $0 == -1 })
+            #expect(weights[(t * stride + slots)..<((t + 1) * stride)].allSatisfy { $0 == 0 })
+        }
+        for count in [tokens * slots - 1, tokens * stride + 1] {
+            let error = #expect(throws: RuntimeError.self) { _ = try apply(count) }
+            #expect(error?.code == .shape && error?.message.contains("expected routing buffers of 5 x \(slots) entries") == true, "\(count) entries")
+        }
     }
 
     @Test("a memory cap below the library's weights is refused with a clear error")
@@ -260,7 +336,7 @@ struct RuntimeTests {
         runtime.shutdown()
         runtime.shutdown()
         let error = #expect(throws: RuntimeError.self) { _ = try runtime.apply(layer, input: randomFloats(64, seed: 1), tokens: 1) }
-        #expect(error?.code == .shutDown, "\(String(describing: error))")
+        #expect(error?.code == .shutDown && error?.message == "runtime: expected a running runtime, found it shut down")
     }
 
     @Test("placement on a modelled 2-node topology: distribute balances, isolate uses one node, replicate copies hot experts")
@@ -275,8 +351,8 @@ struct RuntimeTests {
         #expect(isolate.nodes == [[1], [1], [1], [1], [], [1]])
         let replicate = try PlacementPlan.make(policy: .replicateHot(count: 1), topology: topology, bytes: bytes, load: [0.1, 0.5, 0.1, 0.1, 0, 0.2])
         #expect(replicate.nodes[1] == [0, 1] && replicate.nodes.filter { $0.count == 2 }.count == 1)
-        let isolateError = #expect(throws: RuntimeError.self) { _ = try PlacementPlan.make(policy: .isolate(node: 2), topology: topology, bytes: bytes, load: nil) }
-        #expect(isolateError?.code == .option && isolateError?.description.contains("found 2") == true, "\(String(describing: isolateError))")
+        let noNode = #expect(throws: RuntimeError.self) { _ = try PlacementPlan.make(policy: .isolate(node: 2), topology: topology, bytes: bytes, load: nil) }
+        #expect(noNode?.code == .option && noNode?.message == "placement isolate: expected a node in 0..<2, found 2")
 
         let library = try synthLibrary()
         let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, topology: topology))
@@ -294,9 +370,11 @@ struct RuntimeTests {
 
     @Test("topology specs are validated")
     func topologySpecs() {
-        for (spec, expected) in [("0;x", "expected CPU lists like 0-3,6"), ("0;;1", "expected at least one CPU"), ("0;4096", "expected CPUs this process may use")] {
+        for (spec, message) in [("0;x", "topology \"0;x\": node 1: expected CPU lists like 0-3,6, found \"x\""),
+                                ("0;;1", "topology \"0;;1\": node 1: expected at least one CPU, found none"),
+                                ("0;4096", "topology \"0;4096\": node 1: expected CPUs this process may use")] {
             let error = #expect(throws: RuntimeError.self) { _ = try Topology.modelled(spec) }
-            #expect(error?.code == .option && error?.description.contains(expected) == true, "\(spec): \(String(describing: error))")
+            #expect(error?.code == .option && error?.message.hasPrefix(message) == true, "\(spec): \(String(describing: error))")
         }
         #expect(Topology.detect().cpuCount == Topology.allowedCPUs().count)
     }

@@ -2,6 +2,9 @@
 
 from . import _native
 
+# PHATGOOSE_STATUS_NON_FINITE_INPUT (include/phatgoose.h), which _native does not name.
+NON_FINITE_INPUT = 12
+
 
 class Error(Exception):
     """A failed Phatgoose call. `status` is the C status code, `status_name` its name, `message` the library's
@@ -58,6 +61,14 @@ class InternalError(Error):
     """A failure the library did not expect."""
 
 
+class NonFiniteInputError(Error, ValueError):
+    """Some input rows held NaN or infinite values: those tokens were not routed (experts -1, weights NaN, nothing
+    added to their output rows), the others were applied. `result`, when set, is what the call would have returned,
+    with those rows so marked."""
+
+    result = None
+
+
 _BY_STATUS = {
     _native.INVALID_ARGUMENT: InvalidArgumentError,
     _native.INVALID_HANDLE: InvalidHandleError,
@@ -70,6 +81,7 @@ _BY_STATUS = {
     _native.SHUT_DOWN: ShutDownError,
     _native.BUFFER_TOO_SMALL: BufferTooSmallError,
     _native.INTERNAL: InternalError,
+    NON_FINITE_INPUT: NonFiniteInputError,
 }
 
 
@@ -99,4 +111,5 @@ def closed(noun):
 
 
 __all__ = ["Error", "InvalidArgumentError", "InvalidHandleError", "ShapeError", "NotFoundError", "FileError",
-           "LibraryError", "OverloadedError", "MemoryCapError", "ShutDownError", "BufferTooSmallError", "InternalError"]
+           "LibraryError", "OverloadedError", "MemoryCapError", "ShutDownError", "BufferTooSmallError", "InternalError",
+           "NonFiniteInputError"]

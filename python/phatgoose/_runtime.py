@@ -14,7 +14,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import _native
-from ._errors import check, closed, error_for, invalid, shape
+from ._errors import NON_FINITE_INPUT, check, closed, error_for, invalid, shape
 
 lib = _native.lib
 
@@ -243,10 +243,14 @@ class Runtime:
 
     def apply(self, layer, x, out=None, return_routing=False):
         """Applies `layer` (a Layer or a module name) to `x` [tokens, in] (float32, C order: used in place; any other
-        array is converted). Returns the mixture delta [tokens, out] (float32): a new array, or `out` with the delta
-        ADDED into it (float32, C order, shape [tokens, out], used in place). With `return_routing`, returns
-        (delta, experts, weights): each token's chosen expert indices [tokens, slots] (int32, -1 for a padded slot)
-        and mixture weights (float32)."""
+        real array is converted; complex, string or object arrays raise InvalidArgumentError). Returns the mixture
+        delta [tokens, out] (float32): a new array, or `out` with the delta ADDED into it (float32, C order, shape
+        [tokens, out], used in place). With `return_routing`, returns (delta, experts, weights): each token's chosen
+        expert indices [tokens, slots] (int32, -1 for a padded slot) and mixture weights (float32).
+
+        Rows of `x` with NaN or infinite values are not routed (experts -1, weights NaN, nothing added to their rows
+        of the delta); the other rows are applied, then NonFiniteInputError is raised with what this call would have
+        returned as its `result`."""
         layer = self._resolve(layer)
         x = _input(x)
         tokens = x.shape[0]
@@ -258,10 +262,12 @@ class Runtime:
             experts = np.full((tokens, slots), -1, dtype=np.int32)
             weights = np.zeros((tokens, slots), dtype=np.float32)
             routing_count = experts.size
-        check(lib.phatgoose_runtime_apply(
+        status = lib.phatgoose_runtime_apply(
             self._handle.live(), layer._handle.live(), x.ctypes.data, tokens, x.size, out.ctypes.data, out.size,
-            None if experts is None else experts.ctypes.data, None if weights is None else weights.ctypes.data, routing_count))
-        return (out, experts, weights) if return_routing else out
+            None if experts is None else experts.ctypes.data, None if weights is None else weights.ctypes.data, routing_count)
+        result = (out, experts, weights) if return_routing else out
+        _check_applied(status, result)
+        return result
 
     def apply_layers(self, layers, x, outs=None, return_routing=False):
         """Applies several layers sharing one input (q, k and v; same input width) in one call. Returns a list with,
@@ -290,7 +296,8 @@ class Runtime:
                 results.append((out, experts, weights))
             else:
                 results.append(out)
-        check(lib.phatgoose_runtime_apply_layers(self._handle.live(), x.ctypes.data, tokens, x.size, entries, len(layers)))
+        status = lib.phatgoose_runtime_apply_layers(self._handle.live(), x.ctypes.data, tokens, x.size, entries, len(layers))
+        _check_applied(status, results)
         return results
 
     # Experts and statistics
@@ -364,12 +371,26 @@ class Runtime:
 
 
 def _input(x):
-    """`x` as a [tokens, in] float32 C-contiguous aligned array: itself when it already is one (zero copy)."""
+    """`x` as a [tokens, in] float32 C-contiguous aligned array: itself when it already is one (zero copy). Real
+    numbers only: converting complex values would drop their imaginary parts, and strings or objects would be parsed
+    or guessed at."""
     if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.aligned):
-        x = np.require(x, dtype=np.float32, requirements=["C_CONTIGUOUS", "ALIGNED"])
+        array = np.asarray(x)
+        if array.dtype.kind not in "fiub":
+            raise invalid(f"x: expected real numbers (float32, float64, float16, an integer or bool array), found {array.dtype}")
+        x = np.require(array, dtype=np.float32, requirements=["C_CONTIGUOUS", "ALIGNED"])
     if x.ndim != 2:
         raise shape(f"x: expected a 2-D array [tokens, in], found {x.ndim} dimensions (shape {x.shape})")
     return x
+
+
+def _check_applied(status, result):
+    """Raises for a failed apply; a NonFiniteInputError (the other rows were applied) carries `result`."""
+    if status != _native.OK:
+        error = error_for(status)
+        if status == NON_FINITE_INPUT:
+            error.result = result
+        raise error
 
 
 def _output(out, tokens, width, name):

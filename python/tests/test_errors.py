@@ -9,6 +9,7 @@ import pytest
 
 import phatgoose
 from phatgoose import _native, safetensors
+from phatgoose._errors import NonFiniteInputError
 
 lib = _native.lib
 Q = "encoder.block.0.layer.0.SelfAttention.q"      # in 32, out 32
@@ -103,7 +104,7 @@ def test_closed_objects_raise_invalid_handle(synth, x):
     runtime.close()  # idempotent
     with pytest.raises(phatgoose.InvalidHandleError, match="runtime: expected an open runtime, found it closed"):
         runtime.apply(layer, x)
-    with pytest.raises(phatgoose.InvalidHandleError, match="layer: expected a live layer handle, found one that was destroyed"):
+    with pytest.raises(phatgoose.InvalidHandleError, match=r"layer: expected a live layer handle, found no handle \(0x[0-9a-f]+: one that was destroyed"):
         _ = layer.slots  # destroyed with its runtime
     layer.close()  # already destroyed with the runtime: closing is still fine
     library = phatgoose.Library(synth[0])
@@ -159,11 +160,62 @@ def test_a_layer_whose_last_expert_was_removed_is_not_found(tool, tmp_path):
         assert runtime.modules == []
 
 
-def test_non_finite_inputs_do_not_crash(runtime, x):
-    x[0, 0] = np.nan
-    x[1, :] = np.inf
-    delta = runtime.apply(Q, x)
-    assert delta.shape == (8, 32)
+def test_an_empty_path_is_refused_as_such(runtime):
+    for opening in (phatgoose.Library, phatgoose.Runtime):
+        with pytest.raises(phatgoose.InvalidArgumentError, match="path: expected the path of a library .a directory or a packed file., found an empty string"):
+            opening("")
+    with pytest.raises(phatgoose.InvalidArgumentError, match="directory: expected the path of an expert directory, found an empty string"):
+        runtime.add_expert("", "extra")
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128])
+def test_complex_input_is_refused_not_truncated(runtime, x, dtype):
+    z = x.astype(dtype) + 1j
+    with pytest.raises(phatgoose.InvalidArgumentError, match=f"x: expected real numbers .float32, float64, float16, an integer or bool array., found {np.dtype(dtype).name}"):
+        runtime.apply(Q, z)
+    with pytest.raises(phatgoose.InvalidArgumentError, match="found complex128"):
+        runtime.apply(Q, z.tolist())  # a list of Python complex numbers
+    with pytest.raises(phatgoose.InvalidArgumentError, match="found <U"):
+        runtime.apply(Q, x.astype(str))
+    # Real inputs of other dtypes are still converted.
+    assert (runtime.apply(Q, x.astype(np.float64)) == runtime.apply(Q, x)).all()
+
+
+@pytest.mark.parametrize("options", [{}, {"router": "arrow"}, {"router": "uniform"}, {"top_k": 3}])
+def test_non_finite_rows_are_left_unrouted_and_reported(synth, x, options):
+    bad = x.copy()
+    bad[1, 5] = np.nan
+    bad[6, :] = -np.inf
+    with phatgoose.Runtime(synth[0], **options) as runtime:
+        clean, clean_experts, clean_weights = runtime.apply(Q, x, out=np.full((8, 32), 3, np.float32), return_routing=True)
+        out = np.full((8, 32), 3, np.float32)
+        with pytest.raises(NonFiniteInputError, match=f"layer {Q}: expected finite input values, found NaN or infinite values in "
+                           r"the row \(or sequence\) of 2 of 8 tokens, the first token 1; those tokens were not routed") as raised:
+            runtime.apply(Q, bad, out=out, return_routing=True)
+        assert raised.value.status_name == "non-finite-input" and isinstance(raised.value, ValueError)
+        delta, experts, weights = raised.value.result
+        assert delta is out
+        refused = [1, 6]
+        kept = [t for t in range(8) if t not in refused]
+        assert (experts[refused] == -1).all() and np.isnan(weights[refused]).all()
+        assert (out[refused] == 3).all(), "nothing is added to a refused token's output row"
+        assert (experts[kept] == clean_experts[kept]).all() and (weights[kept] == clean_weights[kept]).all()
+        assert (out[kept] == clean[kept]).all()
+        with pytest.raises(NonFiniteInputError) as raised:
+            runtime.apply_layers([Q, "encoder.block.0.layer.0.SelfAttention.k"], bad)
+        assert len(raised.value.result) == 2 and (raised.value.result[0][kept] == runtime.apply(Q, x)[kept]).all()
+
+
+def test_per_sequence_routing_leaves_the_whole_sequence_unrouted(synth, x):
+    bad = x.copy()
+    bad[5, 0] = np.nan
+    with phatgoose.Runtime(synth[0], sequence_length=4) as runtime:
+        clean = runtime.apply(Q, x)
+        with pytest.raises(NonFiniteInputError, match="of 4 of 8 tokens, the first token 4") as raised:
+            runtime.apply(Q, bad, return_routing=True)
+        delta, experts, _ = raised.value.result
+        assert (experts[4:] == -1).all() and (delta[4:] == 0).all()
+        assert (delta[:4] == clean[:4]).all() and (experts[:4] >= 0).all()
 
 
 # The C ABI, called raw
@@ -202,6 +254,11 @@ def test_raw_handles_are_checked(synth, x):
     assert lib.phatgoose_runtime_library(runtime, ctypes.byref(library)) == _native.OK
     assert apply_raw(library.value, layer, *args) == _native.INVALID_HANDLE
     assert "found a library handle" in message()
+    # Bits that are no live handle are no handle, whatever kind their low bits would name.
+    for garbage, kind in ((0xDEADBEE1, "library"), (0xDEADBEE3, "layer"), ((library.value & ~3) | 3, "layer")):
+        assert apply_raw(garbage, layer, *args) == _native.INVALID_HANDLE
+        assert message() == f"runtime: expected a live runtime handle, found no handle ({garbage:#x}: one that was destroyed or never made)"
+        assert f"{kind} handle" not in message()
     # A forged handle: a live slot and generation with another kind's bits.
     forged = (runtime & ~3) | 1
     count = ctypes.c_size_t()
@@ -210,6 +267,8 @@ def test_raw_handles_are_checked(synth, x):
     assert lib.phatgoose_library_destroy(library.value) == _native.OK
     assert lib.phatgoose_library_destroy(library.value) == _native.INVALID_HANDLE
     assert "destroyed or never made" in message()
+    assert apply_raw(library.value, layer, *args) == _native.INVALID_HANDLE  # a destroyed library as a runtime
+    assert "found no handle" in message() and "library handle" not in message()
     assert lib.phatgoose_runtime_destroy(runtime) == _native.OK
     assert lib.phatgoose_runtime_destroy(runtime) == _native.INVALID_HANDLE
     assert apply_raw(runtime, layer, *args) == _native.INVALID_HANDLE
@@ -235,7 +294,8 @@ def test_raw_buffers_are_checked(synth, x):
         ((xp + 2, 8, 256, op, 256), _native.INVALID_ARGUMENT, "expected an address aligned to 4 bytes"),
         ((xp, 8, 256, xp, 256), _native.INVALID_ARGUMENT, "expected no overlap"),
         ((xp, 8, 256, op, 256, ep, None, 16), _native.INVALID_ARGUMENT, "expected experts and weights both or neither, found only experts"),
-        ((xp, 8, 256, op, 256, ep, wp, 15), _native.SHAPE, "routing_count (experts): expected 8 x 2 = 16 elements, found 15"),
+        ((xp, 8, 256, op, 256, ep, wp, 15), _native.SHAPE, "routing_count (experts): expected 8 x 2 = 16 elements (or 8 rows of more than 2), found 15"),
+        ((xp, 8, 256, op, 256, ep, wp, 8), _native.SHAPE, "routing_count (experts): expected 8 x 2 = 16 elements"),
         ((xp, 8, 256, op, 256, ep, op, 16), _native.INVALID_ARGUMENT, "expected no overlap"),
     ]
     for arguments, status, text in cases:
@@ -246,6 +306,34 @@ def test_raw_buffers_are_checked(synth, x):
     assert apply_raw(runtime, layer, None, 0, 0, None, 0) == _native.OK
     assert apply_raw(runtime, layer, xp, 8, 256, op, 256, ep, wp, 16) == _native.OK
     assert (experts >= 0).all()
+    lib.phatgoose_runtime_destroy(runtime)
+
+
+def test_uniform_routing_rows_may_be_wider_than_the_slots(synth, donor, x):
+    """The uniform router's slots change with the experts, so a caller that sized its routing buffers before an expert
+    was removed must not be refused: rows wider than the slots are filled, their extra slots with -1 and 0."""
+    options = _native.RuntimeOptions()
+    assert lib.phatgoose_runtime_options_init(ctypes.byref(options), ctypes.sizeof(options)) == _native.OK
+    options.router = _native.ROUTERS["uniform"]
+    handle = ctypes.c_void_p()
+    assert lib.phatgoose_runtime_open(str(synth[0]).encode(), ctypes.byref(options), ctypes.byref(handle)) == _native.OK
+    runtime = handle.value
+    layer = new_layer(runtime, Q)
+    slots = ctypes.c_size_t()
+    assert lib.phatgoose_layer_shape(layer, None, None, ctypes.byref(slots)) == _native.OK
+    s = slots.value
+    assert lib.phatgoose_runtime_add_expert(runtime, str(donor / "expert0").encode(), b"extra", None) == _native.OK
+    assert lib.phatgoose_layer_shape(layer, None, None, ctypes.byref(slots)) == _native.OK and slots.value == s + 1
+    out = np.zeros((8, 32), np.float32)
+    experts, weights = np.full((8, s + 1), 99, np.int32), np.full((8, s + 1), 99, np.float32)
+    full = (x.ctypes.data, 8, x.size, out.ctypes.data, out.size, experts.ctypes.data, weights.ctypes.data, experts.size)
+    assert apply_raw(runtime, layer, *full) == _native.OK
+    assert (experts >= 0).all() and np.allclose(weights, 1 / (s + 1))
+    assert lib.phatgoose_runtime_remove_expert(runtime, b"extra") == _native.OK
+    experts[:], weights[:] = 99, 99
+    assert apply_raw(runtime, layer, *full) == _native.OK, message()  # buffers sized before the removal
+    assert (experts[:, :s] >= 0).all() and np.allclose(weights[:, :s], 1 / s)
+    assert (experts[:, s] == -1).all() and (weights[:, s] == 0).all()
     lib.phatgoose_runtime_destroy(runtime)
 
 
@@ -281,7 +369,7 @@ def test_raw_options_are_checked(synth):
     handle = ctypes.c_void_p()
     path = str(synth[0]).encode()
     assert lib.phatgoose_runtime_open(path, ctypes.byref(options), ctypes.byref(handle)) == _native.INVALID_ARGUMENT
-    assert "options struct_size: expected at least 56 (initialise with phatgoose_runtime_options_init), found 0" in message()
+    assert "options struct_size: expected 56 to 4096 (initialise with phatgoose_runtime_options_init), found 0" in message()
     assert lib.phatgoose_runtime_options_init(ctypes.byref(options), 8) == _native.INVALID_ARGUMENT
     assert lib.phatgoose_runtime_options_init(None, 56) == _native.INVALID_ARGUMENT
     assert lib.phatgoose_runtime_options_init(ctypes.byref(options), ctypes.sizeof(options)) == _native.OK
@@ -292,6 +380,31 @@ def test_raw_options_are_checked(synth):
         assert lib.phatgoose_runtime_open(path, ctypes.byref(bad), ctypes.byref(handle)) == _native.INVALID_ARGUMENT, field
         assert f"options {field}" in message()
     assert handle.value is None  # never written on failure
+    # A caller built against a newer header: a larger struct. Init zeroes what this library does not know; zero bytes
+    # there are accepted, anything else is refused, naming the byte.
+    newer = (ctypes.c_uint8 * 72)(*([0xAB] * 72))
+    pointer = ctypes.cast(newer, ctypes.POINTER(_native.RuntimeOptions))
+    assert lib.phatgoose_runtime_options_init(pointer, 72) == _native.OK
+    known = _native.RuntimeOptions.from_buffer(newer)
+    assert (known.struct_size, known.max_queued_calls, known.reserved) == (72, 64, 0)
+    assert bytes(newer[56:]) == bytes(16)
+    assert bytes(newer[4:56]) == bytes(options)[4:56]
+    known.workers = 1
+    assert lib.phatgoose_runtime_open(path, pointer, ctypes.byref(handle)) == _native.OK
+    lib.phatgoose_runtime_destroy(handle)
+    handle.value = None
+    newer[70] = 0x80
+    assert lib.phatgoose_runtime_open(path, pointer, ctypes.byref(handle)) == _native.INVALID_ARGUMENT
+    assert message() == ("options: expected zero bytes beyond the 56 this library knows (struct_size 72: fields of a newer "
+                         "header left at their defaults), found byte 70 = 0x80")
+    newer[70] = 0
+    for size in (4097, 2 ** 32 - 1):  # an uninitialised struct's size is never believed
+        known.struct_size = size
+        assert lib.phatgoose_runtime_open(path, pointer, ctypes.byref(handle)) == _native.INVALID_ARGUMENT
+        assert f"options struct_size: expected 56 to 4096 (initialise with phatgoose_runtime_options_init), found {size}" in message()
+        assert lib.phatgoose_runtime_options_init(pointer, size) == _native.INVALID_ARGUMENT
+    assert known.struct_size == 2 ** 32 - 1  # refused: nothing written
+    assert handle.value is None
     assert lib.phatgoose_runtime_open(path, None, None) == _native.INVALID_ARGUMENT
     assert lib.phatgoose_runtime_open(None, None, ctypes.byref(handle)) == _native.INVALID_ARGUMENT
     assert message() == "path: expected a string, found NULL"
@@ -327,9 +440,9 @@ def test_raw_names_and_counts_are_checked(synth):
 
 
 def test_status_names_and_version():
-    names = [lib.phatgoose_status_name(s).decode() for s in range(12)]
+    names = [lib.phatgoose_status_name(s).decode() for s in range(13)]
     assert names == ["ok", "invalid-argument", "invalid-handle", "shape", "not-found", "io", "library", "overloaded",
-                     "memory-cap", "shut-down", "buffer-too-small", "internal"]
+                     "memory-cap", "shut-down", "buffer-too-small", "internal", "non-finite-input"]
     assert lib.phatgoose_status_name(99) == b"unknown"
     assert phatgoose.__version__.count(".") == 2 and phatgoose.ABI_VERSION == 1
 
