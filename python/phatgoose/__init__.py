@@ -9,18 +9,41 @@ Arrays go in and out without copies when they are float32 and C-contiguous. Fail
 `phatgoose.Error` carrying the library's message. The library is found through PHATGOOSE_LIBRARY, next to this
 package, in a repository build (.build/release), or where the dynamic linker finds libphatgoose.so. See
 docs/embedding.md.
+
+The library is loaded when first needed (the first use of `Runtime`, `Library`, `Layer`, `Module`, `Statistics`,
+`__version__` or `ABI_VERSION`), which raises ImportError if it cannot be found. Without it, the rest of the package
+still works: the errors, `checksum`, `phatgoose.safetensors`, and the gate tools (`python3 -m phatgoose.train_gates`,
+`python3 -m phatgoose.average_activation`, which need the `train` extra instead).
 """
 
 import numpy as np
 
 from . import safetensors
 from ._errors import (BufferTooSmallError, Error, FileError, InternalError, InvalidArgumentError, InvalidHandleError,
-                      LibraryError, MemoryCapError, NotFoundError, OverloadedError, ShapeError, ShutDownError)
-from ._native import lib as _lib
-from ._runtime import Layer, Library, Module, Runtime, Statistics
+                      LibraryError, MemoryCapError, NonFiniteInputError, NotFoundError, OverloadedError, ShapeError,
+                      ShutDownError)
 
-__version__ = _lib.phatgoose_version().decode()
-ABI_VERSION = _lib.phatgoose_abi_version()
+# Names whose value needs libphatgoose, resolved on first access by __getattr__ (PEP 562).
+_RUNTIME_NAMES = frozenset({"Runtime", "Library", "Layer", "Module", "Statistics"})
+_LIBRARY_NAMES = frozenset({"__version__", "ABI_VERSION"})
+
+
+def __getattr__(name):
+    if name in _RUNTIME_NAMES:
+        from . import _runtime  # loads libphatgoose
+        value = getattr(_runtime, name)
+    elif name in _LIBRARY_NAMES:
+        from . import _native
+        value = (_native.lib.phatgoose_version().decode() if name == "__version__"
+                 else _native.lib.phatgoose_abi_version())
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # resolved once; later lookups do not come here
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | _RUNTIME_NAMES | _LIBRARY_NAMES)
 
 
 def checksum(*arrays):
@@ -34,4 +57,4 @@ def checksum(*arrays):
 
 __all__ = ["Runtime", "Library", "Layer", "Module", "Statistics", "Error", "InvalidArgumentError", "InvalidHandleError",
            "ShapeError", "NotFoundError", "FileError", "LibraryError", "OverloadedError", "MemoryCapError", "ShutDownError",
-           "BufferTooSmallError", "InternalError", "checksum", "safetensors", "ABI_VERSION"]
+           "BufferTooSmallError", "InternalError", "NonFiniteInputError", "checksum", "safetensors", "ABI_VERSION"]

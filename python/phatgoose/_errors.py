@@ -2,8 +2,7 @@
 
 from . import _native
 
-# PHATGOOSE_STATUS_NON_FINITE_INPUT (include/phatgoose.h), which _native does not name.
-NON_FINITE_INPUT = 12
+NON_FINITE_INPUT = _native.NON_FINITE_INPUT
 
 
 class Error(Exception):

@@ -1,6 +1,7 @@
 """Loading libphatgoose and declaring its C ABI (include/phatgoose.h) for ctypes.
 
-Every pointer argument is declared as ``c_void_p`` so numpy addresses (``array.ctypes.data``) pass without conversion.
+The library is loaded on first use of `lib` (PEP 562), not at import, so that the parts of the package that do not
+call it (the gate tools, `phatgoose.safetensors`) work on a machine without it. Every pointer argument is declared as ``c_void_p`` so numpy addresses (``array.ctypes.data``) pass without conversion.
 ctypes releases the GIL around each call, so Python threads can apply layers concurrently.
 """
 
@@ -8,6 +9,7 @@ import ctypes
 import ctypes.util
 import os
 import pathlib
+import threading
 
 ABI_VERSION = 1
 
@@ -24,6 +26,7 @@ MEMORY_CAP = 8
 SHUT_DOWN = 9
 BUFFER_TOO_SMALL = 10
 INTERNAL = 11
+NON_FINITE_INPUT = 12
 
 ROUTERS = {None: 0, "phatgoose": 1, "arrow": 2, "uniform": 3}
 EXECUTORS = {None: 0, "pinned": 0, "dispatch": 1}
@@ -148,4 +151,14 @@ def load():
     return library
 
 
-lib = load()
+_load_lock = threading.Lock()
+
+
+def __getattr__(name):
+    """`lib`: libphatgoose, loaded by the first access (ImportError when it cannot be found or does not match)."""
+    if name != "lib":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _load_lock:  # two threads' first calls load it once
+        if "lib" not in globals():
+            globals()["lib"] = load()  # later lookups find the global and no longer come here
+    return globals()["lib"]
