@@ -2,22 +2,30 @@
  * process-wide state and a signal handler. */
 #include "phatgoose_system.h"
 
+#include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#endif
 
-/* Slots hold malloc'd copies: a kind byte ('f' file, 'd' directory) followed by the path. A slot is claimed and
- * cleared with atomic operations, so registration from many threads needs no lock; the signal handler only loads
- * slots, unlinks and rmdirs, which are async-signal-safe. */
+/* Slots hold malloc'd copies: a kind byte ('f' a file, 't' a directory tree) followed by the path. A slot is claimed
+ * and cleared with atomic operations, so registration from many threads needs no lock; the signal handler only
+ * loads slots and calls unlink, openat, getdents64, unlinkat and close, which are async-signal-safe. Callers
+ * register a path before creating it, so no signal can find a file that is not yet registered. */
 #define PG_CLEANUP_SLOTS 8192
 static char *pg_cleanup_paths[PG_CLEANUP_SLOTS];
 static int pg_cleanup_running;
 
 int pg_cleanup_register(const char *path, int is_directory) {
+    if (__atomic_load_n(&pg_cleanup_running, __ATOMIC_SEQ_CST)) return -1;  /* the process is going: create nothing */
     size_t n = strlen(path);
     char *copy = malloc(n + 2);
     if (!copy) return -1;
-    copy[0] = is_directory ? 'd' : 'f';
+    copy[0] = is_directory ? 't' : 'f';
     memcpy(copy + 1, path, n + 1);
     for (int slot = 0; slot < PG_CLEANUP_SLOTS; slot++) {
         char *expected = NULL;
@@ -37,81 +45,103 @@ void pg_cleanup_unregister(int slot) {
     if (path && !__atomic_load_n(&pg_cleanup_running, __ATOMIC_SEQ_CST)) free(path);
 }
 
-/* Creation and registration with the cleanup signals blocked, so that no signal can land between the two and leave
- * an unregistered file behind. */
-static void pg_cleanup_block(sigset_t *saved) {
+#if defined(__linux__)
+struct pg_dirent64 {
+    uint64_t d_ino;
+    int64_t d_off;
+    unsigned short d_reclen;
+    unsigned char d_type;
+    char d_name[];
+};
+
+/* Empties the directory open as fd, depth-first, without following symbolic links; depth bounds the recursion (the
+ * trees registered here are a library: three levels). Then closes fd. */
+static void pg_cleanup_empty(int fd, int depth) {
+    char buffer[4096];
+    for (;;) {
+        long n = syscall(SYS_getdents64, fd, buffer, sizeof buffer);
+        if (n <= 0) break;
+        int removed = 0;
+        for (long at = 0; at < n;) {
+            struct pg_dirent64 *entry = (struct pg_dirent64 *)(buffer + at);
+            at += entry->d_reclen;
+            const char *name = entry->d_name;
+            if (name[0] == '.' && (name[1] == 0 || (name[1] == '.' && name[2] == 0))) continue;
+            if (unlinkat(fd, name, 0) == 0) { removed = 1; continue; }
+            if (depth > 0) {
+                int child = openat(fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+                if (child >= 0) pg_cleanup_empty(child, depth - 1);
+            }
+            if (unlinkat(fd, name, AT_REMOVEDIR) == 0) removed = 1;
+        }
+        /* Entries were removed while reading: start again from the top until a pass removes nothing. */
+        if (removed) lseek(fd, 0, SEEK_SET);
+        else break;
+    }
+    close(fd);
+}
+#endif
+
+static void pg_cleanup_remove_all(void) {
+    __atomic_store_n(&pg_cleanup_running, 1, __ATOMIC_SEQ_CST);
+    for (int slot = 0; slot < PG_CLEANUP_SLOTS; slot++) {
+        char *path = __atomic_load_n(&pg_cleanup_paths[slot], __ATOMIC_SEQ_CST);
+        if (!path) continue;
+        if (path[0] == 'f') {
+            unlink(path + 1);
+        } else {
+#if defined(__linux__)
+            int fd = open(path + 1, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (fd >= 0) pg_cleanup_empty(fd, 8);
+#endif
+            rmdir(path + 1);
+        }
+    }
+}
+
+/* The signals that end the process and the actions they had before; crashes too, so that a fault in the middle of a
+ * write (a mapped input truncated under us: SIGBUS) leaves nothing behind either. */
+static const int pg_cleanup_signals[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGSEGV, SIGBUS, SIGILL, SIGABRT, SIGFPE, SIGTRAP};
+#define PG_CLEANUP_SIGNAL_COUNT (sizeof pg_cleanup_signals / sizeof pg_cleanup_signals[0])
+static struct sigaction pg_cleanup_previous[PG_CLEANUP_SIGNAL_COUNT];
+
+static void pg_cleanup_on_signal(int signal_number) {
+    pg_cleanup_remove_all();
+    /* Hand the signal to what was there before (the default: die of it, so the parent sees how the process ended;
+     * or the Swift runtime's crash reporter). */
+    for (size_t i = 0; i < PG_CLEANUP_SIGNAL_COUNT; i++) {
+        if (pg_cleanup_signals[i] == signal_number) sigaction(signal_number, &pg_cleanup_previous[i], NULL);
+    }
+    raise(signal_number);
+}
+
+int pg_cleanup_install_signal_handlers(void) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = pg_cleanup_on_signal;
+    action.sa_flags = SA_RESETHAND;
+    sigfillset(&action.sa_mask);
+    sigset_t unblock;
+    sigemptyset(&unblock);
+    for (size_t i = 0; i < PG_CLEANUP_SIGNAL_COUNT; i++) {
+        int signal_number = pg_cleanup_signals[i];
+        if (sigaction(signal_number, NULL, &pg_cleanup_previous[i]) != 0) return -1;
+        /* A signal ignored at start (nohup, a shell's background job) stays ignored: it interrupts nothing. */
+        if (pg_cleanup_previous[i].sa_handler == SIG_IGN) continue;
+        if (sigaction(signal_number, &action, NULL) != 0) return -1;
+        sigaddset(&unblock, signal_number);
+    }
+    /* A mask inherited from the parent (some process launchers block signals in the threads that spawn) would hold
+     * the signal until the write is done: a tool that can be interrupted must receive it. */
+    return pthread_sigmask(SIG_UNBLOCK, &unblock, NULL) == 0 ? 0 : -1;
+}
+
+void pg_cleanup_block_signals_in_this_thread(void) {
     sigset_t blocked;
     sigemptyset(&blocked);
     sigaddset(&blocked, SIGINT);
     sigaddset(&blocked, SIGTERM);
     sigaddset(&blocked, SIGHUP);
     sigaddset(&blocked, SIGQUIT);
-    pthread_sigmask(SIG_BLOCK, &blocked, saved);
-}
-
-int pg_cleanup_mkstemp(char *template_path, int *slot) {
-    sigset_t saved;
-    pg_cleanup_block(&saved);
-    int fd = mkstemp(template_path);
-    int saved_errno = errno;
-    *slot = fd >= 0 ? pg_cleanup_register(template_path, 0) : -1;
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    errno = saved_errno;
-    return fd;
-}
-
-char *pg_cleanup_mkdtemp(char *template_path, int *slot) {
-    sigset_t saved;
-    pg_cleanup_block(&saved);
-    char *made = mkdtemp(template_path);
-    int saved_errno = errno;
-    *slot = made ? pg_cleanup_register(template_path, 1) : -1;
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    errno = saved_errno;
-    return made;
-}
-
-static void pg_cleanup_remove_all(void) {
-    __atomic_store_n(&pg_cleanup_running, 1, __ATOMIC_SEQ_CST);
-    /* Files first, then directories from the most recently registered (innermost) outwards. */
-    for (int slot = 0; slot < PG_CLEANUP_SLOTS; slot++) {
-        char *path = __atomic_load_n(&pg_cleanup_paths[slot], __ATOMIC_SEQ_CST);
-        if (path && path[0] == 'f') unlink(path + 1);
-    }
-    for (int slot = PG_CLEANUP_SLOTS - 1; slot >= 0; slot--) {
-        char *path = __atomic_load_n(&pg_cleanup_paths[slot], __ATOMIC_SEQ_CST);
-        if (path && path[0] == 'd') rmdir(path + 1);
-    }
-}
-
-static void pg_cleanup_on_signal(int signal_number) {
-    pg_cleanup_remove_all();
-    /* Die of the same signal, so the parent sees how the process ended (exit status 128 + n in a shell). */
-    struct sigaction action;
-    memset(&action, 0, sizeof action);
-    action.sa_handler = SIG_DFL;
-    sigemptyset(&action.sa_mask);
-    sigaction(signal_number, &action, NULL);
-    raise(signal_number);
-}
-
-int pg_cleanup_install_signal_handlers(void) {
-    static const int signals[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT};
-    struct sigaction action;
-    memset(&action, 0, sizeof action);
-    action.sa_handler = pg_cleanup_on_signal;
-    sigfillset(&action.sa_mask);
-    sigset_t unblock;
-    sigemptyset(&unblock);
-    for (size_t i = 0; i < sizeof signals / sizeof signals[0]; i++) {
-        /* A signal ignored at start (nohup, a shell's background job) stays ignored: it interrupts nothing. */
-        struct sigaction previous;
-        if (sigaction(signals[i], NULL, &previous) != 0) return -1;
-        if (previous.sa_handler == SIG_IGN) continue;
-        if (sigaction(signals[i], &action, NULL) != 0) return -1;
-        sigaddset(&unblock, signals[i]);
-    }
-    /* A mask inherited from the parent (some process launchers block signals in the threads that spawn) would hold
-     * the signal until the write is done: a tool that can be interrupted must receive it. */
-    return pthread_sigmask(SIG_UNBLOCK, &unblock, NULL) == 0 ? 0 : -1;
+    pthread_sigmask(SIG_BLOCK, &blocked, NULL);
 }

@@ -25,22 +25,33 @@ public final class AtomicFile {
     private var buffer: [UInt8] = []
     private static let bufferLimit = 1 << 20
 
-    /// Creates the temporary file next to `path`.
+    /// Creates the temporary file next to `path`, with the permissions a new file gets (0666 less the umask).
     public init(path: String) throws(FormatError) {
         self.path = path
         let slash = path.lastIndex(of: "/")
         let directory = slash.map { String(path[..<$0]) } ?? "."
         let base = slash.map { String(path[path.index(after: $0)...]) } ?? path
-        var template = Array("\(directory.isEmpty ? "/" : directory)/.\(base).tmp-XXXXXX".utf8CString)
-        var slot: Int32 = -1
-        let fd = template.withUnsafeMutableBufferPointer { pg_cleanup_mkstemp($0.baseAddress!, &slot) }
-        guard fd >= 0 else {
-            throw FormatError(.io, file: path, "cannot create a temporary file in \(directory): \(String(cString: strerror(errno)))")
+        // Registered before it exists, so that no signal can find it unregistered; O_EXCL makes the name ours.
+        for _ in 0..<100 {
+            let candidate = "\(directory.isEmpty ? "" : directory)/.\(base).tmp-\(TemporaryName.suffix())"
+            let slot = pg_cleanup_register(candidate, 0)
+            guard slot >= 0 else {
+                throw FormatError(.io, file: path, "cannot register a temporary file for removal on interruption (too many open at once, or the process is being interrupted)")
+            }
+            let fd = open(candidate, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o666)
+            if fd >= 0 {
+                self.fd = fd
+                self.temporaryPath = candidate
+                self.cleanupSlot = slot
+                return
+            }
+            let reason = errno
+            pg_cleanup_unregister(slot)
+            guard reason == EEXIST else {
+                throw FormatError(.io, file: path, "cannot create a temporary file in \(directory.isEmpty ? "/" : directory): \(String(cString: strerror(reason)))")
+            }
         }
-        self.fd = fd
-        self.temporaryPath = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-        cleanupSlot = slot
-        fchmod(fd, 0o644)
+        throw FormatError(.io, file: path, "cannot create a temporary file in \(directory.isEmpty ? "/" : directory): every name tried exists")
     }
 
     /// Appends bytes.

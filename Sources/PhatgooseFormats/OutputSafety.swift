@@ -5,6 +5,14 @@ import Glibc
 import Musl
 #endif
 
+/// Random suffixes for temporary names (the part mkstemp would make).
+enum TemporaryName {
+    static func suffix() -> String {
+        let alphabet = Array("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+        return String((0..<6).map { _ in alphabet[Int.random(in: 0..<alphabet.count)] })
+    }
+}
+
 /// The process's cleanup registry for temporary files (``AtomicFile``) and directories (``StagedDirectory``).
 public enum TemporaryFiles {
     /// Makes SIGINT, SIGTERM, SIGHUP and SIGQUIT remove every registered temporary file and directory before the
@@ -12,6 +20,12 @@ public enum TemporaryFiles {
     /// process's signals alone.
     public static func removeOnSignals() {
         _ = pg_cleanup_install_signal_handlers()
+    }
+
+    /// Keeps SIGINT, SIGTERM, SIGHUP and SIGQUIT away from the calling helper thread (workers, load-test clients,
+    /// servers), so that the thread that creates temporary files is the one that handles them.
+    public static func blockInterruptionsInThisThread() {
+        pg_cleanup_block_signals_in_this_thread()
     }
 }
 
@@ -74,19 +88,21 @@ public enum OutputPath {
         return stat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFDIR
     }
 
-    /// Whether a regular file under `directory` (recursively, not following symbolic links) is `identity`.
+    /// Whether a file under `directory` (recursively) is `identity`: regular files, and the files symbolic links
+    /// point to (the loader follows them); directories are entered only when they are real, not links, so a cycle
+    /// of links cannot trap the walk, and a linked directory inside the library is found at its own place.
     private static func containsFile(directory: String, identity target: Identity) -> Bool {
-        guard let stream = opendir(directory) else { return false }
-        defer { closedir(stream) }
-        while let entry = readdir(stream) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-            if name == "." || name == ".." { continue }
+        for name in entries(of: directory) ?? [] {
             let path = directory + "/" + name
             var info = stat()
             guard lstat(path, &info) == 0 else { continue }
             switch info.st_mode & S_IFMT {
             case S_IFREG:
                 if Identity(device: UInt64(info.st_dev), inode: UInt64(info.st_ino)) == target { return true }
+            case S_IFLNK:
+                var resolved = stat()
+                if stat(path, &resolved) == 0, (resolved.st_mode & S_IFMT) == S_IFREG,
+                   Identity(device: UInt64(resolved.st_dev), inode: UInt64(resolved.st_ino)) == target { return true }
             case S_IFDIR:
                 if containsFile(directory: path, identity: target) { return true }
             default: continue
@@ -94,14 +110,35 @@ public enum OutputPath {
         }
         return false
     }
+
+    /// Removes `path` and, when it is a real directory (not a link to one), everything in it.
+    static func removeTree(_ path: String) {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return }
+        if (info.st_mode & S_IFMT) == S_IFDIR {
+            for name in entries(of: path) ?? [] { removeTree(path + "/" + name) }
+            rmdir(path)
+        } else {
+            unlink(path)
+        }
+    }
+
+    /// The names in a directory other than `.` and `..`, or nil when it cannot be read.
+    static func entries(of directory: String) -> [String]? {
+        guard let stream = opendir(directory) else { return nil }
+        defer { closedir(stream) }
+        var names: [String] = []
+        while let entry = readdir(stream) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
 }
 
 /// A directory built in a hidden staging directory next to its destination and renamed into place only by
-/// ``commit()``: until then, a failure (or, with ``TemporaryFiles/removeOnSignals()``, SIGINT or SIGTERM) removes
-/// every file and directory made inside it, so nothing half-written is ever seen at the destination.
-///
-/// Files must be written through paths from ``file(_:)`` (which registers them first), directories made with
-/// ``directory(_:)``.
+/// ``commit()``: until then, a failure (or, with ``TemporaryFiles/removeOnSignals()``, SIGINT, SIGTERM or a crash)
+/// removes the staging directory with everything in it, so nothing half-written is ever seen at the destination.
 ///
 /// # Thread safety
 /// Not thread-safe; one owner builds and commits.
@@ -110,10 +147,10 @@ public final class StagedDirectory {
     public let destination: String
     /// The staging directory.
     public let path: String
-    private var registered: [(slot: Int32, path: String, isDirectory: Bool)] = []
+    private let cleanupSlot: Int32
     private var committed = false
 
-    /// Creates the staging directory. The destination must not exist, or be an empty directory.
+    /// Creates the staging directory (0777 less the umask). The destination must not exist, or be an empty directory.
     public init(destination: String) throws(FormatError) {
         var trimmed = destination
         while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed.removeLast() }
@@ -128,35 +165,38 @@ public final class StagedDirectory {
         let slash = trimmed.lastIndex(of: "/")
         let parent = slash.map { String(trimmed[..<$0]) } ?? "."
         let base = slash.map { String(trimmed[trimmed.index(after: $0)...]) } ?? trimmed
-        var template = Array("\(parent.isEmpty ? "" : parent)/.\(base).tmp-XXXXXX".utf8CString)
-        var slot: Int32 = -1
-        guard template.withUnsafeMutableBufferPointer({ pg_cleanup_mkdtemp($0.baseAddress!, &slot) }) != nil else {
-            throw FormatError(.io, file: destination, "cannot create a staging directory in \(parent.isEmpty ? "/" : parent): \(String(cString: strerror(errno)))")
+        // Registered before it exists (see AtomicFile); the whole tree goes on interruption, one slot for all of it.
+        for _ in 0..<100 {
+            let candidate = "\(parent.isEmpty ? "" : parent)/.\(base).tmp-\(TemporaryName.suffix())"
+            let slot = pg_cleanup_register(candidate, 1)
+            guard slot >= 0 else {
+                throw FormatError(.io, file: destination, "cannot register a staging directory for removal on interruption (too many at once, or the process is being interrupted)")
+            }
+            if mkdir(candidate, 0o777) == 0 {
+                path = candidate
+                cleanupSlot = slot
+                return
+            }
+            let reason = errno
+            pg_cleanup_unregister(slot)
+            guard reason == EEXIST else {
+                throw FormatError(.io, file: destination, "cannot create a staging directory in \(parent.isEmpty ? "/" : parent): \(String(cString: strerror(reason)))")
+            }
         }
-        path = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
-        registered.append((slot, path, true))
-        // mkdtemp makes the directory private (0700); the finished library gets the usual permissions.
-        let mask = umask(0)
-        umask(mask)
-        chmod(path, 0o777 & ~mask)
+        throw FormatError(.io, file: destination, "cannot create a staging directory in \(parent.isEmpty ? "/" : parent): every name tried exists")
     }
 
     /// Makes the subdirectory `relative` of the staging directory and returns its path.
     public func directory(_ relative: String) throws(FormatError) -> String {
         let full = path + "/" + relative
-        registered.append((pg_cleanup_register(full, 1), full, true))
-        guard mkdir(full, 0o755) == 0 else {
+        guard mkdir(full, 0o777) == 0 else {
             throw FormatError(.io, file: destination + "/" + relative, "cannot create the directory: \(String(cString: strerror(errno)))")
         }
         return full
     }
 
-    /// The path of the file `relative` inside the staging directory, registered for removal until ``commit()``.
-    public func file(_ relative: String) -> String {
-        let full = path + "/" + relative
-        registered.append((pg_cleanup_register(full, 0), full, false))
-        return full
-    }
+    /// The path of the file `relative` inside the staging directory.
+    public func file(_ relative: String) -> String { path + "/" + relative }
 
     /// Renames the staging directory to the destination.
     public func commit() throws(FormatError) {
@@ -165,24 +205,16 @@ public final class StagedDirectory {
             throw FormatError(.io, file: destination, "cannot rename the finished directory into place: \(String(cString: strerror(errno)))")
         }
         committed = true
-        for entry in registered { pg_cleanup_unregister(entry.slot) }
-        registered.removeAll()
+        pg_cleanup_unregister(cleanupSlot)
     }
 
     deinit {
         guard !committed else { return }
-        for entry in registered where !entry.isDirectory { unlink(entry.path) }
-        for entry in registered.reversed() where entry.isDirectory { rmdir(entry.path) }
-        for entry in registered { pg_cleanup_unregister(entry.slot) }
+        OutputPath.removeTree(path)
+        pg_cleanup_unregister(cleanupSlot)
     }
 
     private static func isEmptyDirectory(_ path: String) -> Bool {
-        guard let stream = opendir(path) else { return false }
-        defer { closedir(stream) }
-        while let entry = readdir(stream) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-            if name != "." && name != ".." { return false }
-        }
-        return true
+        OutputPath.entries(of: path).map { $0.isEmpty } ?? false
     }
 }

@@ -52,8 +52,10 @@ public struct TorchCheckpoint: Sendable {
             let text = String(decoding: try archive.data(of: order), as: UTF8.self)
             guard text == "little" else { throw failure("entry '\(order.name)'", "expected little-endian storages, found '\(text)'") }
         }
-        var reader = TorchPickleReader(bytes: try archive.data(of: pickles[0]), file: path, entry: pickles[0].name)
+        var reader = TorchPickleReader(bytes: try archive.data(of: pickles[0]), file: path, entry: pickles[0].name,
+                                       maxStorageElements: bytes.count)
         let root = try reader.read()
+        defer { reader.dismantle(also: [root]) }
         guard case let .dict(dict) = root else {
             throw failure(pickles[0].name, "expected a state dict (a dict of tensors), found \(root.kindDescription)")
         }
@@ -82,7 +84,8 @@ public struct TorchCheckpoint: Sendable {
             guard let entry = archive.entry(named: name) else {
                 throw failure("entry '\(name)'", "expected the storage of \(storage.count) \(storage.dtype.rawValue) elements, found no such entry (truncated?)")
             }
-            guard entry.compressedSize == storage.count * storage.dtype.size else {
+            let (size, overflow) = storage.count.multipliedReportingOverflow(by: storage.dtype.size)
+            guard !overflow, entry.compressedSize == size else {
                 throw failure("entry '\(name)'", "expected \(storage.count * storage.dtype.size) bytes (\(storage.count) \(storage.dtype.rawValue) elements), found \(entry.compressedSize)")
             }
         }

@@ -71,7 +71,7 @@ indirect enum PickleValue {
     case float(Double)
     case string(String)
     case bytes([UInt8])
-    case tuple([PickleValue])
+    case tuple(PickleTuple)
     case list(PickleList)
     case dict(PickleDict)
     case global(TorchGlobal)
@@ -96,6 +96,13 @@ indirect enum PickleValue {
     }
 }
 
+// Composite values are boxes: the memo shares lists and dicts, and every box has an identity, so that a finished
+// value graph can be taken apart iteratively (``TorchPickleReader/dismantle(_:)``) instead of by recursive releases,
+// which a deeply nested pickle would turn into a stack overflow.
+final class PickleTuple {
+    var items: [PickleValue]
+    init(_ items: [PickleValue]) { self.items = items }
+}
 final class PickleList { var items: [PickleValue] = [] }
 final class PickleDict { var items: [(key: PickleValue, value: PickleValue)] = [] }
 
@@ -110,12 +117,58 @@ struct TorchPickleReader {
     private var stack: [PickleValue] = []
     private var marks: [Int] = []
     private var memo: [Int: PickleValue] = [:]
+    private let maxStorageElements: Int
+    /// Container items left to build. A pickle names each item with at least one opcode byte, except that
+    /// `OrderedDict(list)` and memo references can copy many at once: the budget, proportional to the pickle's size,
+    /// keeps a small pickle from building an enormous graph (or taking minutes doing it).
+    private var budget: Int
 
-    /// `entry` names the pickle inside `file` in messages.
-    init(bytes: UnsafeRawBufferPointer, file: String, entry: String) {
+    /// `entry` names the pickle inside `file` in messages; storages may hold at most `maxStorageElements` elements.
+    init(bytes: UnsafeRawBufferPointer, file: String, entry: String, maxStorageElements: Int = Int.max) {
         self.bytes = bytes
         self.file = file
         self.entry = entry
+        self.maxStorageElements = maxStorageElements
+        budget = 4 * bytes.count + 4096
+    }
+
+    private mutating func spend(_ items: Int, at offset: Int) throws(FormatError) {
+        budget -= items
+        guard budget >= 0 else {
+            throw failure("expected a pickle that builds at most \(4 * bytes.count + 4096) container items (4 per byte), found it building more (refusing to amplify a small file into a huge value)", at: offset)
+        }
+    }
+
+    /// Takes apart a value graph without recursion: every box reachable from `roots` is emptied once, so releasing
+    /// them afterwards costs no stack however deep the nesting was (cycles through the memo are broken too).
+    static func dismantle(_ roots: [PickleValue]) {
+        var work = roots
+        var seen = Set<ObjectIdentifier>()
+        while let value = work.popLast() {
+            switch value {
+            case let .tuple(box):
+                guard seen.insert(ObjectIdentifier(box)).inserted else { continue }
+                work.append(contentsOf: box.items)
+                box.items = []
+            case let .list(box):
+                guard seen.insert(ObjectIdentifier(box)).inserted else { continue }
+                work.append(contentsOf: box.items)
+                box.items = []
+            case let .dict(box):
+                guard seen.insert(ObjectIdentifier(box)).inserted else { continue }
+                for (key, item) in box.items { work.append(key); work.append(item) }
+                box.items = []
+            default: continue
+            }
+        }
+    }
+
+    /// Takes apart everything the machine still holds, and `also` (the value ``read()`` returned, once used).
+    mutating func dismantle(also values: [PickleValue] = []) {
+        let held = stack + Array(memo.values) + values
+        stack = []
+        memo = [:]
+        Self.dismantle(held)
     }
 
     private func failure(_ message: String, at offset: Int? = nil) -> FormatError {
@@ -180,8 +233,18 @@ struct TorchPickleReader {
         return .global(known)
     }
 
-    /// Runs the pickle to its STOP opcode and returns the value it built.
+    /// Runs the pickle to its STOP opcode and returns the value it built. Once done with the value, call
+    /// ``dismantle(also:)`` with it; on an error the machine dismantles what it built itself.
     mutating func read() throws(FormatError) -> PickleValue {
+        do {
+            return try run()
+        } catch {
+            dismantle()
+            throw error
+        }
+    }
+
+    private mutating func run() throws(FormatError) -> PickleValue {
         while true {
             let offset = position
             let opcode = try take(1)[0]
@@ -229,31 +292,43 @@ struct TorchPickleReader {
             case 0x42: stack.append(.bytes(Array(try take(try length(4)))))  // BINBYTES
             case 0x43: stack.append(.bytes(Array(try take(try length(1)))))  // SHORT_BINBYTES
             case 0x8E: stack.append(.bytes(Array(try take(try length(8)))))  // BINBYTES8
-            case 0x29: stack.append(.tuple([]))                 // EMPTY_TUPLE
-            case 0x74: stack.append(.tuple(try popToMark()))    // TUPLE
-            case 0x85: let a = try pop(); stack.append(.tuple([a]))  // TUPLE1
-            case 0x86: let b = try pop(), a = try pop(); stack.append(.tuple([a, b]))  // TUPLE2
-            case 0x87: let c = try pop(), b = try pop(), a = try pop(); stack.append(.tuple([a, b, c]))  // TUPLE3
+            case 0x29: stack.append(.tuple(PickleTuple([])))    // EMPTY_TUPLE
+            case 0x74:                                          // TUPLE
+                let items = try popToMark()
+                try spend(items.count, at: offset)
+                stack.append(.tuple(PickleTuple(items)))
+            case 0x85: let a = try pop(); try spend(1, at: offset); stack.append(.tuple(PickleTuple([a])))  // TUPLE1
+            case 0x86: let b = try pop(), a = try pop(); try spend(2, at: offset); stack.append(.tuple(PickleTuple([a, b])))  // TUPLE2
+            case 0x87:                                          // TUPLE3
+                let c = try pop(), b = try pop(), a = try pop()
+                try spend(3, at: offset)
+                stack.append(.tuple(PickleTuple([a, b, c])))
             case 0x5D: stack.append(.list(PickleList()))        // EMPTY_LIST
             case 0x6C:                                          // LIST
                 let list = PickleList()
                 list.items = try popToMark()
+                try spend(list.items.count, at: offset)
                 stack.append(.list(list))
             case 0x7D: stack.append(.dict(PickleDict()))        // EMPTY_DICT
             case 0x64:                                          // DICT
                 let items = try popToMark()
+                try spend(items.count, at: offset)
                 stack.append(.dict(try makeDict(pairs: items, at: offset)))
             case 0x61:                                          // APPEND
                 let value = try pop()
+                try spend(1, at: offset)
                 try list(at: offset).items.append(value)
             case 0x65:                                          // APPENDS
                 let values = try popToMark()
+                try spend(values.count, at: offset)
                 try list(at: offset).items.append(contentsOf: values)
             case 0x73:                                          // SETITEM
                 let value = try pop(), key = try pop()
+                try spend(2, at: offset)
                 try dict(at: offset).items.append((key, value))
             case 0x75:                                          // SETITEMS
                 let items = try popToMark()
+                try spend(items.count, at: offset)
                 let target = try dict(at: offset)
                 let pairs = try makeDict(pairs: items, at: offset)
                 target.items.append(contentsOf: pairs.items)
@@ -291,7 +366,7 @@ struct TorchPickleReader {
                 guard case let .global(function) = callable, case let .tuple(args) = arguments else {
                     throw failure("expected REDUCE of an allowed global with a tuple, found \(callable.kindDescription) with \(arguments.kindDescription)", at: offset)
                 }
-                stack.append(try reduce(function, args, at: offset))
+                stack.append(try reduce(function, args.items, at: offset))
             case 0x62:                                                 // BUILD
                 let state = try pop()
                 guard case .dict = try top(at: offset) else {
@@ -336,9 +411,10 @@ struct TorchPickleReader {
 
     /// `('storage', <Type>Storage, key, location, count)`, as torch.save writes storages.
     private func persistentLoad(_ id: PickleValue, at offset: Int) throws(FormatError) -> PickleValue {
-        guard case let .tuple(fields) = id, fields.count == 5, case .string("storage") = fields[0] else {
+        guard case let .tuple(box) = id, box.items.count == 5, case .string("storage") = box.items[0] else {
             throw failure("expected a persistent id ('storage', type, key, location, count), found \(id.kindDescription)", at: offset)
         }
+        let fields = box.items
         guard case let .global(.storageType(dtype)) = fields[1] else {
             throw failure("expected a torch storage type in the persistent id, found \(fields[1].kindDescription)", at: offset)
         }
@@ -349,13 +425,17 @@ struct TorchPickleReader {
         guard case let .int(count) = fields[4], count >= 0 else {
             throw failure("expected a non-negative element count in the persistent id, found \(fields[4].kindDescription)", at: offset)
         }
+        // A storage is an entry of the archive, so it holds fewer elements than the archive has bytes.
+        guard count <= maxStorageElements else {
+            throw failure("expected a storage of at most \(maxStorageElements) elements (the archive's size), found \(count)", at: offset)
+        }
         return .storage(TorchStorage(key: key, dtype: dtype, count: count))
     }
 
     private func integers(_ value: PickleValue, _ what: String, at offset: Int) throws(FormatError) -> [Int] {
-        guard case let .tuple(items) = value else { throw failure("expected a tuple of integers as the tensor's \(what), found \(value.kindDescription)", at: offset) }
+        guard case let .tuple(box) = value else { throw failure("expected a tuple of integers as the tensor's \(what), found \(value.kindDescription)", at: offset) }
         var result: [Int] = []
-        for item in items {
+        for item in box.items {
             guard case let .int(n) = item, n >= 0 else { throw failure("expected non-negative integers in the tensor's \(what), found \(item.kindDescription)", at: offset) }
             result.append(n)
         }
@@ -370,18 +450,19 @@ struct TorchPickleReader {
         }
     }
 
-    private func reduce(_ function: TorchGlobal, _ args: [PickleValue], at offset: Int) throws(FormatError) -> PickleValue {
+    private mutating func reduce(_ function: TorchGlobal, _ args: [PickleValue], at offset: Int) throws(FormatError) -> PickleValue {
         switch function {
         case .orderedDict:
             if args.isEmpty { return .dict(PickleDict()) }
             guard args.count == 1, case let .list(pairs) = args[0] else {
                 throw failure("expected OrderedDict() or OrderedDict(list of pairs), found \(args.count) arguments", at: offset)
             }
+            try spend(2 * pairs.items.count, at: offset)
             let dict = PickleDict()
             for pair in pairs.items {
                 let items: [PickleValue]
                 switch pair {
-                case let .tuple(t): items = t
+                case let .tuple(t): items = t.items
                 case let .list(l): items = l.items
                 default: items = []
                 }
@@ -410,8 +491,9 @@ struct TorchPickleReader {
                 guard !o1, !o2, !o3 else { throw failure("expected a tensor of a representable size, found size \(shape) and stride \(strides)", at: offset) }
                 (count, extent) = (c, e)
             }
-            if count > 0 && storageOffset + extent >= storage.count {
-                throw failure("expected the view (offset \(storageOffset), size \(shape), stride \(strides)) to lie inside storage '\(storage.key)' of \(storage.count) elements, found it reaching element \(storageOffset + extent)", at: offset)
+            // The highest element is storageOffset + extent; written so that nothing can overflow.
+            if count > 0 && (storageOffset >= storage.count || extent >= storage.count - storageOffset) || storageOffset > storage.count {
+                throw failure("expected the view (offset \(storageOffset), size \(shape), stride \(strides)) to lie inside storage '\(storage.key)' of \(storage.count) elements, found it reaching past it", at: offset)
             }
             return .tensor(TorchTensor(storage: storage, storageOffset: storageOffset, shape: shape, strides: strides))
         case .rebuildParameter:

@@ -88,7 +88,7 @@ public struct ZipArchive: Sendable {
                 throw failure("end of central directory", "expected a ZIP64 locator before a record with 0xFFFF/0xFFFFFFFF fields, found none")
             }
             let record = try u64(locator + 8)
-            guard record >= 0, record + 56 <= locator, u32(record) == 0x0606_4B50 else {
+            guard record <= locator - 56, u32(record) == 0x0606_4B50 else {
                 throw failure("ZIP64 end of central directory", "expected the record at byte \(record), found no ZIP64 signature there")
             }
             entryCount = try u64(record + 32)

@@ -109,8 +109,8 @@ public enum OfficialCheckpointImport {
             }
             var seen = Set<String>()
             for name in names {
-                guard !name.isEmpty, name != ".", name != "..", !name.contains("/"), !name.contains("\0"), !name.hasPrefix(".") else {
-                    throw LibraryError(.library, file: path, subject: "--names", "expected names usable as directory names (no '/', not empty, not starting with '.'), found '\(name)'")
+                guard !name.isEmpty, name != ".", name != "..", !name.contains("/"), !name.contains("\0"), !name.hasPrefix("."), name != "library.json" else {
+                    throw LibraryError(.library, file: path, subject: "--names", "expected names usable as directory names (no '/', not empty, not starting with '.', not library.json), found '\(name)'")
                 }
                 guard seen.insert(name).inserted else { throw LibraryError(.library, file: path, subject: "--names", "expected unique names, found '\(name)' twice") }
             }
@@ -134,6 +134,11 @@ public enum OfficialCheckpointImport {
                     }
                     guard tensor.shape.count == dims, tensor.elementCount > 0 else {
                         throw failure(slot.keys[part.rawValue], "expected a non-empty \(dims)-D tensor, found shape \(tensor.shapeDescription)")
+                    }
+                    // Weights have an element of storage each; a view that repeats elements (stride 0) would let a
+                    // tiny storage claim any size.
+                    guard tensor.elementCount <= tensor.storage.count else {
+                        throw failure(slot.keys[part.rawValue], "expected a tensor no larger than its storage of \(tensor.storage.count) elements, found shape \(tensor.shapeDescription) (repeated elements)")
                     }
                 }
                 let (inWidth, rank) = (layer1.shape[0], layer1.shape[1])

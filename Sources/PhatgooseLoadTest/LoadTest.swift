@@ -1,5 +1,6 @@
 import Dispatch
 import Foundation
+import PhatgooseFormats
 import PhatgooseLibrary
 import PhatgooseProfiling
 import PhatgooseRuntime
@@ -111,6 +112,7 @@ public final class LoadTest: Sendable {
         for i in 0..<options.clientThreads {
             group.enter()
             let thread = Thread {
+                TemporaryFiles.blockInterruptionsInThisThread()
                 let runner = RequestRunner(workload: workload, runtime: runtime)
                 if open { LoadTest.openClient(runner, state) } else { LoadTest.closedClient(runner, state) }
                 // Idle until the run stops, so client memory stays put until the end (the RSS figures compare like

@@ -78,6 +78,7 @@ public final class MetricsServer: Sendable {
         self.port = Int(UInt16(bigEndian: actual.sin_port))
         let control = self.control
         let thread = Thread {
+            TemporaryFiles.blockInterruptionsInThisThread()
             Self.serve(fd, stopping: control.stopping, body: body)
             close(fd)
             control.finished.signal()

@@ -62,6 +62,8 @@ func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
     let start = Unmanaged.passRetained(ThreadStart(body)).toOpaque()
     let result = pthread_create(&thread, nil, { argument in
         let start = Unmanaged<ThreadStart>.fromOpaque(argument!).takeRetainedValue()
+        // Interruptions (SIGINT, SIGTERM, ...) belong to the host's threads, which may be writing files.
+        pg_cleanup_block_signals_in_this_thread()
         start.body()
         return nil
     }, start)

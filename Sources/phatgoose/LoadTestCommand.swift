@@ -121,8 +121,11 @@ struct LoadTestFlags: ParsableArguments {
     }
 
     /// A load test with `instruments` (metrics added when asked for), and the metrics export if any.
+    /// What the test reads: the library given, or the built-in one's cached file.
+    var inputs: [String] { [library ?? DefaultLibrary.cacheDirectory() + "/" + DefaultLibrary.fileName] }
+
     func makeTest(_ printer: ProgressPrinter?, instruments: LoadTestInstruments) throws -> (LoadTest, PrometheusExport?, MetricsServer?, Double?) {
-        if let metricsFile { try OutputPath.refuseOverwriting(metricsFile, option: "--metrics-file", inputs: library.map { [$0] } ?? []) }
+        if let metricsFile { try OutputPath.refuseOverwriting(metricsFile, option: "--metrics-file", inputs: inputs) }
         let (library, description, generated) = try loadLibrary(printer)
         var runtimeOptions = try runtimeFlags.options(routing: routing, defaults: library.routing)
         runtimeOptions.maxQueuedCalls = maxQueuedCalls
@@ -187,7 +190,7 @@ struct LoadTestCommand: ParsableCommand {
     var output: String?
 
     func run() throws {
-        if let output { try OutputPath.refuseOverwriting(output, option: "--output", inputs: load.library.map { [$0] } ?? []) }
+        if let output { try OutputPath.refuseOverwriting(output, option: "--output", inputs: load.inputs) }
         let printer = load.printer()
         let (test, export, server, generated) = try load.makeTest(printer, instruments: LoadTestInstruments())
         defer { server?.stop() }

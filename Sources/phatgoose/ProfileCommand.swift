@@ -43,7 +43,10 @@ struct ProfileCommand: ParsableCommand {
     func run() throws {
         if compare.count == 2 { return try runCompare() }
         if overhead { return try runOverhead() }
-        try OutputPath.refuseOverwriting(out, option: "--out", inputs: load.library.map { [$0] } ?? [])
+        // Every file the profile writes, and the directory itself, must leave the library alone.
+        for file in ["", "/summary.json", "/trace.json", "/expert_counts.csv", "/report.html"] {
+            try OutputPath.refuseOverwriting(out + file, option: "--out", inputs: load.inputs)
+        }
         let printer = load.printer()
         let tracer = TraceRecorder(capacity: traceEvents)
         let (test, export, server, generated) = try load.makeTest(printer, instruments: LoadTestInstruments(tracer: tracer))

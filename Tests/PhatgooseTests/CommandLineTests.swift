@@ -267,6 +267,58 @@ struct DataSafetyTests {
         #expect(left == [], "left behind: \(left)")
     }
 
+    @Test("a library file reached through a symbolic link is an input too; profile writes none of its files over the library")
+    func linkedLibraryFiles() throws {
+        let (directory, library, input) = try Self.libraryAndInput()
+        let outside = directory.file("outside")
+        try FileManager.default.createDirectory(atPath: outside, withIntermediateDirectories: true)
+        try FileManager.default.moveItem(atPath: library + "/expert1/gates.safetensors", toPath: outside + "/gates.safetensors")
+        try FileManager.default.createSymbolicLink(atPath: library + "/expert1/gates.safetensors", withDestinationPath: outside + "/gates.safetensors")
+        let before = try Self.bytes(outside + "/gates.safetensors")
+        for arguments in [["apply", "--library", library, "--input", input, "--output", outside + "/gates.safetensors"],
+                          ["pack", library, "--out", outside + "/gates.safetensors"]] {
+            let result = try runPhatgoose(arguments)
+            #expect(result.status == 1 && result.stderr.contains("not an input of this command"), "\(arguments[0]): \(result.stderr)")
+        }
+        #expect(try Self.bytes(outside + "/gates.safetensors") == before)
+        // A packed library that happens to sit where profile would write its trace.
+        let profile = directory.file("profile")
+        try FileManager.default.createDirectory(atPath: profile, withIntermediateDirectories: true)
+        #expect(try runPhatgoose(["pack", library, "--out", profile + "/trace.json"]).status == 0)
+        let packed = try Self.bytes(profile + "/trace.json")
+        let result = try runPhatgoose(["profile", "--library", profile + "/trace.json", "--out", profile, "--duration", "0.5", "--warmup", "0", "--progress", "none"])
+        #expect(result.status == 1 && result.stderr.contains("--out: expected a path that is not an input"), "\(result.stderr)")
+        #expect(try Self.bytes(profile + "/trace.json") == packed)
+    }
+
+    @Test("SIGTERM while a staged library of thousands of files is being written leaves nothing behind")
+    func interruptedStagedDirectory() throws {
+        let directory = TemporaryDirectory()
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: phatgooseBinary)
+        process.arguments = ["synth", "--out", directory.file("big"), "--experts", "4000", "--layer", "m:8:8", "--rank", "1"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        // Wait until the staging directory holds a few thousand files (more than the cleanup registry has slots, if
+        // each file took one), then interrupt.
+        var staged = 0
+        while process.isRunning {
+            if let stage = try? FileManager.default.contentsOfDirectory(atPath: directory.path).first(where: { $0.hasPrefix(".big.tmp-") }),
+               let experts = try? FileManager.default.contentsOfDirectory(atPath: directory.file(stage)), experts.count >= 2500 {
+                staged = experts.count
+                kill(process.processIdentifier, SIGTERM)
+                break
+            }
+            usleep(1000)
+        }
+        process.waitUntilExit()
+        #expect(staged >= 2500, "synth finished before it could be interrupted")
+        #expect(process.terminationReason == .uncaughtSignal && process.terminationStatus == SIGTERM)
+        let left = try FileManager.default.contentsOfDirectory(atPath: directory.path)
+        #expect(left.isEmpty, "left behind: \(left)")
+    }
+
     @Test("--version prints the C ABI's version; apply says what it wrote; numeric options take negative values and explain")
     func expectations() throws {
         let header = try String(contentsOfFile: packageRoot + "/include/phatgoose.h", encoding: .utf8)

@@ -102,6 +102,16 @@ struct OfficialImportTests {
         BadCheckpoint(file: "shape_mismatch.pt", expected: ["key 'encoder.block.0.layer.1.DenseReluDense.wo._addons.expert_lora.layer2__1'", "found [8, 16]"]),
         BadCheckpoint(file: "shape_mismatch_embedding.pt", expected: ["expert_embeddings__0'", "input width"]),
         BadCheckpoint(file: "no_experts.pt", expected: ["found none among"]),
+        // Files that attack the reader (Tests/Reference/make_hostile_checkpoints.py): each is refused at once, in
+        // little memory, with no crash.
+        BadCheckpoint(file: "hostile/amplify.pt", expected: ["container items", "refusing to amplify"]),
+        BadCheckpoint(file: "hostile/count_overflow.pt", expected: ["expected a storage of at most 538 elements", "found 4611686018427387904"]),
+        BadCheckpoint(file: "hostile/deep_nesting.pt", expected: ["expected a state dict", "found a tuple"]),
+        BadCheckpoint(file: "hostile/deep_value.pt", expected: ["found none among 0 tensors"]),
+        BadCheckpoint(file: "hostile/offset_overflow.pt", expected: ["offset 9223372036854775807", "to lie inside storage '0' of 4 elements"]),
+        BadCheckpoint(file: "hostile/zero_stride_huge.pt", expected: ["layer1__0'", "no larger than its storage of 1 elements"]),
+        BadCheckpoint(file: "hostile/zero_stride_overflow.pt", expected: ["layer1__0'", "no larger than its storage"]),
+        BadCheckpoint(file: "hostile/zip64_offset_max.pt", expected: ["ZIP64 end of central directory", "9223372036854775807"]),
     ]
 
     @Test("bad checkpoints exit 1 naming the key or the problem, and leave nothing behind", arguments: badCheckpoints)

@@ -116,17 +116,18 @@ static inline long pg_query_page_nodes(unsigned long count, void **pages, int *s
 #endif
 }
 
-/* Cleanup registry: paths of temporary files and directories that must not outlive an interrupted process.
- * pg_cleanup_register copies path and returns a slot (or -1 when full or out of memory); pg_cleanup_unregister(slot)
- * forgets it (call it once the path is renamed into place or removed). After pg_cleanup_install_signal_handlers,
- * SIGINT, SIGTERM, SIGHUP and SIGQUIT remove every registered file, then every registered (empty) directory, newest
- * first, and the process dies of the same signal. Thread-safe; the handler is async-signal-safe. */
+/* Cleanup registry: paths of temporary files and directory trees that must not outlive an interrupted process.
+ * pg_cleanup_register copies path and returns a slot (-1 when full, out of memory, or once the process is being
+ * torn down by a signal: then create nothing); register a path before creating it. pg_cleanup_unregister(slot)
+ * forgets it (once the path is renamed into place or removed). After pg_cleanup_install_signal_handlers, SIGINT,
+ * SIGTERM, SIGHUP, SIGQUIT and the crash signals (SIGSEGV, SIGBUS, SIGILL, SIGABRT, SIGFPE, SIGTRAP) remove every
+ * registered file and every registered directory with its contents, then the signal goes to the action it had
+ * before (by default, the process dies of it). Signals ignored at start stay ignored. Thread-safe; the handler is
+ * async-signal-safe. pg_cleanup_block_signals_in_this_thread keeps the four interrupting signals away from a helper
+ * thread, so that they are handled by a thread that creates the files (the main one). */
 int pg_cleanup_register(const char *path, int is_directory);
 void pg_cleanup_unregister(int slot);
 int pg_cleanup_install_signal_handlers(void);
-/* mkstemp / mkdtemp that register what they create, with the cleanup signals blocked in between (so no signal can
- * leave an unregistered file behind). *slot receives the registration slot (-1 on failure). */
-int pg_cleanup_mkstemp(char *template_path, int *slot);
-char *pg_cleanup_mkdtemp(char *template_path, int *slot);
+void pg_cleanup_block_signals_in_this_thread(void);
 
 #endif
