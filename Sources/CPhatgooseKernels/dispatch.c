@@ -157,7 +157,12 @@ void pg_lora_shrink(const float *x, size_t ldx, const int32_t *rows, size_t n, c
 
 void pg_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out, float *y,
                     size_t ldy) {
-    PG_DISPATCH3(lora_expand(h, n, r, bt, b_dtype, d_out, y, ldy));
+    PG_DISPATCH3(lora_expand(h, n, r, bt, b_dtype, d_out, y, ldy, NULL));
+}
+
+void pg_lora_expand_add(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out, float *y,
+                        size_t ldy, const int32_t *rows) {
+    PG_DISPATCH3(lora_expand(h, n, r, bt, b_dtype, d_out, y, ldy, rows));
 }
 
 void pg_add_f32(float *y, const float *x, size_t n) { PG_DISPATCH(add_f32(y, x, n)); }

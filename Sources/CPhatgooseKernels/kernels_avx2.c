@@ -514,9 +514,15 @@ PG_INL __m256 ex_ld(const int DT, const int pairs, const void *bt, size_t idx, i
     return ld8(DT, bt, idx + (size_t)v * 8);
 }
 
-/* MR rows x NV*8 columns starting at column o: acc = fma(h[i, j], Bt[j, o..], acc) for j = 0..r-1 */
+/* Where a result vector goes: stored, or (with a scatter list) added to what the row holds. */
+PG_INL void ex_put(float *p, __m256 v, const int add) {
+    _mm256_storeu_ps(p, add ? _mm256_add_ps(_mm256_loadu_ps(p), v) : v);
+}
+
+/* MR rows x NV*8 columns starting at column o: acc = fma(h[i, j], Bt[j, o..], acc) for j = 0..r-1, stored into row
+ * i of y, or with `scatter` added into row scatter[i] of y */
 PG_INL void expand_tile(const int MR, const int NV, const int DT, const float *h, size_t r, const void *bt,
-                        size_t d_out, size_t o, float *y, size_t ldy) {
+                        size_t d_out, size_t o, float *y, size_t ldy, const int32_t *scatter) {
     const int pairs = DT == PG_DTYPE_BF16 && NV % 2 == 0;
     __m256 acc[EX_MR][EX_MAXNV];
     PG_UNROLL
@@ -551,30 +557,31 @@ PG_INL void expand_tile(const int MR, const int NV, const int DT, const float *h
             }
         }
     }
+    const int add = scatter != NULL;
     PG_UNROLL
     for (int i = 0; i < MR; i++) {
-        float *yr = y + (size_t)i * ldy + o;
+        float *yr = y + (size_t)(add ? scatter[i] : i) * ldy + o;
         if (pairs) {
             PG_UNROLL
             for (int q = 0; q < NV / 2; q++) {
                 __m256 lo = _mm256_unpacklo_ps(acc[i][2 * q], acc[i][2 * q + 1]); /* 0 1 2 3 | 8 9 10 11 */
                 __m256 hi = _mm256_unpackhi_ps(acc[i][2 * q], acc[i][2 * q + 1]); /* 4 5 6 7 | 12 13 14 15 */
-                _mm256_storeu_ps(yr + 16 * q, _mm256_permute2f128_ps(lo, hi, 0x20));
-                _mm256_storeu_ps(yr + 16 * q + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+                ex_put(yr + 16 * q, _mm256_permute2f128_ps(lo, hi, 0x20), add);
+                ex_put(yr + 16 * q + 8, _mm256_permute2f128_ps(lo, hi, 0x31), add);
             }
         } else {
             PG_UNROLL
-            for (int v = 0; v < NV; v++) _mm256_storeu_ps(yr + (size_t)v * 8, acc[i][v]);
+            for (int v = 0; v < NV; v++) ex_put(yr + (size_t)v * 8, acc[i][v], add);
         }
     }
 }
 
 /* Every tile shape expand_generic uses: mr rows by ex_nv_for(mr) vectors, and 4, 2 or 1 at the end. */
 #define EX_CASE(MR, NV)                                                                                          \
-    case (MR) * 16 + (NV): expand_tile(MR, NV, DT, h, r, bt, d_out, o, y, ldy); break;
+    case (MR) * 16 + (NV): expand_tile(MR, NV, DT, h, r, bt, d_out, o, y, ldy, scatter); break;
 
 PG_INL void expand_tile_dispatch(const int DT, int mr, int nv, const float *h, size_t r, const void *bt, size_t d_out,
-                                 size_t o, float *y, size_t ldy) {
+                                 size_t o, float *y, size_t ldy, const int32_t *scatter) {
     switch (mr * 16 + nv) {
         EX_CASE(1, 8) EX_CASE(1, 4) EX_CASE(1, 2) EX_CASE(1, 1)
         EX_CASE(2, 4) EX_CASE(2, 2) EX_CASE(2, 1)
@@ -587,57 +594,59 @@ PG_INL void expand_tile_dispatch(const int DT, int mr, int nv, const float *h, s
 }
 
 PG_INL void expand_generic(const int DT, const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
-                           size_t ldy) {
+                           size_t ldy, const int32_t *scatter) {
     const size_t d8 = d_out & ~(size_t)7;
     /* rows outside, columns inside: the tile's rows of h stay in L1 while Bt (L2) streams past */
     for (size_t i0 = 0; i0 < n; i0 += EX_MR) {
         int mr = n - i0 >= EX_MR ? EX_MR : (int)(n - i0);
         int nvmax = ex_nv_for(mr);
         const float *hi = h + i0 * r;
-        float *yi = y + i0 * ldy;
+        float *yi = scatter ? y : y + i0 * ldy;
+        const int32_t *si = scatter ? scatter + i0 : NULL;
         size_t o = 0;
         while (o < d8) {
             size_t rem = (d8 - o) / 8;
             int nv = rem >= (size_t)nvmax ? nvmax : rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
-            expand_tile_dispatch(DT, mr, nv, hi, r, bt, d_out, o, yi, ldy);
+            expand_tile_dispatch(DT, mr, nv, hi, r, bt, d_out, o, yi, ldy, si);
             o += (size_t)nv * 8;
         }
     }
     /* the last d_out % 8 columns: the same FMA chain, one element at a time */
     if (d8 < d_out) {
         for (size_t i = 0; i < n; i++) {
+            float *yr = y + (size_t)(scatter ? scatter[i] : (int32_t)i) * ldy;
             for (size_t o = d8; o < d_out; o++) {
                 __m128 s = _mm_setzero_ps();
                 for (size_t j = 0; j < r; j++)
                     s = _mm_fmadd_ss(_mm_set_ss(h[i * r + j]), _mm_set_ss(ld1(DT, bt, j * d_out + o)), s);
-                y[i * ldy + o] = _mm_cvtss_f32(s);
+                yr[o] = scatter ? yr[o] + _mm_cvtss_f32(s) : _mm_cvtss_f32(s);
             }
         }
     }
 }
 
 PG_TARGET static void expand_f32(const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
-                                 size_t ldy) {
-    expand_generic(PG_DTYPE_F32, h, n, r, bt, d_out, y, ldy);
+                                 size_t ldy, const int32_t *scatter) {
+    expand_generic(PG_DTYPE_F32, h, n, r, bt, d_out, y, ldy, scatter);
 }
 
 PG_TARGET static void expand_bf16(const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
-                                  size_t ldy) {
-    expand_generic(PG_DTYPE_BF16, h, n, r, bt, d_out, y, ldy);
+                                  size_t ldy, const int32_t *scatter) {
+    expand_generic(PG_DTYPE_BF16, h, n, r, bt, d_out, y, ldy, scatter);
 }
 
 PG_TARGET static void expand_f16(const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
-                                 size_t ldy) {
-    expand_generic(PG_DTYPE_F16, h, n, r, bt, d_out, y, ldy);
+                                 size_t ldy, const int32_t *scatter) {
+    expand_generic(PG_DTYPE_F16, h, n, r, bt, d_out, y, ldy, scatter);
 }
 
 PG_TARGET void pg_avx2_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out,
-                                   float *y, size_t ldy) {
+                                   float *y, size_t ldy, const int32_t *scatter) {
     if (n == 0 || d_out == 0) return;
     switch (b_dtype) {
-    case PG_DTYPE_F32: expand_f32(h, n, r, bt, d_out, y, ldy); break;
-    case PG_DTYPE_BF16: expand_bf16(h, n, r, bt, d_out, y, ldy); break;
-    case PG_DTYPE_F16: expand_f16(h, n, r, bt, d_out, y, ldy); break;
+    case PG_DTYPE_F32: expand_f32(h, n, r, bt, d_out, y, ldy, scatter); break;
+    case PG_DTYPE_BF16: expand_bf16(h, n, r, bt, d_out, y, ldy, scatter); break;
+    case PG_DTYPE_F16: expand_f16(h, n, r, bt, d_out, y, ldy, scatter); break;
     default: break;
     }
 }

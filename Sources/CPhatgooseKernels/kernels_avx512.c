@@ -298,9 +298,15 @@ P5_INL __m512 ex5_ld(const int DT, const int pairs, const void *bt, size_t idx, 
     return p5_ld16(DT, bt, idx + (size_t)v * 16);
 }
 
-/* MR rows x NV*16 columns from column o: acc = fma(h[i, j], Bt[j, o..], acc) for j = 0..r-1 */
+/* Where a result vector goes: stored, or (with a scatter list) added to what the row holds. */
+P5_INL void p5_put(float *p, __m512 v, const int add) {
+    _mm512_storeu_ps(p, add ? _mm512_add_ps(_mm512_loadu_ps(p), v) : v);
+}
+
+/* MR rows x NV*16 columns from column o: acc = fma(h[i, j], Bt[j, o..], acc) for j = 0..r-1, stored into row i of
+ * y, or with `scatter` added into row scatter[i] of y */
 P5_INL void expand5_tile(const int MR, const int NV, const int DT, const float *h, size_t r, const void *bt,
-                         size_t d_out, size_t o, float *y, size_t ldy) {
+                         size_t d_out, size_t o, float *y, size_t ldy, const int32_t *scatter) {
     const int pairs = DT == PG_DTYPE_BF16 && NV % 2 == 0;
     __m512 acc[EX5_MR][EX5_MAXNV];
     P5_UNROLL
@@ -337,28 +343,29 @@ P5_INL void expand5_tile(const int MR, const int NV, const int DT, const float *
     }
     const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const int add = scatter != NULL;
     P5_UNROLL
     for (int i = 0; i < MR; i++) {
-        float *yr = y + (size_t)i * ldy + o;
+        float *yr = y + (size_t)(add ? scatter[i] : i) * ldy + o;
         if (pairs) {
             P5_UNROLL
             for (int q = 0; q < NV / 2; q++) {
-                _mm512_storeu_ps(yr + 32 * q, _mm512_permutex2var_ps(acc[i][2 * q], lo_idx, acc[i][2 * q + 1]));
-                _mm512_storeu_ps(yr + 32 * q + 16, _mm512_permutex2var_ps(acc[i][2 * q], hi_idx, acc[i][2 * q + 1]));
+                p5_put(yr + 32 * q, _mm512_permutex2var_ps(acc[i][2 * q], lo_idx, acc[i][2 * q + 1]), add);
+                p5_put(yr + 32 * q + 16, _mm512_permutex2var_ps(acc[i][2 * q], hi_idx, acc[i][2 * q + 1]), add);
             }
         } else {
             P5_UNROLL
-            for (int v = 0; v < NV; v++) _mm512_storeu_ps(yr + (size_t)v * 16, acc[i][v]);
+            for (int v = 0; v < NV; v++) p5_put(yr + (size_t)v * 16, acc[i][v], add);
         }
     }
 }
 
 #define EX5_CASE(MR, NV)                                                                                         \
-    case (MR) * 16 + (NV): expand5_tile(MR, NV, DT, h, r, bt, d_out, o, y, ldy); break;
+    case (MR) * 16 + (NV): expand5_tile(MR, NV, DT, h, r, bt, d_out, o, y, ldy, scatter); break;
 
 /* Every tile shape expand5_generic uses: mr rows by ex5_nv_for(mr) vectors, and 4, 2 or 1 at the end. */
 P5_INL void expand5_tile_dispatch(const int DT, int mr, int nv, const float *h, size_t r, const void *bt,
-                                  size_t d_out, size_t o, float *y, size_t ldy) {
+                                  size_t d_out, size_t o, float *y, size_t ldy, const int32_t *scatter) {
     switch (mr * 16 + nv) {
         EX5_CASE(1, 8) EX5_CASE(1, 4) EX5_CASE(1, 2) EX5_CASE(1, 1)
         EX5_CASE(2, 8) EX5_CASE(2, 4) EX5_CASE(2, 2) EX5_CASE(2, 1)
@@ -372,58 +379,61 @@ P5_INL void expand5_tile_dispatch(const int DT, int mr, int nv, const float *h, 
 
 /* The last t (< 16) columns from column o, one row at a time, with masked loads and stores. */
 P5_INL void expand5_cols(const int DT, const float *h, size_t n, size_t r, const void *bt, size_t d_out, size_t o,
-                         size_t t, float *y, size_t ldy) {
+                         size_t t, float *y, size_t ldy, const int32_t *scatter) {
     __mmask16 m = p5_mask(t);
     for (size_t i = 0; i < n; i++) {
         __m512 acc = _mm512_setzero_ps();
         for (size_t j = 0; j < r; j++)
             acc = _mm512_fmadd_ps(_mm512_set1_ps(h[i * r + j]), p5_ld16_tail(DT, bt, j * d_out + o, t), acc);
-        _mm512_mask_storeu_ps(y + i * ldy + o, m, acc);
+        float *yr = y + (size_t)(scatter ? scatter[i] : (int32_t)i) * ldy + o;
+        if (scatter) acc = _mm512_add_ps(_mm512_maskz_loadu_ps(m, yr), acc);
+        _mm512_mask_storeu_ps(yr, m, acc);
     }
 }
 
 P5_INL void expand5_generic(const int DT, const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
-                            size_t ldy) {
+                            size_t ldy, const int32_t *scatter) {
     const size_t d16 = d_out & ~(size_t)15;
     /* rows outside, columns inside: the tile's rows of h stay in L1 while Bt (L1/L2) streams past */
     for (size_t i0 = 0; i0 < n; i0 += EX5_MR) {
         int mr = n - i0 >= EX5_MR ? EX5_MR : (int)(n - i0);
         int nvmax = ex5_nv_for(mr);
         const float *hi = h + i0 * r;
-        float *yi = y + i0 * ldy;
+        float *yi = scatter ? y : y + i0 * ldy;
+        const int32_t *si = scatter ? scatter + i0 : NULL;
         size_t o = 0;
         while (o < d16) {
             size_t rem = (d16 - o) / 16;
             int nv = rem >= (size_t)nvmax ? nvmax : rem >= 4 ? 4 : rem >= 2 ? 2 : 1;
-            expand5_tile_dispatch(DT, mr, nv, hi, r, bt, d_out, o, yi, ldy);
+            expand5_tile_dispatch(DT, mr, nv, hi, r, bt, d_out, o, yi, ldy, si);
             o += (size_t)nv * 16;
         }
     }
-    if (d16 < d_out) expand5_cols(DT, h, n, r, bt, d_out, d16, d_out - d16, y, ldy);
+    if (d16 < d_out) expand5_cols(DT, h, n, r, bt, d_out, d16, d_out - d16, y, ldy, scatter);
 }
 
 P5_TARGET static void expand5_f32(const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
-                                  size_t ldy) {
-    expand5_generic(PG_DTYPE_F32, h, n, r, bt, d_out, y, ldy);
+                                  size_t ldy, const int32_t *scatter) {
+    expand5_generic(PG_DTYPE_F32, h, n, r, bt, d_out, y, ldy, scatter);
 }
 
 P5_TARGET static void expand5_bf16(const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
-                                   size_t ldy) {
-    expand5_generic(PG_DTYPE_BF16, h, n, r, bt, d_out, y, ldy);
+                                   size_t ldy, const int32_t *scatter) {
+    expand5_generic(PG_DTYPE_BF16, h, n, r, bt, d_out, y, ldy, scatter);
 }
 
 P5_TARGET static void expand5_f16(const float *h, size_t n, size_t r, const void *bt, size_t d_out, float *y,
-                                  size_t ldy) {
-    expand5_generic(PG_DTYPE_F16, h, n, r, bt, d_out, y, ldy);
+                                  size_t ldy, const int32_t *scatter) {
+    expand5_generic(PG_DTYPE_F16, h, n, r, bt, d_out, y, ldy, scatter);
 }
 
 P5_TARGET void pg_avx512_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out,
-                                     float *y, size_t ldy) {
+                                     float *y, size_t ldy, const int32_t *scatter) {
     if (n == 0 || d_out == 0) return;
     switch (b_dtype) {
-    case PG_DTYPE_F32: expand5_f32(h, n, r, bt, d_out, y, ldy); break;
-    case PG_DTYPE_BF16: expand5_bf16(h, n, r, bt, d_out, y, ldy); break;
-    case PG_DTYPE_F16: expand5_f16(h, n, r, bt, d_out, y, ldy); break;
+    case PG_DTYPE_F32: expand5_f32(h, n, r, bt, d_out, y, ldy, scatter); break;
+    case PG_DTYPE_BF16: expand5_bf16(h, n, r, bt, d_out, y, ldy, scatter); break;
+    case PG_DTYPE_F16: expand5_f16(h, n, r, bt, d_out, y, ldy, scatter); break;
     default: break;
     }
 }

@@ -271,7 +271,7 @@ static inline void expand_tile(const int MR, const float *h, size_t r, size_t j0
 /* Column blocks of PG_EXP_OB outputs; for each, Bt's block (up to PG_EXP_RMAX ranks at a time) is converted
  * to F32 once and used by every row of h. Each output is the chain acc = acc + h*b over j in order. */
 static inline void expand_generic(const int DT, const float *h, size_t n, size_t r, const void *bt, size_t d_out,
-                                  float *y, size_t ldy) {
+                                  float *y, size_t ldy, const int32_t *scatter) {
     float bv[PG_EXP_RMAX * PG_EXP_OB];
     float acc[4][PG_EXP_OB];
     for (size_t o = 0; o < d_out; o += PG_EXP_OB) {
@@ -301,18 +301,25 @@ static inline void expand_generic(const int DT, const float *h, size_t n, size_t
                 default: expand_tile(1, hi, r, j0, j1, bv, cnt, acc); break;
                 }
             }
-            for (int i = 0; i < mr; i++) memcpy(y + (i0 + (size_t)i) * ldy + o, acc[i], cnt * sizeof(float));
+            for (int i = 0; i < mr; i++) {
+                if (scatter) {
+                    float *yr = y + (size_t)scatter[i0 + (size_t)i] * ldy + o;
+                    for (size_t l = 0; l < cnt; l++) yr[l] = yr[l] + acc[i][l];
+                } else {
+                    memcpy(y + (i0 + (size_t)i) * ldy + o, acc[i], cnt * sizeof(float));
+                }
+            }
         }
     }
 }
 
 void pg_portable_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out,
-                             float *y, size_t ldy) {
+                             float *y, size_t ldy, const int32_t *scatter) {
     if (n == 0 || d_out == 0) return;
     switch (b_dtype) {
-    case PG_DTYPE_F32: expand_generic(PG_DTYPE_F32, h, n, r, bt, d_out, y, ldy); break;
-    case PG_DTYPE_BF16: expand_generic(PG_DTYPE_BF16, h, n, r, bt, d_out, y, ldy); break;
-    case PG_DTYPE_F16: expand_generic(PG_DTYPE_F16, h, n, r, bt, d_out, y, ldy); break;
+    case PG_DTYPE_F32: expand_generic(PG_DTYPE_F32, h, n, r, bt, d_out, y, ldy, scatter); break;
+    case PG_DTYPE_BF16: expand_generic(PG_DTYPE_BF16, h, n, r, bt, d_out, y, ldy, scatter); break;
+    case PG_DTYPE_F16: expand_generic(PG_DTYPE_F16, h, n, r, bt, d_out, y, ldy, scatter); break;
     default: break;
     }
 }

@@ -121,7 +121,7 @@ static inline uint16_t pg_f32_to_f16(float f) {
                                         const void *a, int a_dtype, size_t r, size_t d_in,                    \
                                         const float *row_scale, float lora_scale, float *h);                  \
     PG_HIDDEN void prefix##_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype,      \
-                                        size_t d_out, float *y, size_t ldy);                                  \
+                                        size_t d_out, float *y, size_t ldy, const int32_t *scatter);          \
     PG_HIDDEN void prefix##_add_f32(float *y, const float *x, size_t n);                                      \
     PG_HIDDEN void prefix##_add_rows_f32(float *y, const float *const *x, size_t count, size_t n);             \
     PG_HIDDEN double prefix##_fma_probe(size_t iterations);                                                    \
@@ -143,7 +143,7 @@ PG_HIDDEN double pg_avx512_fma_probe(size_t iterations);
 PG_HIDDEN void pg_avx512_layernorm_rows(const float *x, size_t ldx, size_t rows, size_t d, float eps, float *out,
                                         size_t ldo);
 PG_HIDDEN void pg_avx512_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out,
-                                     float *y, size_t ldy);
+                                     float *y, size_t ldy, const int32_t *scatter);
 #endif
 
 #endif /* PG_INTERNAL_H */

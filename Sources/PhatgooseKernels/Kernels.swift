@@ -98,6 +98,15 @@ public enum Kernels {
         pg_lora_expand(h, count, rank, bTransposed, bDType, outWidth, y, ldy)
     }
 
+    /// y[rows[i], o] += sum_j h[i, j] * Bt[j, o]: the value ``loraExpand(_:count:rank:bTransposed:bDType:outWidth:into:ldy:)``
+    /// gives, added (one rounding) into row `rows[i]` of y. The `count` entries of `rows` must be distinct and >= 0.
+    @inlinable
+    public static func loraExpandAdd(_ h: UnsafePointer<Float>, count: Int, rank: Int, bTransposed: UnsafeRawPointer, bDType: Int32,
+                                     outWidth: Int, into y: UnsafeMutablePointer<Float>, ldy: Int, rows: UnsafePointer<Int32>) {
+        precondition(ldy >= outWidth, "ldy must cover the output width")
+        pg_lora_expand_add(h, count, rank, bTransposed, bDType, outWidth, y, ldy, rows)
+    }
+
     /// y += rows[0], then += rows[1], ... over `width` floats, reading and writing y once (the same bits as
     /// ``add(_:into:count:)`` per row, in order).
     @inlinable

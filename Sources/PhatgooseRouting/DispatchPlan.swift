@@ -3,7 +3,8 @@
 ///
 /// Assignment `a` (a row of the per-assignment output buffer) belongs to candidate `c` when
 /// `offsets[c] <= a < offsets[c + 1]`; within a candidate, tokens ascend. `tokenSlots[t * slots + j]` is the
-/// assignment of token t's j-th choice (-1 for a padded slot), so the combine pulls each token's rows in slot order.
+/// assignment of token t's j-th choice (-1 for a padded slot), so the combine finds each token's rows (and adds them
+/// in ascending assignment order, which is ascending expert order).
 /// Deterministic: the same routing always gives the same plan.
 public struct DispatchPlan: Sendable {
     /// Tokens in the call the plan was built from.

@@ -58,9 +58,11 @@ extension RoutingResult {
 /// Applies one routed layer to a batch on the calling thread:
 /// `out[t] += sum over chosen e of w * scale_e * B_e (A_e x_t)`.
 ///
-/// Route -> dispatch plan -> for each chosen expert, once per batch: gather its tokens, shrink (x A^T, rows scaled
-/// by w * scale), expand (h B^T) into that expert's rows of a per-assignment buffer -> combine: each token adds its
-/// rows in slot order. The multithreaded runtime runs the same steps and must match this executor bit for bit.
+/// Route -> dispatch plan -> for each chosen expert in index order, once per batch: gather its tokens, shrink
+/// (x A^T, rows scaled by w * scale), expand (h B^T) added straight into those tokens' output rows. So each token's
+/// output receives its experts' rows in ascending expert order, one rounding per add. The multithreaded runtime
+/// expands into a per-assignment buffer instead (experts run concurrently) and its combine adds each token's rows in
+/// the same ascending expert order, so it matches this executor bit for bit.
 ///
 /// # Thread safety
 /// Owns its scratch: one executor per thread.
@@ -70,7 +72,6 @@ public final class LayerExecutor {
     /// Each token's choices in the last call of ``apply(_:router:x:ldx:tokens:out:ldo:)``.
     public private(set) var routing = RoutingResult(tokenCount: 0, slots: 0)
     private let routeScratch = ScratchBuffer()
-    private let assignmentRows = ScratchBuffer()
     private let shrunk = ScratchBuffer()
 
     /// Creates an executor with empty scratch.
@@ -85,7 +86,6 @@ public final class LayerExecutor {
         routing.route(router, x: x, ldx: ldx, tokens: tokens, scratch: routeScratch)
         plan.build(from: routing, candidates: module.experts.count)
         let outWidth = module.outWidth
-        let rows = assignmentRows.reserve(plan.assignmentCount * outWidth)
         let maxRank = module.experts.reduce(0) { max($0, $1.rank) }
         let h = shrunk.reserve(plan.assignmentCount * maxRank)
         plan.tokens.withUnsafeBufferPointer { tokenList in
@@ -93,13 +93,13 @@ public final class LayerExecutor {
                 for (c, piece) in module.experts.enumerated() {
                     let range = plan.range(of: c)
                     guard !range.isEmpty else { continue }
-                    Self.runExpert(piece, x: x, ldx: ldx, inWidth: module.inWidth, outWidth: outWidth,
-                                   tokens: tokenList.baseAddress! + range.lowerBound, weights: weightList.baseAddress! + range.lowerBound,
-                                   count: range.count, h: h, rows: rows + range.lowerBound * outWidth)
+                    Self.runExpertAdding(ExpertKernelView(piece), x: x, ldx: ldx, inWidth: module.inWidth, outWidth: outWidth,
+                                         tokens: tokenList.baseAddress! + range.lowerBound,
+                                         weights: weightList.baseAddress! + range.lowerBound, count: range.count, h: h,
+                                         out: out, ldo: ldo)
                 }
             }
         }
-        Self.combine(plan, rows: rows, outWidth: outWidth, tokenRange: 0..<tokens, out: out, ldo: ldo)
     }
 
     /// Shrink and expand for `count` gathered tokens of one expert: rows[i] = w_i * scale * B (A x_{tokens[i]}).
@@ -122,25 +122,52 @@ public final class LayerExecutor {
                            bDType: piece.bDType, outWidth: outWidth, into: rows, ldy: outWidth)
     }
 
-    /// Each token in `tokenRange` adds its assignment rows into `out`, in slot order.
+    /// Shrink and expand for `count` gathered tokens of one expert, added into their output rows:
+    /// out[tokens[i]] += w_i * scale * B (A x_{tokens[i]}), with the bits of ``runExpert(_:x:ldx:inWidth:outWidth:tokens:weights:count:h:rows:)``
+    /// followed by one add per row. The tokens must be distinct (a plan's tokens of one expert are).
+    @inlinable
+    public static func runExpertAdding(_ piece: ExpertKernelView, x: UnsafePointer<Float>, ldx: Int, inWidth: Int, outWidth: Int,
+                                       tokens: UnsafePointer<Int32>, weights: UnsafePointer<Float>, count: Int,
+                                       h: UnsafeMutablePointer<Float>, out: UnsafeMutablePointer<Float>, ldo: Int) {
+        Kernels.loraShrink(x, ldx: ldx, rows: tokens, count: count, a: piece.a, aDType: piece.aDType,
+                           rank: piece.rank, inWidth: inWidth, rowScale: weights, loraScale: piece.scale, into: h)
+        Kernels.loraExpandAdd(h, count: count, rank: piece.rank, bTransposed: piece.bTransposed, bDType: piece.bDType,
+                              outWidth: outWidth, into: out, ldy: ldo, rows: tokens)
+    }
+
+    /// Each token in `tokenRange` adds its assignment rows into `out`, in ascending assignment order, which is
+    /// ascending expert order (the plan sorts assignments by expert): the order in which ``apply(_:router:x:ldx:tokens:out:ldo:)``
+    /// adds them.
     public static func combine(_ plan: DispatchPlan, rows: UnsafePointer<Float>, outWidth: Int, tokenRange: Range<Int>,
                                out: UnsafeMutablePointer<Float>, ldo: Int) {
         // Up to 8 rows per pass over the token's output row (one read and write of it per pass, not per row).
         withUnsafeTemporaryAllocation(of: UnsafePointer<Float>?.self, capacity: 8) { pending in
             plan.tokenSlots.withUnsafeBufferPointer { slots in
-                for t in tokenRange {
-                    var n = 0
-                    for j in 0..<plan.slots {
-                        let a = Int(slots[t * plan.slots + j])
-                        guard a >= 0 else { continue }
-                        pending[n] = UnsafePointer(rows + a * outWidth)
-                        n += 1
-                        if n == 8 {
-                            Kernels.addRows(pending.baseAddress!, rowCount: n, into: out + t * ldo, width: outWidth)
-                            n = 0
+                // The token's assignments, ascending (insertion sort: a token has a few), then added 8 at a time.
+                withUnsafeTemporaryAllocation(of: Int32.self, capacity: max(plan.slots, 1)) { order in
+                    for t in tokenRange {
+                        var count = 0
+                        for j in 0..<plan.slots {
+                            let a = slots[t * plan.slots + j]
+                            guard a >= 0 else { continue }
+                            var i = count
+                            while i > 0 && order[i - 1] > a {
+                                order[i] = order[i - 1]
+                                i -= 1
+                            }
+                            order[i] = a
+                            count += 1
+                        }
+                        var n = 0
+                        for i in 0..<count {
+                            pending[n] = UnsafePointer(rows + Int(order[i]) * outWidth)
+                            n += 1
+                            if n == 8 || i == count - 1 {
+                                Kernels.addRows(pending.baseAddress!, rowCount: n, into: out + t * ldo, width: outWidth)
+                                n = 0
+                            }
                         }
                     }
-                    if n > 0 { Kernels.addRows(pending.baseAddress!, rowCount: n, into: out + t * ldo, width: outWidth) }
                 }
             }
         }
@@ -185,8 +212,8 @@ public struct ExpertKernelView: @unchecked Sendable {
     }
 }
 
-/// The baseline that grouping is measured against: for each token, for each of its experts, a one-row shrink and
-/// expand, added straight into the output. Same routing, same kernels.
+/// The baseline that grouping is measured against: for each token, for each of its experts (ascending), a one-row
+/// shrink and expand, added straight into the output. Same routing, same kernels, same bits.
 public final class NaiveExecutor {
     /// Each token's choices in the last call of `apply`.
     public private(set) var routing = RoutingResult(tokenCount: 0, slots: 0)
@@ -204,12 +231,13 @@ public final class NaiveExecutor {
         routing.route(router, x: x, ldx: ldx, tokens: tokens, scratch: routeScratch)
         let y = row.reserve(module.outWidth)
         let h = shrunk.reserve(module.experts.reduce(0) { max($0, $1.rank) })
+        let slots = routing.slots
         for t in 0..<tokens {
             var token = Int32(t)
-            for j in 0..<routing.slots {
-                let c = Int(routing.candidates[t * routing.slots + j])
-                guard c >= 0 else { continue }
-                var weight = routing.weights[t * routing.slots + j]
+            // The token's experts in ascending order, the order in which the grouped executors add them.
+            for c in 0..<module.experts.count {
+                guard let j = (0..<slots).first(where: { routing.candidates[t * slots + $0] == Int32(c) }) else { continue }
+                var weight = routing.weights[t * slots + j]
                 LayerExecutor.runExpert(module.experts[c], x: x, ldx: ldx, inWidth: module.inWidth, outWidth: module.outWidth,
                                         tokens: &token, weights: &weight, count: 1, h: h, rows: y)
                 Kernels.add(y, into: out + t * ldo, count: module.outWidth)

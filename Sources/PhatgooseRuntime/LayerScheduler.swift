@@ -83,6 +83,9 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         var tokenList: UnsafePointer<Int32>?
         var weightList: UnsafePointer<Float>?
         var rows: UnsafeMutablePointer<Float>?
+        /// The experts run one after another on the caller, in expert order, and add straight into `out` (no
+        /// per-assignment rows, no combine phase).
+        var fused = false
     }
 
     let executor: any ParallelExecutor
@@ -195,7 +198,6 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         if let counts {
             for c in 0..<module.experts.count { counts[c] = plan.range(of: c).count }
         }
-        call.rows = rows.reserve(assignments * module.outWidth)
 
         // Work items: tiles of each candidate's tokens, so a popular expert cannot serialise the layer.
         let tile = max(1, tileRows ?? min(256, max(16, (assignments + participants * 4 - 1) / (participants * 4))))
@@ -247,7 +249,11 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         }
         for p in 0..<participants { cursor[p] = Int64(starts[p]) }
 
-        // Phase B: experts.
+        // Phase B: experts. When they all run on the caller (one participant, or one work item), in the queue's
+        // order, which is then expert order, they add straight into `out`: the bits of the combine below, which adds
+        // each token's rows in expert order, without the per-assignment rows.
+        call.fused = participants == 1 || itemCount <= 1
+        if !call.fused { call.rows = rows.reserve(assignments * module.outWidth) }
         let maxRank = snapshot.maxRank  // not module.experts.reduce: that copies every ModuleExpert (reference counting)
         for p in 0..<participants { shrinkScratch[p].reserve(tile * maxRank) }
         plan.tokens.withUnsafeBufferPointer { planTokens in
@@ -261,8 +267,10 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         }
 
         // Phase C: combine, split by tokens.
-        call.activeParticipants = min(participants, max(1, tokens / 8))
-        runPhase(.combine, parallel: call.activeParticipants > 1)
+        if !call.fused {
+            call.activeParticipants = min(participants, max(1, tokens / 8))
+            runPhase(.combine, parallel: call.activeParticipants > 1)
+        }
 
         if let expertsOut, let weightsOut {
             let slots = call.slots
@@ -337,9 +345,15 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
                 for j in first..<last where views[j].node == Int32(myNode) { chosen = j; break }
                 let piece = views[chosen].view
                 let begin = Int(item.begin), count = Int(item.count)
-                LayerExecutor.runExpert(piece, x: call.x!, ldx: inWidth, inWidth: inWidth, outWidth: outWidth,
-                                        tokens: tokenList + begin, weights: weightList + begin, count: count,
-                                        h: h, rows: call.rows! + begin * outWidth)
+                if call.fused {
+                    LayerExecutor.runExpertAdding(piece, x: call.x!, ldx: inWidth, inWidth: inWidth, outWidth: outWidth,
+                                                  tokens: tokenList + begin, weights: weightList + begin, count: count,
+                                                  h: h, out: call.out!, ldo: outWidth)
+                } else {
+                    LayerExecutor.runExpert(piece, x: call.x!, ldx: inWidth, inWidth: inWidth, outWidth: outWidth,
+                                            tokens: tokenList + begin, weights: weightList + begin, count: count,
+                                            h: h, rows: call.rows! + begin * outWidth)
+                }
                 if let observer {
                     observer.observe(RuntimeEvent(kind: offset == 0 ? .item : .steal, worker: p, node: myNode, layer: call.module,
                                                   expert: piece.expert, rows: count, start: start, end: pg_now_ns()))

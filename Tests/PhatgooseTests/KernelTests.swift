@@ -191,6 +191,41 @@ struct KernelTests {
         #expect(try #require(results[.avx512]) == reference, "avx512 expand differs from avx2")
     }
 
+    @Test("expand added into scattered rows gives the bits of expand followed by one add per row (every ISA, dtype, tail)",
+          arguments: [1, 5, 13])
+    func expandAddIsExpandThenAdd(_ rows: Int) throws {
+        let rank = 8, width = 100, ldy = 104, outputRows = 40
+        let h = randomFloats(rows * rank, seed: 41), bt = randomFloats(rank * width, seed: 42)
+        var half = [UInt16](repeating: 0, count: bt.count), bf16 = half
+        pg_convert_from_f32(bt, 2, &half, bt.count)
+        pg_convert_from_f32(bt, 1, &bf16, bt.count)
+        // Distinct rows of y, not in order, so a kernel that wrote row i instead of rows[i] (or added twice) shows.
+        let scatter = (0..<rows).map { Int32((($0 * 7) + 3) % outputRows) }
+        let base = randomFloats(outputRows * ldy, seed: 43).map { $0 * 100 }
+        var checked = 0
+        try forEachISA { isa in
+            for (weights, dtype) in [(bt.withUnsafeBytes { Array($0) }, Int32(0)), (bf16.withUnsafeBytes { Array($0) }, Int32(1)),
+                                     (half.withUnsafeBytes { Array($0) }, Int32(2))] {
+                var expanded = [Float](repeating: .nan, count: rows * width)
+                var got = base
+                weights.withUnsafeBytes { raw in
+                    Kernels.loraExpand(h, count: rows, rank: rank, bTransposed: raw.baseAddress!, bDType: dtype, outWidth: width,
+                                       into: &expanded, ldy: width)
+                    Kernels.loraExpandAdd(h, count: rows, rank: rank, bTransposed: raw.baseAddress!, bDType: dtype, outWidth: width,
+                                          into: &got, ldy: ldy, rows: scatter)
+                }
+                var expected = base
+                for i in 0..<rows {
+                    for o in 0..<width { expected[Int(scatter[i]) * ldy + o] = expected[Int(scatter[i]) * ldy + o] + expanded[i * width + o] }
+                }
+                let differences = zip(got, expected).filter { $0.bitPattern != $1.bitPattern }.count
+                #expect(differences == 0, "\(isa), dtype \(dtype): \(differences) values differ")
+                checked += 1
+            }
+        }
+        try #require(checked >= 6)
+    }
+
     @Test("every kernel output is bitwise independent of batch size and position (per ISA)")
     func tilingInvariance() {
         let rows = 37, inWidth = 203, rank = 5, outWidth = 77, experts = 11

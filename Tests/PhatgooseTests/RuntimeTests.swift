@@ -75,6 +75,36 @@ struct RuntimeTests {
         }
     }
 
+    @Test("onto a non-zero output (a model's W x + b), every executor adds a token's rows in the same order and gets the same bits",
+          arguments: configurations.indices)
+    func addsOntoOutputInOneOrder(_ configuration: Int) throws {
+        // With an output of zeros the order of two adds cannot show ((0 + a) + b == (0 + b) + a); on a base output it
+        // can, and with top-3 a token's slot order (by weight) mostly differs from its experts' index order.
+        let (executor, workers, tile, spec) = Self.configurations[configuration]
+        let library = try synthLibrary()
+        let routing = RoutingOptions(topK: 3)
+        let runtime = try Runtime(library: library, options: RuntimeOptions(
+            routing: routing, workers: workers, executor: executor, topology: try spec.map { try Topology.modelled($0) }, tileRows: tile))
+        defer { runtime.shutdown() }
+        for module in library.modules {
+            let tokens = 300
+            let x = randomFloats(tokens * module.inWidth, seed: 31)
+            let base = randomFloats(tokens * module.outWidth, seed: 32).map { $0 * 1000 }
+            var expected = base
+            try LayerExecutor().apply(module, router: LayerRouter(module: module, options: routing), x: x, ldx: module.inWidth,
+                                      tokens: tokens, out: &expected, ldo: module.outWidth)
+            var got = base
+            try x.withUnsafeBufferPointer { input in
+                try got.withUnsafeMutableBufferPointer { output in
+                    try runtime.apply(runtime.layer(named: module.name)!, input: input, tokens: tokens, output: output)
+                }
+            }
+            let differences = zip(got, expected).filter { $0 != $1 }.count
+            #expect(differences == 0, "\(executor) \(workers) workers, \(module.name): \(differences) of \(got.count) outputs differ")
+            #expect(expected != base)
+        }
+    }
+
     @Test("many threads call at once and each gets the single-threaded result")
     func concurrentCallers() throws {
         let library = try synthLibrary()

@@ -121,6 +121,13 @@ void pg_lora_shrink(const float *x, size_t ldx, const int32_t *rows, size_t n, c
 void pg_lora_expand(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out, float *y,
                     size_t ldy);
 
+/* LoRA expand added into scattered rows: y[rows[i]*ldy + o] = y[rows[i]*ldy + o] + e[i, o], where e[i, o] is the
+ * value pg_lora_expand gives (the same bits); one rounding for the add. rows must hold n distinct entries >= 0
+ * (each row of y is read and written once). Used to expand straight into a caller's output where no other
+ * thread adds into the same rows. */
+void pg_lora_expand_add(const float *h, size_t n, size_t r, const void *bt, int b_dtype, size_t d_out, float *y,
+                        size_t ldy, const int32_t *rows);
+
 /* y[i] += x[i] for i < n. x may equal y; no other overlap. */
 void pg_add_f32(float *y, const float *x, size_t n);
 
