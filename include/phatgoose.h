@@ -169,10 +169,13 @@ typedef enum phatgoose_placement {
 #define PHATGOOSE_WORKERS_DEFAULT (-1)
 /* The largest top_k accepted. */
 #define PHATGOOSE_MAX_TOP_K 4096
+/* Idle pinned workers spin 50 us before sleeping. */
+#define PHATGOOSE_SPIN_DEFAULT (-1)
 
 /* How a runtime serves. Always initialise with phatgoose_runtime_options_init(&options, sizeof options), then set
  * fields: struct_size tells the library which fields the caller knows, so the struct can grow compatibly.
- * struct_size must be from sizeof this struct (56 bytes in ABI 1) to 4096. A library given a larger struct (built
+ * struct_size must be from 56 (the struct of ABI 1, up to memory_cap_bytes) to 4096; the fields after
+ * memory_cap_bytes came later (sizeof is 64 now), and a smaller struct_size leaves them at their defaults. A library given a larger struct (built
  * against a newer header) accepts it when every byte beyond the fields it knows is zero, which is what
  * phatgoose_runtime_options_init writes there and what every field added later means "as before"; a non-zero byte
  * there asks for something this library cannot do and is PHATGOOSE_STATUS_INVALID_ARGUMENT, naming its offset. */
@@ -190,11 +193,16 @@ typedef struct phatgoose_runtime_options {
     int32_t max_queued_calls;   /* calls admitted at once (running plus waiting), >= 1; default 64 */
     int32_t reserved;           /* must be 0 */
     uint64_t memory_cap_bytes;  /* most bytes of expert weights held (copies included); 0: no cap */
+    int32_t spin_microseconds;  /* idle pinned workers spin this long, then sleep: 0 ... 1000000 (0: sleep at once),
+                                   or PHATGOOSE_SPIN_DEFAULT (50) */
+    int32_t parallel_min_tokens; /* calls of fewer tokens run on the caller alone, waking no worker (a model's decode
+                                    steps beside its own threads); 0 or 1: any call may use the workers */
 } phatgoose_runtime_options;
 
 /* Fills the first struct_size bytes of *options: the fields this library knows with their defaults (struct_size set
  * to the struct_size given), any bytes beyond them with zeros. Pass sizeof(phatgoose_runtime_options); a size
- * outside 56 ... 4096 is PHATGOOSE_STATUS_INVALID_ARGUMENT, writing nothing. Thread safety: any thread. */
+ * outside 56 ... 4096 is PHATGOOSE_STATUS_INVALID_ARGUMENT, writing nothing. A field that does not fit whole in
+ * struct_size counts as unknown: its bytes are zeroed. Thread safety: any thread. */
 phatgoose_status phatgoose_runtime_options_init(phatgoose_runtime_options *options, size_t struct_size);
 
 /* ---------------------------------------------------------------------------------------------------------------

@@ -9,11 +9,20 @@ private let defaultOptions = phatgoose_runtime_options(
     router: Int32(PHATGOOSE_ROUTER_DEFAULT.rawValue), top_k: 0, sequence_length: 0, arrow_temperature: 10, arrow_scaled: 0,
     workers: PHATGOOSE_WORKERS_DEFAULT, executor: Int32(PHATGOOSE_EXECUTOR_PINNED.rawValue),
     placement: Int32(PHATGOOSE_PLACEMENT_DISTRIBUTE.rawValue), placement_argument: 0,
-    max_queued_calls: Int32(RuntimeOptions().maxQueuedCalls), reserved: 0, memory_cap_bytes: 0)
+    max_queued_calls: Int32(RuntimeOptions().maxQueuedCalls), reserved: 0, memory_cap_bytes: 0,
+    spin_microseconds: PHATGOOSE_SPIN_DEFAULT, parallel_min_tokens: 1)
 
-/// The smallest `struct_size` accepted: the struct of ABI version 1, which is all there is so far. It is also the
-/// size of every field this library knows.
-private let minimumOptionsSize = MemoryLayout<phatgoose_runtime_options>.size
+/// The smallest `struct_size` accepted: the struct of ABI version 1 (up to `memory_cap_bytes`).
+private let minimumOptionsSize = 56
+
+/// Where each field added since ABI 1 ends: a struct_size covers the fields that end at or below it.
+private let laterFieldEnds = [MemoryLayout<phatgoose_runtime_options>.offset(of: \.spin_microseconds)! + 4,
+                              MemoryLayout<phatgoose_runtime_options>.offset(of: \.parallel_min_tokens)! + 4]
+
+/// The bytes of the fields this library knows that a struct of `size` bytes holds whole.
+private func knownBytes(_ size: Int) -> Int {
+    laterFieldEnds.filter { $0 <= size }.max() ?? minimumOptionsSize
+}
 
 /// The largest `struct_size` accepted, so that an uninitialised struct's garbage size never sends a read or a write
 /// far past the caller's struct.
@@ -36,8 +45,9 @@ public func phatgoose_runtime_options_init(_ options: UnsafeMutablePointer<phatg
         // which is what `runtimeOptions` accepts there.
         var defaults = defaultOptions
         defaults.struct_size = UInt32(size)
-        withUnsafeBytes(of: &defaults) { out.copyMemory(from: $0.baseAddress!, byteCount: minimumOptionsSize) }
-        (out + minimumOptionsSize).initializeMemory(as: UInt8.self, repeating: 0, count: size - minimumOptionsSize)
+        let known = knownBytes(size)
+        withUnsafeBytes(of: &defaults) { out.copyMemory(from: $0.baseAddress!, byteCount: known) }
+        (out + known).initializeMemory(as: UInt8.self, repeating: 0, count: size - known)
     }
 }
 
@@ -48,12 +58,13 @@ func runtimeOptions(_ pointer: UnsafePointer<phatgoose_runtime_options>?, librar
     if let pointer {
         let raw = UnsafeRawPointer(pointer)
         let size = try checkedOptionsSize(Int(raw.loadUnaligned(as: UInt32.self)), hint: " (initialise with phatgoose_runtime_options_init)")
-        withUnsafeMutableBytes(of: &c) { $0.copyMemory(from: UnsafeRawBufferPointer(start: raw, count: minimumOptionsSize)) }
+        let known = knownBytes(size)
+        withUnsafeMutableBytes(of: &c) { $0.copyMemory(from: UnsafeRawBufferPointer(start: raw, count: known)) }
         // Bytes beyond the fields this library knows belong to fields of a newer header; zero is their default
         // (what phatgoose_runtime_options_init writes), anything else asks for something this library cannot do.
-        if let offset = (minimumOptionsSize..<size).first(where: { raw.load(fromByteOffset: $0, as: UInt8.self) != 0 }) {
+        if let offset = (known..<size).first(where: { raw.load(fromByteOffset: $0, as: UInt8.self) != 0 }) {
             let byte = raw.load(fromByteOffset: offset, as: UInt8.self)
-            throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "options: expected zero bytes beyond the \(minimumOptionsSize) this library knows "
+            throw ABIError(PHATGOOSE_STATUS_INVALID_ARGUMENT, "options: expected zero bytes beyond the \(known) this library knows "
                            + "(struct_size \(size): fields of a newer header left at their defaults), found byte \(offset) = 0x\(String(byte, radix: 16))")
         }
     }
@@ -98,5 +109,11 @@ func runtimeOptions(_ pointer: UnsafePointer<phatgoose_runtime_options>?, librar
     guard c.max_queued_calls >= 1 else { throw invalid("max_queued_calls", "at least 1", c.max_queued_calls) }
     options.maxQueuedCalls = Int(c.max_queued_calls)
     options.memoryCapBytes = c.memory_cap_bytes == 0 ? nil : Int(clamping: c.memory_cap_bytes)
+    guard c.spin_microseconds == PHATGOOSE_SPIN_DEFAULT || (0...1_000_000).contains(c.spin_microseconds) else {
+        throw invalid("spin_microseconds", "0 to 1000000 or PHATGOOSE_SPIN_DEFAULT (-1)", c.spin_microseconds)
+    }
+    if c.spin_microseconds != PHATGOOSE_SPIN_DEFAULT { options.spinMicroseconds = Int(c.spin_microseconds) }
+    guard c.parallel_min_tokens >= 0 else { throw invalid("parallel_min_tokens", "0 or more", c.parallel_min_tokens) }
+    options.parallelMinTokens = max(1, Int(c.parallel_min_tokens))
     return options
 }

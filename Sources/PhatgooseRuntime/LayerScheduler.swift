@@ -86,12 +86,17 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         /// The experts run one after another on the caller, in expert order, and add straight into `out` (no
         /// per-assignment rows, no combine phase).
         var fused = false
+        /// Participants of this call: the pool's, or 1 (the caller alone) for a call below `parallelMinTokens`.
+        var team = 1
     }
 
     let executor: any ParallelExecutor
-    let participants: Int
+    /// The executor's participants (the caller and its workers).
+    let poolSize: Int
     let nodes: [Int]
     var tileRows: Int?
+    /// Calls of fewer tokens run on the caller alone.
+    var parallelMinTokens = 1
     var observer: (any RuntimeObserver)?
 
     private var call = CallState()
@@ -111,11 +116,14 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
 
     init(executor: any ParallelExecutor) {
         self.executor = executor
-        participants = executor.participantCount
+        poolSize = executor.participantCount
         nodes = executor.participantNodes
-        routeScratch = (0..<participants).map { _ in RawBuffer<Float>() }
-        shrinkScratch = (0..<participants).map { _ in RawBuffer<Float>() }
+        routeScratch = (0..<poolSize).map { _ in RawBuffer<Float>() }
+        shrinkScratch = (0..<poolSize).map { _ in RawBuffer<Float>() }
     }
+
+    /// The participants of the call in flight (every phase splits its work among these).
+    private var participants: Int { call.team }
 
     @inline(__always)
     private func now() -> UInt64 { observer == nil ? 0 : pg_now_ns() }
@@ -146,6 +154,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         let module = snapshot.library.modules[m]
         let router = snapshot.routers[m]
         call = CallState()
+        call.team = tokens >= parallelMinTokens ? poolSize : 1
         call.snapshot = snapshot
         call.module = m
         call.x = x

@@ -34,15 +34,20 @@ public struct RuntimeOptions: Sendable {
     public var maxQueuedCalls: Int
     /// Rows per work item; nil chooses from the call's size.
     public var tileRows: Int?
-    /// How long idle pinned workers spin before sleeping on a futex.
+    /// How long idle pinned workers spin before sleeping on a futex (0: they sleep at once).
     public var spinMicroseconds: Int
+    /// Calls of fewer tokens run on the caller alone, without waking a worker (1: every call may fan out). For a
+    /// host whose own threads share the cores, as in a model's forward pass: decode steps of a few tokens then cost
+    /// no hand-off, and only large calls (prefill) use the workers.
+    public var parallelMinTokens: Int
     /// Sees every phase of every call; nil costs nothing.
     public var observer: (any RuntimeObserver)?
 
     /// Creates options; each argument sets the property of the same name.
     public init(routing: RoutingOptions? = nil, workers: Int? = nil, executor: ExecutorKind = .pinned, topology: Topology? = nil,
                 placement: PlacementPolicy = .distribute, loadProfile: [Double]? = nil, memoryCapBytes: Int? = nil,
-                maxQueuedCalls: Int = 64, tileRows: Int? = nil, spinMicroseconds: Int = 50, observer: (any RuntimeObserver)? = nil) {
+                maxQueuedCalls: Int = 64, tileRows: Int? = nil, spinMicroseconds: Int = 50, parallelMinTokens: Int = 1,
+                observer: (any RuntimeObserver)? = nil) {
         self.routing = routing
         self.workers = workers
         self.executor = executor
@@ -53,6 +58,7 @@ public struct RuntimeOptions: Sendable {
         self.maxQueuedCalls = maxQueuedCalls
         self.tileRows = tileRows
         self.spinMicroseconds = spinMicroseconds
+        self.parallelMinTokens = parallelMinTokens
         self.observer = observer
     }
 }
@@ -118,6 +124,12 @@ public final class Runtime: Sendable {
         let workers = options.workers ?? max(0, topology.cpuCount - 1)
         guard workers >= 0 && workers <= 1024 else { throw RuntimeError(.option, "workers: expected 0 to 1024, found \(workers)") }
         if let tile = options.tileRows, tile < 1 { throw RuntimeError(.option, "tile rows: expected at least 1, found \(tile)") }
+        guard options.spinMicroseconds >= 0 && options.spinMicroseconds <= 1_000_000 else {
+            throw RuntimeError(.option, "spin microseconds: expected 0 to 1000000, found \(options.spinMicroseconds)")
+        }
+        guard options.parallelMinTokens >= 1 else {
+            throw RuntimeError(.option, "parallel min tokens: expected at least 1, found \(options.parallelMinTokens)")
+        }
         let snapshot = try LibrarySnapshot.build(id: 0, library: library, retired: [], options: routing, topology: topology,
                                                  policy: options.placement, load: options.loadProfile, memoryCap: options.memoryCapBytes)
         current = Locked(snapshot)
@@ -127,6 +139,7 @@ public final class Runtime: Sendable {
         }
         let scheduler = LayerScheduler(executor: executor)
         scheduler.tileRows = options.tileRows
+        scheduler.parallelMinTokens = options.parallelMinTokens
         scheduler.observer = options.observer
         self.scheduler = Locked(scheduler)
         statistics.withLock { $0.tokensPerExpert = [Int](repeating: 0, count: library.experts.count) }

@@ -358,6 +358,35 @@ struct RuntimeTests {
         #expect(stats.calls == 1 && stats.tokens == 50 && stats.tokensPerExpert.reduce(0, +) == 100)
     }
 
+    @Test("calls below parallelMinTokens run on the caller alone (no worker, no combine), with the same bits; bad spin and threshold values are refused")
+    func parallelMinTokens() throws {
+        let library = try synthLibrary()
+        let recorder = RecordingObserver()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(routing: RoutingOptions(topK: 2), workers: 1, tileRows: 2,
+                                                                            spinMicroseconds: 0, parallelMinTokens: 16, observer: recorder))
+        defer { runtime.shutdown() }
+        let module = library.modules[0]
+        let layer = runtime.layer(named: module.name)!
+        for tokens in [8, 15, 16, 40] {
+            recorder.events.withLock { $0.removeAll() }
+            let x = randomFloats(tokens * module.inWidth, seed: UInt64(tokens) + 50)
+            let got = try runtime.apply(layer, input: x, tokens: tokens)
+            let expected = try singleThreaded(library, module: module.name, options: RoutingOptions(topK: 2), x: x, tokens: tokens)
+            #expect(got.delta == expected.delta && got.experts == expected.experts, "T=\(tokens)")
+            let events = recorder.events.withLock { $0 }
+            let alone = events.allSatisfy { $0.worker == 0 } && !events.contains { $0.kind == .combine }
+            // Tiles of 2 rows give every expert phase several items, so a call that may fan out has a combine phase.
+            #expect(alone == (tokens < 16), "T=\(tokens): \(Set(events.map(\.kind)))")
+        }
+        for (spin, threshold, message) in [(-1, 1, "spin microseconds"), (1_000_001, 1, "spin microseconds"), (50, 0, "parallel min tokens")] {
+            #expect {
+                _ = try Runtime(library: library, options: RuntimeOptions(workers: 1, spinMicroseconds: spin, parallelMinTokens: threshold))
+            } throws: { error in
+                (error as? RuntimeError)?.code == .option && "\(error)".contains(message)
+            }
+        }
+    }
+
     @Test("after shutdown, calls fail with .shutDown")
     func shutdown() throws {
         let library = try synthLibrary()

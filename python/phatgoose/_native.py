@@ -51,6 +51,8 @@ class RuntimeOptions(ctypes.Structure):
         ("max_queued_calls", ctypes.c_int32),
         ("reserved", ctypes.c_int32),
         ("memory_cap_bytes", ctypes.c_uint64),
+        ("spin_microseconds", ctypes.c_int32),
+        ("parallel_min_tokens", ctypes.c_int32),
     ]
 
 
@@ -66,7 +68,7 @@ class LayerOutput(ctypes.Structure):
     ]
 
 
-assert ctypes.sizeof(RuntimeOptions) == 56, "RuntimeOptions does not match phatgoose_runtime_options"
+assert ctypes.sizeof(RuntimeOptions) == 64, "RuntimeOptions does not match phatgoose_runtime_options"
 assert ctypes.sizeof(LayerOutput) == 48, "LayerOutput does not match phatgoose_layer_output"
 
 _status = ctypes.c_int

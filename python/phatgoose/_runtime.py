@@ -177,14 +177,16 @@ class Runtime:
     "uniform" (the library's); `workers` threads besides the caller (one fewer than the CPUs); `sequence_length`
     route the mean of each n consecutive tokens (per token); `arrow_temperature` (10) and `arrow_scaled` (False);
     `executor` "pinned" or "dispatch"; `placement` "distribute", "isolate", "replicate-hot" or "in-place" with
-    `placement_argument` (the node, or the count); `max_queued_calls` (64); `memory_cap_bytes` (no cap).
+    `placement_argument` (the node, or the count); `max_queued_calls` (64); `memory_cap_bytes` (no cap);
+    `spin_microseconds`, how long idle pinned workers spin before they sleep (50; 0 sleeps at once);
+    `parallel_min_tokens`, below which a call runs on the caller alone and wakes no worker (1: any call may fan out).
 
     Results equal `phatgoose apply` on the same inputs bit for bit. Use it as a context manager, or call close().
     """
 
     def __init__(self, library, *, top_k=None, router=None, workers=None, sequence_length=None, arrow_temperature=None,
                  arrow_scaled=False, executor=None, placement=None, placement_argument=0, max_queued_calls=None,
-                 memory_cap_bytes=None):
+                 memory_cap_bytes=None, spin_microseconds=None, parallel_min_tokens=None):
         options = _native.RuntimeOptions()
         check(lib.phatgoose_runtime_options_init(ctypes.byref(options), ctypes.sizeof(options)))
         if top_k is not None:
@@ -212,6 +214,10 @@ class Runtime:
             if isinstance(memory_cap_bytes, bool) or not isinstance(memory_cap_bytes, (int, np.integer)) or not 1 <= memory_cap_bytes < 2 ** 64:
                 raise invalid(f"memory_cap_bytes: expected a positive integer below 2**64, found {memory_cap_bytes!r}")
             options.memory_cap_bytes = int(memory_cap_bytes)
+        if spin_microseconds is not None:
+            options.spin_microseconds = _int32("spin_microseconds", spin_microseconds, minimum=0)
+        if parallel_min_tokens is not None:
+            options.parallel_min_tokens = _int32("parallel_min_tokens", parallel_min_tokens, minimum=1)
         if isinstance(library, Library):
             value = _new_handle(lib.phatgoose_runtime_create, library._handle.live(), ctypes.byref(options))
         else:

@@ -373,8 +373,10 @@ def test_raw_options_are_checked(synth):
     assert lib.phatgoose_runtime_options_init(ctypes.byref(options), 8) == _native.INVALID_ARGUMENT
     assert lib.phatgoose_runtime_options_init(None, 56) == _native.INVALID_ARGUMENT
     assert lib.phatgoose_runtime_options_init(ctypes.byref(options), ctypes.sizeof(options)) == _native.OK
-    assert (options.struct_size, options.top_k, options.workers, options.max_queued_calls, options.arrow_temperature) == (56, 0, -1, 64, 10.0)
-    for field, value in (("reserved", 1), ("router", 9), ("router", -1), ("executor", 2), ("placement", 4), ("top_k", -1)):
+    assert (options.struct_size, options.top_k, options.workers, options.max_queued_calls, options.arrow_temperature) == (64, 0, -1, 64, 10.0)
+    assert (options.spin_microseconds, options.parallel_min_tokens) == (-1, 1)
+    for field, value in (("reserved", 1), ("router", 9), ("router", -1), ("executor", 2), ("placement", 4), ("top_k", -1),
+                         ("spin_microseconds", -2), ("spin_microseconds", 1_000_001), ("parallel_min_tokens", -1)):
         bad = _native.RuntimeOptions.from_buffer_copy(options)
         setattr(bad, field, value)
         assert lib.phatgoose_runtime_open(path, ctypes.byref(bad), ctypes.byref(handle)) == _native.INVALID_ARGUMENT, field
@@ -386,18 +388,30 @@ def test_raw_options_are_checked(synth):
     pointer = ctypes.cast(newer, ctypes.POINTER(_native.RuntimeOptions))
     assert lib.phatgoose_runtime_options_init(pointer, 72) == _native.OK
     known = _native.RuntimeOptions.from_buffer(newer)
-    assert (known.struct_size, known.max_queued_calls, known.reserved) == (72, 64, 0)
-    assert bytes(newer[56:]) == bytes(16)
-    assert bytes(newer[4:56]) == bytes(options)[4:56]
+    assert (known.struct_size, known.max_queued_calls, known.reserved, known.parallel_min_tokens) == (72, 64, 0, 1)
+    assert bytes(newer[64:]) == bytes(8)
+    assert bytes(newer[4:64]) == bytes(options)[4:64]
     known.workers = 1
     assert lib.phatgoose_runtime_open(path, pointer, ctypes.byref(handle)) == _native.OK
     lib.phatgoose_runtime_destroy(handle)
     handle.value = None
     newer[70] = 0x80
     assert lib.phatgoose_runtime_open(path, pointer, ctypes.byref(handle)) == _native.INVALID_ARGUMENT
-    assert message() == ("options: expected zero bytes beyond the 56 this library knows (struct_size 72: fields of a newer "
+    assert message() == ("options: expected zero bytes beyond the 64 this library knows (struct_size 72: fields of a newer "
                          "header left at their defaults), found byte 70 = 0x80")
     newer[70] = 0
+    # A caller built against the ABI 1 header (56 bytes) knows neither spin_microseconds nor parallel_min_tokens: init
+    # writes nothing past its struct, and its struct is accepted with those at their defaults. A size that ends inside
+    # a field leaves that field unknown: its bytes are zeroed by init and must be zero.
+    older = (ctypes.c_uint8 * 72)(*([0xAB] * 72))
+    assert lib.phatgoose_runtime_options_init(ctypes.cast(older, ctypes.POINTER(_native.RuntimeOptions)), 56) == _native.OK
+    assert bytes(older[56:]) == bytes([0xAB] * 16) and bytes(older[4:56]) == bytes(options)[4:56]
+    assert lib.phatgoose_runtime_open(path, ctypes.cast(older, ctypes.POINTER(_native.RuntimeOptions)), ctypes.byref(handle)) == _native.OK
+    lib.phatgoose_runtime_destroy(handle)
+    handle.value = None
+    assert lib.phatgoose_runtime_options_init(ctypes.cast(older, ctypes.POINTER(_native.RuntimeOptions)), 62) == _native.OK
+    assert bytes(older[56:60]) == bytes(_native.RuntimeOptions.from_buffer_copy(options))[56:60] and bytes(older[60:62]) == bytes(2)
+    assert bytes(older[62:]) == bytes([0xAB] * 10)
     for size in (4097, 2 ** 32 - 1):  # an uninitialised struct's size is never believed
         known.struct_size = size
         assert lib.phatgoose_runtime_open(path, pointer, ctypes.byref(handle)) == _native.INVALID_ARGUMENT
