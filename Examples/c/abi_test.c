@@ -80,7 +80,7 @@ int main(int argc, char **argv) {
     size_t uniform_slots = 0, j;
     uint64_t calls = 0, tokens = 0, rejected = 0, per_expert[16];
     size_t count = 0, length = 0, in_width = 0, out_width = 0, slots = 0, i;
-    char name[64];
+    char name[64], expected[160];
 
     if (argc != 3) {
         fprintf(stderr, "usage: abi_test LIBRARY EXPERT_DIRECTORY\n");
@@ -143,8 +143,26 @@ int main(int argc, char **argv) {
     newer.known.workers = 1;
     newer.unknown[3] = 1;
     EXPECT(phatgoose_runtime_create(library, &newer.known, &uniform), PHATGOOSE_STATUS_INVALID_ARGUMENT);
-    MESSAGE_HAS("expected zero bytes beyond the 56 this library knows");
-    MESSAGE_HAS("found byte 59 = 0x1");
+    snprintf(expected, sizeof expected, "expected zero bytes beyond the %zu this library knows", sizeof(phatgoose_runtime_options));
+    MESSAGE_HAS(expected);
+    snprintf(expected, sizeof expected, "found byte %zu = 0x1", sizeof(phatgoose_runtime_options) + 3);
+    MESSAGE_HAS(expected);
+    /* A caller of ABI 1 (56 bytes, up to memory_cap_bytes) is served with the later fields at their defaults. */
+    memset(&newer, 0xAB, sizeof newer);
+    EXPECT(phatgoose_runtime_options_init(&newer.known, 56), PHATGOOSE_STATUS_OK);
+    CHECK(newer.known.struct_size == 56 && newer.known.spin_microseconds == (int32_t)0xABABABAB);
+    EXPECT(phatgoose_runtime_create(library, &newer.known, &uniform), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_runtime_destroy(uniform), PHATGOOSE_STATUS_OK);
+    uniform = NULL;
+    memset(&newer, 0, sizeof newer);
+    EXPECT(phatgoose_runtime_options_init(&newer.known, sizeof newer), PHATGOOSE_STATUS_OK);
+    CHECK(newer.known.spin_microseconds == PHATGOOSE_SPIN_DEFAULT && newer.known.parallel_min_tokens == 1);
+    newer.known.workers = 1;
+    newer.known.spin_microseconds = -5;
+    EXPECT(phatgoose_runtime_create(library, &newer.known, &uniform), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    MESSAGE_HAS("options spin_microseconds");
+    newer.known.spin_microseconds = 0;
+    newer.known.parallel_min_tokens = 64;
     CHECK(uniform == NULL);
     newer.unknown[3] = 0;
     newer.known.struct_size = 5000;
