@@ -169,8 +169,10 @@ typedef enum phatgoose_placement {
 #define PHATGOOSE_WORKERS_DEFAULT (-1)
 /* The largest top_k accepted. */
 #define PHATGOOSE_MAX_TOP_K 4096
-/* Idle pinned workers spin 50 us before sleeping. */
-#define PHATGOOSE_SPIN_DEFAULT (-1)
+/* spin_microseconds: idle pinned workers spin the default 50 us before sleeping (0, as in an ABI 1 struct), or sleep
+ * at once (PHATGOOSE_SPIN_NONE). */
+#define PHATGOOSE_SPIN_DEFAULT 0
+#define PHATGOOSE_SPIN_NONE (-1)
 
 /* How a runtime serves. Always initialise with phatgoose_runtime_options_init(&options, sizeof options), then set
  * fields: struct_size tells the library which fields the caller knows, so the struct can grow compatibly.
@@ -193,8 +195,8 @@ typedef struct phatgoose_runtime_options {
     int32_t max_queued_calls;   /* calls admitted at once (running plus waiting), >= 1; default 64 */
     int32_t reserved;           /* must be 0 */
     uint64_t memory_cap_bytes;  /* most bytes of expert weights held (copies included); 0: no cap */
-    int32_t spin_microseconds;  /* idle pinned workers spin this long, then sleep: 0 ... 1000000 (0: sleep at once),
-                                   or PHATGOOSE_SPIN_DEFAULT (50) */
+    int32_t spin_microseconds;  /* idle pinned workers spin this long, then sleep: 1 ... 1000000, PHATGOOSE_SPIN_DEFAULT
+                                   (0: 50) or PHATGOOSE_SPIN_NONE (-1: sleep at once) */
     int32_t parallel_min_tokens; /* calls of fewer tokens run on the caller alone, waking no worker (a model's decode
                                     steps beside its own threads); 0 or 1: any call may use the workers */
 } phatgoose_runtime_options;

@@ -161,7 +161,7 @@ int main(int argc, char **argv) {
     newer.known.spin_microseconds = -5;
     EXPECT(phatgoose_runtime_create(library, &newer.known, &uniform), PHATGOOSE_STATUS_INVALID_ARGUMENT);
     MESSAGE_HAS("options spin_microseconds");
-    newer.known.spin_microseconds = 0;
+    newer.known.spin_microseconds = PHATGOOSE_SPIN_NONE;
     newer.known.parallel_min_tokens = 64;
     CHECK(uniform == NULL);
     newer.unknown[3] = 0;

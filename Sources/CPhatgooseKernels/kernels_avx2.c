@@ -560,7 +560,7 @@ PG_INL void expand_tile(const int MR, const int NV, const int DT, const float *h
     const int add = scatter != NULL;
     PG_UNROLL
     for (int i = 0; i < MR; i++) {
-        float *yr = y + (size_t)(add ? scatter[i] : i) * ldy + o;
+        float *yr = y + (add ? (size_t)scatter[i] : (size_t)i) * ldy + o;
         if (pairs) {
             PG_UNROLL
             for (int q = 0; q < NV / 2; q++) {
@@ -614,7 +614,7 @@ PG_INL void expand_generic(const int DT, const float *h, size_t n, size_t r, con
     /* the last d_out % 8 columns: the same FMA chain, one element at a time */
     if (d8 < d_out) {
         for (size_t i = 0; i < n; i++) {
-            float *yr = y + (size_t)(scatter ? scatter[i] : (int32_t)i) * ldy;
+            float *yr = y + (scatter ? (size_t)scatter[i] : i) * ldy;
             for (size_t o = d8; o < d_out; o++) {
                 __m128 s = _mm_setzero_ps();
                 for (size_t j = 0; j < r; j++)

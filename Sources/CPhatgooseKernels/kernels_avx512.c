@@ -346,7 +346,7 @@ P5_INL void expand5_tile(const int MR, const int NV, const int DT, const float *
     const int add = scatter != NULL;
     P5_UNROLL
     for (int i = 0; i < MR; i++) {
-        float *yr = y + (size_t)(add ? scatter[i] : i) * ldy + o;
+        float *yr = y + (add ? (size_t)scatter[i] : (size_t)i) * ldy + o;
         if (pairs) {
             P5_UNROLL
             for (int q = 0; q < NV / 2; q++) {
@@ -385,7 +385,7 @@ P5_INL void expand5_cols(const int DT, const float *h, size_t n, size_t r, const
         __m512 acc = _mm512_setzero_ps();
         for (size_t j = 0; j < r; j++)
             acc = _mm512_fmadd_ps(_mm512_set1_ps(h[i * r + j]), p5_ld16_tail(DT, bt, j * d_out + o, t), acc);
-        float *yr = y + (size_t)(scatter ? scatter[i] : (int32_t)i) * ldy + o;
+        float *yr = y + (scatter ? (size_t)scatter[i] : i) * ldy + o;
         if (scatter) acc = _mm512_add_ps(_mm512_maskz_loadu_ps(m, yr), acc);
         _mm512_mask_storeu_ps(yr, m, acc);
     }

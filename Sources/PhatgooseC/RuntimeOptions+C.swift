@@ -109,10 +109,12 @@ func runtimeOptions(_ pointer: UnsafePointer<phatgoose_runtime_options>?, librar
     guard c.max_queued_calls >= 1 else { throw invalid("max_queued_calls", "at least 1", c.max_queued_calls) }
     options.maxQueuedCalls = Int(c.max_queued_calls)
     options.memoryCapBytes = c.memory_cap_bytes == 0 ? nil : Int(clamping: c.memory_cap_bytes)
-    guard c.spin_microseconds == PHATGOOSE_SPIN_DEFAULT || (0...1_000_000).contains(c.spin_microseconds) else {
-        throw invalid("spin_microseconds", "0 to 1000000 or PHATGOOSE_SPIN_DEFAULT (-1)", c.spin_microseconds)
+    switch c.spin_microseconds {
+    case PHATGOOSE_SPIN_DEFAULT: break
+    case PHATGOOSE_SPIN_NONE: options.spinMicroseconds = 0
+    case 1...1_000_000: options.spinMicroseconds = Int(c.spin_microseconds)
+    default: throw invalid("spin_microseconds", "1 to 1000000, PHATGOOSE_SPIN_DEFAULT (0) or PHATGOOSE_SPIN_NONE (-1)", c.spin_microseconds)
     }
-    if c.spin_microseconds != PHATGOOSE_SPIN_DEFAULT { options.spinMicroseconds = Int(c.spin_microseconds) }
     guard c.parallel_min_tokens >= 0 else { throw invalid("parallel_min_tokens", "0 or more", c.parallel_min_tokens) }
     options.parallelMinTokens = max(1, Int(c.parallel_min_tokens))
     return options

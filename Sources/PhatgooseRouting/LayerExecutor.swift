@@ -77,8 +77,8 @@ public final class LayerExecutor {
     /// Creates an executor with empty scratch.
     public init() {}
 
-    /// Routes and applies `module` to `tokens` rows of `x`, adding the mixture delta into `out`. Afterwards
-    /// ``routing`` holds each token's choices.
+    /// Routes and applies `module` to `tokens` rows of `x`, adding the mixture delta into `out` (which must not
+    /// overlap `x`: the experts read `x` while adding into `out`). Afterwards ``routing`` holds each token's choices.
     public func apply(_ module: RoutedModule, router: LayerRouter, x: UnsafePointer<Float>, ldx: Int, tokens: Int,
                       out: UnsafeMutablePointer<Float>, ldo: Int) {
         precondition(router.inWidth == module.inWidth && router.candidateCount == module.experts.count, "router built for another module")
@@ -232,11 +232,22 @@ public final class NaiveExecutor {
         let y = row.reserve(module.outWidth)
         let h = shrunk.reserve(module.experts.reduce(0) { max($0, $1.rank) })
         let slots = routing.slots
+        var order = [Int](repeating: 0, count: slots)
         for t in 0..<tokens {
             var token = Int32(t)
-            // The token's experts in ascending order, the order in which the grouped executors add them.
-            for c in 0..<module.experts.count {
-                guard let j = (0..<slots).first(where: { routing.candidates[t * slots + $0] == Int32(c) }) else { continue }
+            // The token's slots by ascending expert (insertion sort), the order in which the grouped executors add.
+            var count = 0
+            for j in 0..<slots where routing.candidates[t * slots + j] >= 0 {
+                var i = count
+                while i > 0 && routing.candidates[t * slots + order[i - 1]] > routing.candidates[t * slots + j] {
+                    order[i] = order[i - 1]
+                    i -= 1
+                }
+                order[i] = j
+                count += 1
+            }
+            for j in order.prefix(count) {
+                let c = Int(routing.candidates[t * slots + j])
                 var weight = routing.weights[t * slots + j]
                 LayerExecutor.runExpert(module.experts[c], x: x, ldx: ldx, inWidth: module.inWidth, outWidth: module.outWidth,
                                         tokens: &token, weights: &weight, count: 1, h: h, rows: y)

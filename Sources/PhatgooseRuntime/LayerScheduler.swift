@@ -338,10 +338,11 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         let myNode = nodes[p]
         let sorted = sortedItems.pointer, starts = queueStart.pointer, cursor = cursors.pointer
         let inWidth = call.inWidth, outWidth = call.outWidth
-        // Own queue first, then steal from participants of the same node.
+        // Own queue first, then steal from participants of the same node; when fused, the caller alone runs the
+        // phase and so takes every queue (a single item may be queued to a participant on another node).
         for offset in 0..<participants {
             let q = (p + offset) % participants
-            if offset > 0 && nodes[q] != myNode { continue }
+            if offset > 0 && nodes[q] != myNode && !call.fused { continue }
             let end = Int64(starts[q + 1])
             while true {
                 let i = pg_atomic_fetch_add_i64(cursor + q, 1)

@@ -286,6 +286,13 @@ public final class Runtime: Sendable {
         guard output.count >= tokens * module.outWidth, tokens == 0 || output.baseAddress != nil else {
             throw RuntimeError(.shape, "layer \(layer.name): expected an output of \(tokens) x \(module.outWidth) floats, found \(output.count)")
         }
+        // The experts read the input while they add into the output: the two must not share memory.
+        if tokens > 0, let i = input.baseAddress, let o = output.baseAddress {
+            let inputEnd = UnsafeRawPointer(i + tokens * module.inWidth), outputEnd = UnsafeRawPointer(o + tokens * module.outWidth)
+            guard UnsafeRawPointer(i) >= outputEnd || UnsafeRawPointer(o) >= inputEnd else {
+                throw RuntimeError(.shape, "layer \(layer.name): expected an output that does not overlap the input, found them sharing memory")
+            }
+        }
         guard (experts == nil) == (weights == nil) else {
             throw RuntimeError(.shape, "layer \(layer.name): expected both routing buffers (experts and weights) or neither")
         }

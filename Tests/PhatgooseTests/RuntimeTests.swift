@@ -58,8 +58,9 @@ struct RuntimeTests {
     func matchesSingleThreaded(_ configuration: Int) throws {
         let (executor, workers, tile, spec) = Self.configurations[configuration]
         let library = try synthLibrary()
+        // Top-1 at one token makes a single work item, which may be queued to a participant on another node.
         for routing in [RoutingOptions(topK: 2), RoutingOptions(router: .arrow, topK: 3), RoutingOptions(router: .uniform),
-                        RoutingOptions(topK: 2, granularity: .sequence(length: 7))] {
+                        RoutingOptions(topK: 2, granularity: .sequence(length: 7)), RoutingOptions(topK: 1)] {
             let runtime = try Runtime(library: library, options: RuntimeOptions(
                 routing: routing, workers: workers, executor: executor, topology: try spec.map { try Topology.modelled($0) }, tileRows: tile))
             defer { runtime.shutdown() }
@@ -377,6 +378,16 @@ struct RuntimeTests {
             let alone = events.allSatisfy { $0.worker == 0 } && !events.contains { $0.kind == .combine }
             // Tiles of 2 rows give every expert phase several items, so a call that may fan out has a combine phase.
             #expect(alone == (tokens < 16), "T=\(tokens): \(Set(events.map(\.kind)))")
+        }
+        // Input and output sharing memory are refused (the experts read the input while adding into the output).
+        var shared = randomFloats(8 * max(module.inWidth, module.outWidth) + 8, seed: 60)
+        #expect {
+            try shared.withUnsafeMutableBufferPointer { buffer in
+                try runtime.apply(layer, input: UnsafeBufferPointer(rebasing: buffer[0..<(8 * module.inWidth)]), tokens: 8,
+                                  output: UnsafeMutableBufferPointer(rebasing: buffer[8..<(8 + 8 * module.outWidth)]))
+            }
+        } throws: { error in
+            (error as? RuntimeError)?.code == .shape && "\(error)".contains("does not overlap the input")
         }
         for (spin, threshold, message) in [(-1, 1, "spin microseconds"), (1_000_001, 1, "spin microseconds"), (50, 0, "parallel min tokens")] {
             #expect {

@@ -215,7 +215,9 @@ class Runtime:
                 raise invalid(f"memory_cap_bytes: expected a positive integer below 2**64, found {memory_cap_bytes!r}")
             options.memory_cap_bytes = int(memory_cap_bytes)
         if spin_microseconds is not None:
-            options.spin_microseconds = _int32("spin_microseconds", spin_microseconds, minimum=0)
+            # The C field: 0 is the default, -1 (PHATGOOSE_SPIN_NONE) sleeps at once.
+            spin = _int32("spin_microseconds", spin_microseconds, minimum=0)
+            options.spin_microseconds = -1 if spin == 0 else spin
         if parallel_min_tokens is not None:
             options.parallel_min_tokens = _int32("parallel_min_tokens", parallel_min_tokens, minimum=1)
         if isinstance(library, Library):

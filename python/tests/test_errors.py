@@ -374,7 +374,7 @@ def test_raw_options_are_checked(synth):
     assert lib.phatgoose_runtime_options_init(None, 56) == _native.INVALID_ARGUMENT
     assert lib.phatgoose_runtime_options_init(ctypes.byref(options), ctypes.sizeof(options)) == _native.OK
     assert (options.struct_size, options.top_k, options.workers, options.max_queued_calls, options.arrow_temperature) == (64, 0, -1, 64, 10.0)
-    assert (options.spin_microseconds, options.parallel_min_tokens) == (-1, 1)
+    assert (options.spin_microseconds, options.parallel_min_tokens) == (0, 1)
     for field, value in (("reserved", 1), ("router", 9), ("router", -1), ("executor", 2), ("placement", 4), ("top_k", -1),
                          ("spin_microseconds", -2), ("spin_microseconds", 1_000_001), ("parallel_min_tokens", -1)):
         bad = _native.RuntimeOptions.from_buffer_copy(options)
