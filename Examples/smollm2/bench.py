@@ -111,10 +111,13 @@ def side_by_side(arguments):
     model = load(arguments.cache)
     library = arguments.cache / "library-phatgoose"
     reference = pgt.read_library(library)
-    with phatgoose.Runtime(library, top_k=2, workers=pgt.DEFAULT_WORKERS) as runtime:
+    # The default (workers=0), and one worker that sleeps at once and takes only calls of 64 tokens or more.
+    with phatgoose.Runtime(library, top_k=2, workers=pgt.DEFAULT_WORKERS) as runtime, \
+            phatgoose.Runtime(library, top_k=2, workers=1, spin_microseconds=0, parallel_min_tokens=64) as worker:
         configurations = {
             "base": (lambda: None, lambda: None),
             "phatgoose": hooked(model, pgt.attach, runtime),
+            "phatgoose (1 worker, no spin, from 64 tokens)": hooked(model, pgt.attach, worker),
             "reference (loop)": hooked(model, pgt.attach_reference, reference, top_k=2),
             "reference (dense)": hooked(model, pgt.attach_reference, reference, top_k=2, dense=True),
         }
