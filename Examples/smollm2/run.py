@@ -422,7 +422,7 @@ def main(argv=None):
     parser.add_argument("--alpha", type=float, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--gate-steps", type=int, default=100)
-    parser.add_argument("--gate-batch-size", type=int, default=4)
+    parser.add_argument("--gate-batch-size", type=int, default=16)
     parser.add_argument("--average-examples", type=int, default=100)
     parser.add_argument("--methods", type=lambda text: text.split(","), default=METHODS,
                         help="comma-separated methods to evaluate now (default all: " + ",".join(METHODS) + ")")
