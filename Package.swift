@@ -87,7 +87,7 @@ let package = Package(
             name: "PhatgooseTests",
             dependencies: [
                 "CPhatgooseKernels", "PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting",
-                "PhatgooseRuntime", "PhatgooseSynth", "PhatgooseProfiling", "PhatgooseLoadTest",
+                "PhatgooseRuntime", "PhatgooseSynth", "PhatgooseProfiling", "PhatgooseLoadTest", "CPhatgoose", "PhatgooseC",
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             swiftSettings: [.define("PHATGOOSE_CHECK_INVARIANTS")]
