@@ -39,6 +39,9 @@ CONFIGURATIONS = [
     ({"workers": 0}, []),
     ({"executor": "dispatch", "workers": 2}, []),
     ({"placement": "in-place"}, []),
+    # 32 tokens per call: at or above the threshold the worker takes part, below it the caller works alone.
+    ({"workers": 1, "spin_microseconds": 0, "parallel_min_tokens": 16}, []),
+    ({"workers": 1, "spin_microseconds": 200, "parallel_min_tokens": 64}, []),
 ]
 
 

@@ -60,6 +60,9 @@ def test_opening_a_missing_or_invalid_library_raises_with_the_file(tmp_path):
     ({"placement": "isolate", "placement_argument": 99}, phatgoose.InvalidArgumentError, "placement isolate: expected a node"),
     ({"placement": "replicate-hot", "placement_argument": -1}, phatgoose.InvalidArgumentError, "placement replicate"),
     ({"executor": "fibers"}, phatgoose.InvalidArgumentError, "executor"),
+    ({"spin_microseconds": -1}, phatgoose.InvalidArgumentError, "spin_microseconds: expected an integer from 0"),
+    ({"spin_microseconds": 1_000_001}, phatgoose.InvalidArgumentError, "options spin_microseconds: expected 1 to 1000000"),
+    ({"parallel_min_tokens": 0}, phatgoose.InvalidArgumentError, "parallel_min_tokens: expected an integer from 1"),
 ])
 def test_bad_options_raise(synth, options, error, text):
     with pytest.raises(error, match=text):
