@@ -138,8 +138,9 @@ public final class LayerExecutor {
     /// Each token in `tokenRange` adds its assignment rows into `out`, in ascending assignment order, which is
     /// ascending expert order (the plan sorts assignments by expert): the order in which ``apply(_:router:x:ldx:tokens:out:ldo:)``
     /// adds them.
+    /// `out` holds the row of token `firstToken` first (a part of the plan's tokens that has its own output).
     public static func combine(_ plan: DispatchPlan, rows: UnsafePointer<Float>, outWidth: Int, tokenRange: Range<Int>,
-                               out: UnsafeMutablePointer<Float>, ldo: Int) {
+                               out: UnsafeMutablePointer<Float>, ldo: Int, firstToken: Int = 0) {
         // Up to 8 rows per pass over the token's output row (one read and write of it per pass, not per row).
         withUnsafeTemporaryAllocation(of: UnsafePointer<Float>?.self, capacity: 8) { pending in
             plan.tokenSlots.withUnsafeBufferPointer { slots in
@@ -163,7 +164,7 @@ public final class LayerExecutor {
                             pending[n] = UnsafePointer(rows + Int(order[i]) * outWidth)
                             n += 1
                             if n == 8 || i == count - 1 {
-                                Kernels.addRows(pending.baseAddress!, rowCount: n, into: out + t * ldo, width: outWidth)
+                                Kernels.addRows(pending.baseAddress!, rowCount: n, into: out + (t - firstToken) * ldo, width: outWidth)
                                 n = 0
                             }
                         }

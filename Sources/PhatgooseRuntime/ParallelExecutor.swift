@@ -71,13 +71,20 @@ func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
     return thread
 }
 
-/// Worker threads pinned to CPUs, woken by a generation counter: they spin on it for `spinNanoseconds` after each
-/// phase (so back-to-back calls hand off in well under a microsecond), then sleep on a futex.
+/// Worker threads pinned to CPUs, woken by a generation counter. A phase is open to workers from its publication
+/// until the caller has run out of work; a worker that was not running in that window (preempted, or asleep and not
+/// yet scheduled) skips the phase, so the caller never waits for a worker that does not run. Jobs must therefore let
+/// participant 0 do all of the work (every task claimable by anyone); the workers are help, not owners.
+///
+/// Spinning adapts: each worker spins after a phase for a budget that doubles when the next phase came within it and
+/// halves when it did not (up to `spinNanoseconds`), and it stops spinning at once and shrinks the budget when it sees
+/// it was preempted while spinning (the machine is oversubscribed). The caller spins on workers still in a phase only
+/// for the same bound, then sleeps on a futex until the last one leaves.
 ///
 /// # Thread safety
-/// `generation`, `pending`, `sleepers`, `stopping` are atomics; `futexWord` is accessed only through C atomics and
-/// the futex calls; `phase` is guarded by the generation protocol (see ``PhaseBox``); `threads` is written in `init`
-/// and read in `shutdown`, which runs once (guarded by `stopping`).
+/// `generation`, `door`, `sleepers`, `callerSleeping`, `stopping` are atomics; `futexWord` and `doneWord` are
+/// accessed only through C atomics and the futex calls; `phase` is guarded by the door protocol (see ``PhaseBox``);
+/// `threads` is written in `init` and read in `shutdown`, which runs once (guarded by `stopping`).
 public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
     /// Always ``ExecutorKind/pinned``.
     public let kind = ExecutorKind.pinned
@@ -88,13 +95,25 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
     /// The CPU each participant is pinned to; nil for participant 0, the unpinned caller.
     public let participantCPUs: [Int?]
     private let generation = Atomic<UInt64>(0)
-    private let pending = Atomic<Int>(0)
+    /// The phase's door: generation (high 32 bits), open (bit 31), workers inside (low 31 bits).
+    private let door = Atomic<UInt64>(0)
     private let sleepers = Atomic<Int>(0)
+    private let callerSleeping = Atomic<Bool>(false)
     private let stopping = Atomic<Bool>(false)
     private let futexWord: UnsafeMutablePointer<UInt32>
+    /// The generation of the last phase whose workers have all left, for the caller's futex.
+    private let doneWord: UnsafeMutablePointer<UInt32>
     private let phase = PhaseBox()
     private var threads: [pthread_t] = []
     private let spinNanoseconds: UInt64
+    /// Phases workers joined and phases they skipped (the door closed before they came), for tests and reports.
+    private let joinedCount = Atomic<Int>(0)
+    private let skippedCount = Atomic<Int>(0)
+    /// Times a spinning worker saw it had been preempted and went to sleep.
+    private let preemptedCount = Atomic<Int>(0)
+
+    private static let openBit: UInt64 = 1 << 31
+    private static let insideMask: UInt64 = (1 << 31) - 1
 
     /// Starts `workers` threads, placed round-robin over the topology's nodes and pinned to their CPUs.
     public init(topology: Topology, workers: Int, spinMicroseconds: Int = 50) {
@@ -103,6 +122,8 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
         spinNanoseconds = UInt64(max(0, spinMicroseconds)) * 1000
         futexWord = .allocate(capacity: 1)
         futexWord.initialize(to: 0)
+        doneWord = .allocate(capacity: 1)
+        doneWord.initialize(to: 0)
         // The caller is participant 0 on node 0; workers go round-robin over the nodes starting after it, and take
         // their node's CPUs from the last one down, leaving the first CPUs to the (unpinned) caller.
         var nodes = [topology.nodes[0].id]
@@ -127,35 +148,81 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
     deinit {
         shutdown()
         futexWord.deallocate()
+        doneWord.deallocate()
+    }
+
+    /// Phases the workers joined, phases they found closed, and spins cut short by preemption, since start.
+    public var handoffCounts: (joined: Int, skipped: Int, preempted: Int) {
+        (joinedCount.load(ordering: .relaxed), skippedCount.load(ordering: .relaxed), preemptedCount.load(ordering: .relaxed))
     }
 
     private func workerLoop(participant: Int, cpu: Int, name: String) {
         _ = name.withCString { pg_name_current_thread($0) }
         _ = pg_pin_current_thread(Int32(cpu))
         var seen: UInt64 = 0
+        // The adaptive spin budget (see the type's documentation); a gap between two clock reads this long means
+        // the thread was not running in between.
+        var budget = spinNanoseconds
+        let preemptedGap: UInt64 = 40_000
         while true {
-            var spinStart: UInt64 = 0
+            let waitStart = pg_now_ns()
+            var lastCheck = waitStart
             var spins = 0
+            var slept = false
+            var preempted = false
             while generation.load(ordering: .sequentiallyConsistent) == seen {
                 if stopping.load(ordering: .sequentiallyConsistent) { return }
                 spins += 1
-                if spins & 63 != 0 {
+                if !slept && budget > 0 && spins & 63 != 0 {
                     pg_cpu_relax()
                     continue
                 }
-                let now = pg_now_ns()
-                if spinStart == 0 { spinStart = now }
-                if now - spinStart < spinNanoseconds { continue }
+                if !slept {
+                    let now = pg_now_ns()
+                    if now - lastCheck > preemptedGap { preempted = true }
+                    lastCheck = now
+                    if now - waitStart < budget && !preempted { continue }
+                }
+                slept = true
                 sleepers.add(1, ordering: .sequentiallyConsistent)
                 if generation.load(ordering: .sequentiallyConsistent) == seen && !stopping.load(ordering: .sequentiallyConsistent) {
                     _ = pg_futex_wait(futexWord, UInt32(truncatingIfNeeded: seen))
                 }
                 sleepers.subtract(1, ordering: .sequentiallyConsistent)
             }
+            // Adapt the budget to how long this wait was.
+            let gap = pg_now_ns() - waitStart
+            if preempted {
+                preemptedCount.add(1, ordering: .relaxed)
+                budget /= 4
+            } else if gap < spinNanoseconds {
+                budget = min(spinNanoseconds, max(budget * 2, 2_000))  // spinning caught it, or a longer spin would have
+            } else {
+                budget /= 2
+            }
             seen = generation.load(ordering: .sequentiallyConsistent)
             if stopping.load(ordering: .sequentiallyConsistent) { return }
+            // Join the phase if its door is still open; otherwise it is over (or another one is), so skip it.
+            let gen = seen & 0xFFFF_FFFF
+            var state = door.load(ordering: .sequentiallyConsistent)
+            var joined = false
+            while state >> 32 == gen && state & Self.openBit != 0 {
+                let (exchanged, original) = door.compareExchange(expected: state, desired: state + 1, ordering: .sequentiallyConsistent)
+                if exchanged { joined = true; break }
+                state = original
+            }
+            guard joined else {
+                skippedCount.add(1, ordering: .relaxed)
+                continue
+            }
+            joinedCount.add(1, ordering: .relaxed)
             runPhase(participant)
-            pending.subtract(1, ordering: .sequentiallyConsistent)
+            let left = door.subtract(1, ordering: .sequentiallyConsistent).newValue
+            if left & Self.insideMask == 0 && left & Self.openBit == 0 {
+                // The last one out of a closed phase tells the caller.
+                pg_atomic_store_u32(doneWord, UInt32(truncatingIfNeeded: gen))
+                if callerSleeping.load(ordering: .sequentiallyConsistent) { _ = pg_futex_wake(doneWord, 1) }
+            }
         }
     }
 
@@ -165,21 +232,35 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
         phase.job!.run(participant: participant)
     }
 
-    /// Publishes `job` to the workers, runs participant 0's share on the calling thread, then spins (yielding
-    /// after a while) until every worker has finished. Traps after ``shutdown()`` when the pool has workers.
+    /// Publishes `job` to the workers, runs participant 0's share (which must finish every task nobody else has
+    /// claimed) on the calling thread, closes the phase to late workers, then waits for the workers inside it:
+    /// spinning up to the spin bound, then asleep. Traps after ``shutdown()`` when the pool has workers.
     public func run(_ job: any ParallelJob) {
         guard participantCount > 1 else { return job.run(participant: 0) }
         precondition(!stopping.load(ordering: .sequentiallyConsistent), "run after shutdown")
         phase.job = job
-        pending.store(participantCount - 1, ordering: .sequentiallyConsistent)
         let next = generation.add(1, ordering: .sequentiallyConsistent).newValue
+        let gen = next & 0xFFFF_FFFF
+        door.store(gen << 32 | Self.openBit, ordering: .sequentiallyConsistent)
         pg_atomic_store_u32(futexWord, UInt32(truncatingIfNeeded: next))
         if sleepers.load(ordering: .sequentiallyConsistent) > 0 { _ = pg_futex_wake(futexWord, Int32.max) }
         job.run(participant: 0)
-        var spins = 0
-        while pending.load(ordering: .sequentiallyConsistent) > 0 {
-            spins += 1
-            if spins < 1 << 16 { pg_cpu_relax() } else { sched_yield() }
+        // Close the door; whoever is inside finishes, whoever comes later skips.
+        let closed = door.bitwiseAnd(~Self.openBit, ordering: .sequentiallyConsistent).newValue
+        if closed & Self.insideMask != 0 {
+            let spinStart = pg_now_ns()
+            var spins = 0
+            while door.load(ordering: .sequentiallyConsistent) & Self.insideMask != 0 {
+                spins += 1
+                if spins & 63 != 0 { pg_cpu_relax(); continue }
+                if pg_now_ns() - spinStart < spinNanoseconds { continue }
+                callerSleeping.store(true, ordering: .sequentiallyConsistent)
+                while pg_atomic_load_u32(doneWord) != UInt32(truncatingIfNeeded: gen) {
+                    _ = pg_futex_wait(doneWord, pg_atomic_load_u32(doneWord))
+                }
+                callerSleeping.store(false, ordering: .sequentiallyConsistent)
+                break
+            }
         }
         phase.job = nil
     }

@@ -3,6 +3,7 @@ import Foundation
 import PhatgooseFormats
 import PhatgooseLibrary
 import PhatgooseRouting
+import CPhatgooseSystem
 import Synchronization
 
 /// A handle to one routed layer, resolved once from its module name and reused for every call.
@@ -40,6 +41,13 @@ public struct RuntimeOptions: Sendable {
     /// host whose own threads share the cores, as in a model's forward pass: decode steps of a few tokens then cost
     /// no hand-off, and only large calls (prefill) use the workers.
     public var parallelMinTokens: Int
+    /// Most tokens of one call in one dispatch: a larger call (a prefill) is served in chunks of this many tokens
+    /// (whole sequences when routing per sequence), so calls queued behind it (decode steps) join the next dispatch
+    /// instead of waiting for all of it. The results are the same bits as in one piece.
+    public var chunkTokens: Int
+    /// Allow more workers than the topology has CPUs (each would then share a CPU with another thread and spin on
+    /// it); off, such a request is refused.
+    public var oversubscribe: Bool
     /// Sees every phase of every call; nil costs nothing.
     public var observer: (any RuntimeObserver)?
 
@@ -47,7 +55,7 @@ public struct RuntimeOptions: Sendable {
     public init(routing: RoutingOptions? = nil, workers: Int? = nil, executor: ExecutorKind = .pinned, topology: Topology? = nil,
                 placement: PlacementPolicy = .distribute, loadProfile: [Double]? = nil, memoryCapBytes: Int? = nil,
                 maxQueuedCalls: Int = 64, tileRows: Int? = nil, spinMicroseconds: Int = 50, parallelMinTokens: Int = 1,
-                observer: (any RuntimeObserver)? = nil) {
+                chunkTokens: Int = 256, oversubscribe: Bool = false, observer: (any RuntimeObserver)? = nil) {
         self.routing = routing
         self.workers = workers
         self.executor = executor
@@ -59,6 +67,8 @@ public struct RuntimeOptions: Sendable {
         self.tileRows = tileRows
         self.spinMicroseconds = spinMicroseconds
         self.parallelMinTokens = parallelMinTokens
+        self.chunkTokens = chunkTokens
+        self.oversubscribe = oversubscribe
         self.observer = observer
     }
 }
@@ -71,6 +81,10 @@ public struct RuntimeStatistics: Sendable, Equatable {
     public var tokens: Int = 0
     /// Calls refused by admission control.
     public var rejected: Int = 0
+    /// Dispatches run: each serves every call queued when it starts (a chunk of each large one).
+    public var dispatches: Int = 0
+    /// Calls served in a dispatch with other calls.
+    public var mergedCalls: Int = 0
     /// Token assignments per expert index (a token choosing two experts counts once for each).
     public var tokensPerExpert: [Int] = []
 }
@@ -95,8 +109,10 @@ public struct LayerOutput: Sendable {
 /// `LayerExecutor`'s bit for bit.
 ///
 /// # Thread safety
-/// All methods may be called from any thread at any time. Calls share the executor one at a time (the execution
-/// lock); waiting calls are bounded by `maxQueuedCalls`, beyond which a call fails at once with `.overloaded`.
+/// All methods may be called from any thread at any time. Calls queue first come, first served; whenever the
+/// executor is free, one waiting caller takes every queued call and runs them as one dispatch (calls at the same
+/// layer share one routing pass and one plan; calls at different layers share the phases), then wakes their
+/// callers. Waiting calls are bounded by `maxQueuedCalls`, beyond which a call fails at once with `.overloaded`.
 /// `addExpert`/`removeExpert` publish a new snapshot atomically; calls in flight finish on the snapshot they began
 /// with. After `shutdown()`, calls fail with `.shutDown`.
 public final class Runtime: Sendable {
@@ -108,7 +124,8 @@ public final class Runtime: Sendable {
     public let routing: RoutingOptions
     private let current: Locked<LibrarySnapshot>
     private let changes = Locked<Int>(0)
-    private let scheduler: Locked<LayerScheduler>
+    private let dispatcher: Locked<Dispatcher>
+    private let queue: Locked<CallQueue>
     private let executor: any ParallelExecutor
     private let admitted = Atomic<Int>(0)
     private let isShutDown = Atomic<Bool>(false)
@@ -123,6 +140,10 @@ public final class Runtime: Sendable {
         guard options.maxQueuedCalls >= 1 else { throw RuntimeError(.option, "max queued calls: expected at least 1, found \(options.maxQueuedCalls)") }
         let workers = options.workers ?? max(0, topology.cpuCount - 1)
         guard workers >= 0 && workers <= 1024 else { throw RuntimeError(.option, "workers: expected 0 to 1024, found \(workers)") }
+        guard options.oversubscribe || workers <= topology.cpuCount else {
+            throw RuntimeError(.option, "workers: expected at most \(topology.cpuCount), the CPUs of the topology (the default is one fewer, as the caller works too), found \(workers): more workers than CPUs share CPUs and spin against each other; set oversubscribe to allow it")
+        }
+        guard options.chunkTokens >= 1 else { throw RuntimeError(.option, "chunk tokens: expected at least 1, found \(options.chunkTokens)") }
         if let tile = options.tileRows, tile < 1 { throw RuntimeError(.option, "tile rows: expected at least 1, found \(tile)") }
         guard options.spinMicroseconds >= 0 && options.spinMicroseconds <= 1_000_000 else {
             throw RuntimeError(.option, "spin microseconds: expected 0 to 1000000, found \(options.spinMicroseconds)")
@@ -141,7 +162,8 @@ public final class Runtime: Sendable {
         scheduler.tileRows = options.tileRows
         scheduler.parallelMinTokens = options.parallelMinTokens
         scheduler.observer = options.observer
-        self.scheduler = Locked(scheduler)
+        dispatcher = Locked(Dispatcher(scheduler: scheduler, capacity: options.maxQueuedCalls))
+        queue = Locked(CallQueue(capacity: options.maxQueuedCalls))
         statistics.withLock { $0.tokensPerExpert = [Int](repeating: 0, count: library.experts.count) }
     }
 
@@ -212,15 +234,14 @@ public final class Runtime: Sendable {
         guard tokens > 0 else { return }
         try admit()
         defer { admitted.subtract(1, ordering: .sequentiallyConsistent) }
-        let queuedAt = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-        let ran = scheduler.withLock { scheduler -> (count: Int, first: Int?)? in
-            guard !isShutDown.load(ordering: .acquiring) else { return nil }
-            observeQueued(scheduler, layer: m, tokens: tokens, since: queuedAt)
-            return run(scheduler, snapshot, module: m, input: input.baseAddress!, tokens: tokens, output: output.baseAddress!,
-                       experts: experts?.baseAddress, weights: weights?.baseAddress, routingStride: stride)
+        let request = takeRequest()
+        defer { returnRequest(request) }
+        request.prepare(snapshot: snapshot, x: input.baseAddress!, tokens: tokens, layers: 1)
+        request.setLayer(0, module: m, out: output.baseAddress!, experts: experts?.baseAddress, weights: weights?.baseAddress, stride: stride)
+        try serve(request)
+        if let unrouted = request.firstUnroutedLayer() {
+            throw Self.nonFiniteInput(layer, count: unrouted.count, of: tokens, first: unrouted.first)
         }
-        guard let unrouted = ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
-        if let first = unrouted.first { throw Self.nonFiniteInput(layer, count: unrouted.count, of: tokens, first: first) }
     }
 
     /// The error of a call that left tokens unrouted.
@@ -245,22 +266,31 @@ public final class Runtime: Sendable {
                                      weights: weights?[i], sharedInWidth: shared))
         }
         guard tokens > 0 else { return }
+        // The layers run in one dispatch, so their outputs must be distinct memory.
+        for i in outputs.indices {
+            let width = snapshot.library.modules[modules[i].index].outWidth
+            let (lower, upper) = (UnsafeRawPointer(outputs[i].baseAddress!), UnsafeRawPointer(outputs[i].baseAddress! + tokens * width))
+            for j in outputs.indices where j < i {
+                let otherWidth = snapshot.library.modules[modules[j].index].outWidth
+                let (otherLower, otherUpper) = (UnsafeRawPointer(outputs[j].baseAddress!), UnsafeRawPointer(outputs[j].baseAddress! + tokens * otherWidth))
+                guard upper <= otherLower || otherUpper <= lower else {
+                    throw RuntimeError(.shape, "layers \(layers[j].name) and \(layers[i].name): expected outputs that do not overlap, found them sharing memory")
+                }
+            }
+        }
         try admit()
         defer { admitted.subtract(1, ordering: .sequentiallyConsistent) }
-        let queuedAt = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-        let ran = scheduler.withLock { scheduler -> (layer: Int, count: Int, first: Int?)? in
-            guard !isShutDown.load(ordering: .acquiring) else { return nil }
-            observeQueued(scheduler, layer: modules[0].index, tokens: tokens, since: queuedAt)
-            var unrouted: (layer: Int, count: Int, first: Int?) = (0, 0, nil)
-            for (i, m) in modules.enumerated() {
-                let left = run(scheduler, snapshot, module: m.index, input: input.baseAddress!, tokens: tokens, output: outputs[i].baseAddress!,
-                               experts: experts?[i].baseAddress, weights: weights?[i].baseAddress, routingStride: m.stride)
-                if unrouted.first == nil && left.first != nil { unrouted = (i, left.count, left.first) }
-            }
-            return unrouted
+        let request = takeRequest()
+        defer { returnRequest(request) }
+        request.prepare(snapshot: snapshot, x: input.baseAddress!, tokens: tokens, layers: layers.count)
+        for (i, m) in modules.enumerated() {
+            request.setLayer(i, module: m.index, out: outputs[i].baseAddress!, experts: experts?[i].baseAddress, weights: weights?[i].baseAddress,
+                             stride: m.stride)
         }
-        guard let unrouted = ran else { throw RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down") }
-        if let first = unrouted.first { throw Self.nonFiniteInput(layers[unrouted.layer], count: unrouted.count, of: tokens, first: first) }
+        try serve(request)
+        if let unrouted = request.firstUnroutedLayer() {
+            throw Self.nonFiniteInput(layers[unrouted.layer], count: unrouted.count, of: tokens, first: unrouted.first)
+        }
     }
 
     /// The current snapshot, once the runtime is known to be running and `tokens` valid.
@@ -317,36 +347,290 @@ public final class Runtime: Sendable {
         }
     }
 
-    private func observeQueued(_ scheduler: LayerScheduler, layer: Int, tokens: Int, since: UInt64) {
-        guard let observer = options.observer else { return }
-        observer.observe(RuntimeEvent(kind: .queued, worker: 0, node: scheduler.nodes[0], layer: layer, expert: -1, rows: tokens,
-                                      start: since, end: DispatchTime.now().uptimeNanoseconds))
+    /// One layer of a queued call.
+    struct QueuedLayer {
+        var module: Int
+        var out: UnsafeMutablePointer<Float>
+        var experts: UnsafeMutablePointer<Int32>?
+        var weights: UnsafeMutablePointer<Float>?
+        var stride: Int
+        /// Tokens of this layer left unrouted so far, and the first of them (call coordinates), or -1.
+        var unroutedCount = 0
+        var firstUnrouted = -1
     }
 
-    /// One layer under the scheduler lock, then its statistics. Returns the tokens it left unrouted.
-    private func run(_ scheduler: LayerScheduler, _ snapshot: LibrarySnapshot, module m: Int, input: UnsafePointer<Float>, tokens: Int,
-                     output: UnsafeMutablePointer<Float>, experts: UnsafeMutablePointer<Int32>?, weights: UnsafeMutablePointer<Float>?,
-                     routingStride: Int) -> (count: Int, first: Int?) {
-        // Plain per-candidate values only: iterating `module.experts` would copy (retain and release) every
-        // ModuleExpert on each call.
-        let candidateExperts = snapshot.candidateExperts[m]
-        let counts = scheduler.counts.reserve(candidateExperts.count)
-        let callStart = options.observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-        let unrouted = scheduler.execute(snapshot, module: m, x: input, tokens: tokens, out: output, expertsOut: experts, weightsOut: weights,
-                                         routingStride: routingStride, counts: counts)
-        if let observer = options.observer {
-            observer.observe(RuntimeEvent(kind: .call, worker: 0, node: scheduler.nodes[0], layer: m, expert: -1, rows: tokens,
-                                          start: callStart, end: DispatchTime.now().uptimeNanoseconds))
+    /// A call in the queue: written by its caller before it is queued, then by the dispatcher until it is done.
+    ///
+    /// # Thread safety
+    /// `state` (an atomic) hands the request between its caller and the dispatcher: the caller writes the request
+    /// before queueing it (under the queue's lock) and reads the results only after it sees `state` become done;
+    /// the dispatcher writes progress and results only while the request is queued. The futex word mirrors `state`
+    /// for sleeping. Hence `@unchecked Sendable`.
+    final class CallRequest: @unchecked Sendable {
+        static let waiting: UInt32 = 0, done: UInt32 = 1, dispatch: UInt32 = 2
+
+        var snapshot: LibrarySnapshot?
+        var x: UnsafePointer<Float>?
+        var tokens = 0
+        var layers = RawBuffer<QueuedLayer>(capacity: 4)
+        var layerCount = 0
+        /// Tokens served so far (of every layer), and the tokens of the dispatch in flight.
+        var served = 0
+        var serving = 0
+        /// The last dispatch round that took a chunk of this call.
+        var round = 0
+        var failure: RuntimeError?
+        var queuedAt: UInt64 = 0
+        var firstDispatchAt: UInt64 = 0
+        var continuation: CheckedContinuation<Void, Never>?
+        let state = Atomic<UInt32>(0)
+        let word: UnsafeMutablePointer<UInt32>
+
+        init() {
+            word = .allocate(capacity: 1)
+            word.initialize(to: 0)
         }
-        statistics.withLock { stats in
-            stats.calls += 1
-            stats.tokens += tokens
-            for (c, expert) in candidateExperts.enumerated() {
-                let e = Int(expert)
-                if e < stats.tokensPerExpert.count { stats.tokensPerExpert[e] += counts[c] }
+
+        deinit { word.deallocate() }
+
+        func prepare(snapshot: LibrarySnapshot, x: UnsafePointer<Float>, tokens: Int, layers count: Int) {
+            self.snapshot = snapshot
+            self.x = x
+            self.tokens = tokens
+            layerCount = count
+            layers.reserve(count)
+            served = 0
+            serving = 0
+            round = 0
+            failure = nil
+            queuedAt = 0
+            firstDispatchAt = 0
+            state.store(Self.waiting, ordering: .sequentiallyConsistent)
+            pg_atomic_store_u32(word, Self.waiting)
+        }
+
+        func setLayer(_ i: Int, module: Int, out: UnsafeMutablePointer<Float>, experts: UnsafeMutablePointer<Int32>?,
+                      weights: UnsafeMutablePointer<Float>?, stride: Int) {
+            (layers.pointer + i).initialize(to: QueuedLayer(module: module, out: out, experts: experts, weights: weights, stride: stride))
+        }
+
+        /// The first layer (in call order) that left tokens unrouted: its index, how many, and the first token.
+        func firstUnroutedLayer() -> (layer: Int, count: Int, first: Int)? {
+            for i in 0..<layerCount where layers.pointer[i].unroutedCount > 0 {
+                return (i, layers.pointer[i].unroutedCount, layers.pointer[i].firstUnrouted)
+            }
+            return nil
+        }
+
+        /// Sets the state and wakes a sleeping caller (or resumes a suspended task).
+        func signal(_ value: UInt32) {
+            if value == Self.done, let continuation {
+                state.store(value, ordering: .sequentiallyConsistent)
+                continuation.resume()
+                return
+            }
+            // The futex word first: once `state` says done, the caller may reuse the request at once (a late wake
+            // is then only a spurious one).
+            pg_atomic_store_u32(word, value)
+            state.store(value, ordering: .sequentiallyConsistent)
+            _ = pg_futex_wake(word, 1)
+        }
+
+        /// Sleeps until the dispatcher signals; returns what it signalled.
+        func wait() -> UInt32 {
+            while true {
+                let value = state.load(ordering: .sequentiallyConsistent)
+                if value != Self.waiting { return value }
+                _ = pg_futex_wait(word, Self.waiting)
             }
         }
-        return unrouted
+    }
+
+    /// The queue of calls waiting for a dispatch, first come first served, and the dispatcher role.
+    struct CallQueue {
+        var fifo: [CallRequest] = []
+        /// Someone holds the dispatcher role (is running or about to run a dispatch).
+        var dispatching = false
+        var free: [CallRequest] = []
+
+        init(capacity: Int) {
+            fifo.reserveCapacity(capacity)
+            free.reserveCapacity(capacity)
+        }
+    }
+
+    /// What only the dispatcher role touches: the scheduler and the dispatch's buffers.
+    final class Dispatcher {
+        let scheduler: LayerScheduler
+        var batch: [CallRequest] = []
+        let steps = RawBuffer<LayerStep>()
+        let tokensPerExpert = RawBuffer<Int>()
+        var round = 0
+
+        init(scheduler: LayerScheduler, capacity: Int) {
+            self.scheduler = scheduler
+            batch.reserveCapacity(capacity)
+        }
+    }
+
+    private func takeRequest() -> CallRequest {
+        queue.withLock { $0.free.popLast() } ?? CallRequest()
+    }
+
+    private func returnRequest(_ request: CallRequest) {
+        request.snapshot = nil
+        request.x = nil
+        queue.withLock { $0.free.append(request) }
+    }
+
+    /// Queues `request` and returns when it has been served: by a dispatch this thread runs (when no dispatch is
+    /// running, or when the dispatcher hands it the role) or by another thread's, while this one sleeps.
+    private func serve(_ request: CallRequest) throws {
+        if options.observer != nil { request.queuedAt = DispatchTime.now().uptimeNanoseconds }
+        let lead = queue.withLock { q -> Bool in
+            q.fifo.append(request)
+            guard !q.dispatching else { return false }
+            q.dispatching = true
+            return true
+        }
+        var role = lead
+        while true {
+            if role { dispatchLoop(own: request) }
+            let state = role ? request.state.load(ordering: .sequentiallyConsistent) : request.wait()
+            if state == CallRequest.done { break }
+            request.state.store(CallRequest.waiting, ordering: .sequentiallyConsistent)
+            pg_atomic_store_u32(request.word, CallRequest.waiting)
+            role = true
+        }
+        if let failure = request.failure { throw failure }
+    }
+
+    /// Queues an async `request` whose continuation the dispatch resumes; runs the dispatch itself when none is
+    /// running, and returns at once otherwise.
+    private func serveQueued(_ request: CallRequest) {
+        if options.observer != nil { request.queuedAt = DispatchTime.now().uptimeNanoseconds }
+        let lead = queue.withLock { q -> Bool in
+            q.fifo.append(request)
+            guard !q.dispatching else { return false }
+            q.dispatching = true
+            return true
+        }
+        if lead { dispatchLoop(own: nil) }
+    }
+
+    /// Holds the dispatcher role: runs dispatches of everything queued until the own request is done, then hands
+    /// the role to the oldest waiting caller that can take it (a thread that sleeps, not a suspended task), or keeps
+    /// it while only tasks wait, or gives it up when nothing waits.
+    private func dispatchLoop(own: CallRequest?) {
+        dispatcher.withLock { d in
+            while true {
+                let next = queue.withLock { q -> CallRequest?? in
+                    let ownDone = own.map { $0.state.load(ordering: .sequentiallyConsistent) == CallRequest.done } ?? true
+                    if q.fifo.isEmpty {
+                        q.dispatching = false
+                        return .some(nil)
+                    }
+                    if ownDone, let heir = q.fifo.first(where: { $0.continuation == nil }) { return .some(heir) }
+                    d.batch.removeAll(keepingCapacity: true)
+                    d.batch.append(contentsOf: q.fifo)
+                    return .none
+                }
+                if let next {
+                    // Hand over (or stop): the heir runs the next dispatch on its own thread.
+                    next?.signal(CallRequest.dispatch)
+                    return
+                }
+                runDispatch(d)
+                // Done requests leave the queue; their callers are woken after the lock is released.
+                queue.withLock { q in q.fifo.removeAll { $0.served == $0.tokens } }
+                for request in d.batch where request.served == request.tokens && request !== own {
+                    request.signal(CallRequest.done)
+                }
+                if let own, own.served == own.tokens { own.state.store(CallRequest.done, ordering: .sequentiallyConsistent) }
+                d.batch.removeAll(keepingCapacity: true)
+            }
+        }
+    }
+
+    /// One dispatch over `d.batch`: a chunk of every queued call (all of a small one). Calls on different
+    /// snapshots (a live change between them) run in separate dispatches, in queue order.
+    private func runDispatch(_ d: Dispatcher) {
+        let observer = options.observer
+        guard !isShutDown.load(ordering: .acquiring) else {
+            for request in d.batch {
+                request.failure = RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down")
+                request.served = request.tokens
+            }
+            return
+        }
+        var unit = 1
+        if case let .sequence(length) = routing.granularity { unit = length }
+        let chunk = max(unit, options.chunkTokens / unit * unit)
+        var layerTotal = 0
+        for request in d.batch { layerTotal += request.layerCount }
+        let steps = d.steps.reserve(layerTotal)
+        d.round &+= 1
+        let round = d.round
+        while let first = d.batch.first(where: { $0.round != round && $0.served < $0.tokens }) {
+            let snapshot = first.snapshot!
+            let start = observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+            var n = 0, calls = 0
+            for request in d.batch where request.round != round && request.snapshot === snapshot && request.served < request.tokens {
+                request.round = round
+                let take = min(request.tokens - request.served, chunk)
+                request.serving = take
+                calls += 1
+                if request.served == 0 { request.firstDispatchAt = start }
+                for l in 0..<request.layerCount {
+                    let layer = request.layers.pointer[l]
+                    let module = snapshot.library.modules[layer.module]
+                    steps[n] = LayerStep(module: layer.module, x: request.x! + request.served * module.inWidth, tokens: take,
+                                         out: layer.out + request.served * module.outWidth,
+                                         expertsOut: layer.experts.map { $0 + request.served * layer.stride },
+                                         weightsOut: layer.weights.map { $0 + request.served * layer.stride }, routingStride: layer.stride)
+                    n += 1
+                }
+            }
+            let experts = snapshot.library.experts.count
+            let counts = d.tokensPerExpert.reserve(experts)
+            for e in 0..<experts { counts[e] = 0 }
+            d.scheduler.execute(snapshot, steps: steps, count: n, tokensPerExpert: counts)
+            // Results back to the requests, in the order their steps were made.
+            var i = 0
+            var completedCalls = 0, completedTokens = 0, merged = 0
+            let end = observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+            for request in d.batch where request.serving > 0 {
+                for l in 0..<request.layerCount {
+                    let step = steps[i]
+                    i += 1
+                    if step.unroutedCount > 0 {
+                        if request.layers.pointer[l].firstUnrouted < 0 { request.layers.pointer[l].firstUnrouted = request.served + step.firstUnrouted }
+                        request.layers.pointer[l].unroutedCount += step.unroutedCount
+                    }
+                }
+                if request.served == 0 && calls > 1 { merged += 1 }
+                request.served += request.serving
+                request.serving = 0
+                guard request.served == request.tokens else { continue }
+                completedCalls += request.layerCount
+                completedTokens += request.tokens * request.layerCount
+                if let observer {
+                    observer.observe(RuntimeEvent(kind: .queued, worker: 0, node: d.scheduler.nodes[0], layer: request.layers.pointer[0].module,
+                                                  expert: -1, rows: request.tokens, start: request.queuedAt, end: request.firstDispatchAt))
+                    for l in 0..<request.layerCount {
+                        observer.observe(RuntimeEvent(kind: .call, worker: 0, node: d.scheduler.nodes[0], layer: request.layers.pointer[l].module,
+                                                      expert: -1, rows: request.tokens, start: request.firstDispatchAt, end: end))
+                    }
+                }
+            }
+            statistics.withLock { stats in
+                stats.calls += completedCalls
+                stats.tokens += completedTokens
+                stats.mergedCalls += merged
+                stats.dispatches += 1
+                for e in 0..<min(experts, stats.tokensPerExpert.count) { stats.tokensPerExpert[e] += counts[e] }
+            }
+        }
     }
 
     /// The array form: returns the delta (not added to anything) and each token's choices. Throws as the buffer form
@@ -370,14 +654,42 @@ public final class Runtime: Sendable {
         return LayerOutput(delta: delta, experts: experts, weights: weights, slots: slots)
     }
 
-    /// The async form, for Swift concurrency: the call runs on a Dispatch thread, so it never blocks the cooperative
-    /// pool. (A distinct name, so synchronous callers in async contexts are not forced to await.)
+    /// The async form, for Swift concurrency: the call queues like any other and the task suspends until a
+    /// dispatch has served it, so no thread is parked for it (when no dispatch is running, the task runs one itself,
+    /// on its own thread). (A distinct name, so synchronous callers in async contexts are not forced to await.)
     public func applyAsync(_ layer: LayerHandle, input: [Float], tokens: Int) async throws -> LayerOutput {
-        try await withCheckedThrowingContinuation { continuation in
-            DispatchQueue.global(qos: .userInitiated).async {
-                continuation.resume(with: Result { try self.apply(layer, input: input, tokens: tokens) })
-            }
+        let snapshot = try begin(tokens: tokens)
+        let m = try resolve(layer, in: snapshot)
+        let module = snapshot.library.modules[m]
+        let slots = snapshot.routers[m].slots
+        guard input.count >= tokens * module.inWidth else {
+            throw RuntimeError(.shape, "layer \(layer.name): expected an input of \(tokens) x \(module.inWidth) floats, found \(input.count)")
         }
+        guard tokens > 0 else { return LayerOutput(delta: [], experts: [], weights: [], slots: slots) }
+        try admit()
+        defer { admitted.subtract(1, ordering: .sequentiallyConsistent) }
+        // Buffers that stay put across the suspension.
+        let x = UnsafeMutableBufferPointer<Float>.allocate(capacity: tokens * module.inWidth)
+        let out = UnsafeMutableBufferPointer<Float>.allocate(capacity: tokens * module.outWidth)
+        let experts = UnsafeMutableBufferPointer<Int32>.allocate(capacity: tokens * slots)
+        let weights = UnsafeMutableBufferPointer<Float>.allocate(capacity: tokens * slots)
+        defer { x.deallocate(); out.deallocate(); experts.deallocate(); weights.deallocate() }
+        _ = x.initialize(from: input.prefix(tokens * module.inWidth))
+        out.initialize(repeating: 0)
+        experts.initialize(repeating: -1)
+        weights.initialize(repeating: 0)
+        let request = takeRequest()
+        defer { returnRequest(request) }
+        request.prepare(snapshot: snapshot, x: UnsafePointer(x.baseAddress!), tokens: tokens, layers: 1)
+        request.setLayer(0, module: m, out: out.baseAddress!, experts: experts.baseAddress, weights: weights.baseAddress, stride: slots)
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            request.continuation = continuation
+            serveQueued(request)
+        }
+        request.continuation = nil
+        if let failure = request.failure { throw failure }
+        if let unrouted = request.firstUnroutedLayer() { throw Self.nonFiniteInput(layer, count: unrouted.count, of: tokens, first: unrouted.first) }
+        return LayerOutput(delta: Array(out), experts: Array(experts), weights: Array(weights), slots: slots)
     }
 
     /// Counters since start.
@@ -467,6 +779,6 @@ public final class Runtime: Sendable {
     /// Stops the workers. Calls in progress finish; later calls fail with `.shutDown`. Idempotent.
     public func shutdown() {
         guard !isShutDown.exchange(true, ordering: .sequentiallyConsistent) else { return }
-        scheduler.withLock { _ in executor.shutdown() }
+        dispatcher.withLock { _ in executor.shutdown() }
     }
 }

@@ -62,7 +62,7 @@ struct RuntimeTests {
         for routing in [RoutingOptions(topK: 2), RoutingOptions(router: .arrow, topK: 3), RoutingOptions(router: .uniform),
                         RoutingOptions(topK: 2, granularity: .sequence(length: 7)), RoutingOptions(topK: 1)] {
             let runtime = try Runtime(library: library, options: RuntimeOptions(
-                routing: routing, workers: workers, executor: executor, topology: try spec.map { try Topology.modelled($0) }, tileRows: tile))
+                routing: routing, workers: workers, executor: executor, topology: try spec.map { try Topology.modelled($0) }, tileRows: tile, oversubscribe: true))
             defer { runtime.shutdown() }
             for module in library.modules {
                 for tokens in [1, 5, 300] {
@@ -85,7 +85,7 @@ struct RuntimeTests {
         let library = try synthLibrary()
         let routing = RoutingOptions(topK: 3)
         let runtime = try Runtime(library: library, options: RuntimeOptions(
-            routing: routing, workers: workers, executor: executor, topology: try spec.map { try Topology.modelled($0) }, tileRows: tile))
+            routing: routing, workers: workers, executor: executor, topology: try spec.map { try Topology.modelled($0) }, tileRows: tile, oversubscribe: true))
         defer { runtime.shutdown() }
         for module in library.modules {
             let tokens = 300
