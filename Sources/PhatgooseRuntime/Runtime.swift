@@ -692,6 +692,9 @@ public final class Runtime: Sendable {
         return LayerOutput(delta: Array(out), experts: Array(experts), weights: Array(weights), slots: slots)
     }
 
+    /// Calls queued now: waiting for a dispatch, or in the one running.
+    public var queuedCalls: Int { queue.withLock { $0.fifo.count } }
+
     /// Counters since start.
     public func statisticsSnapshot() -> RuntimeStatistics { statistics.withLock { $0 } }
 
