@@ -168,6 +168,8 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
     private let weightList = RawBuffer<Float>()
     private let pieceTable = RawBuffer<(node: Int32, view: ExpertKernelView)>()
     private let pieceStarts = RawBuffer<Int32>()
+    /// Each group's plan offsets (candidate c's assignments), at the same indices as `pieceStarts`.
+    private let planOffsets = RawBuffer<Int32>()
     private let rows = RawBuffer<Float>()
     private let routeTasks = RawBuffer<RouteTask>()
     private let combineTasks = RawBuffer<CombineTask>()
@@ -180,6 +182,9 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
     private let ownerLoad = RawBuffer<Int>()
     private let routeScratch: [RawBuffer<Float>]
     private let shrinkScratch: [RawBuffer<Float>]
+
+    /// Groups of one step and at most this many assignments run as one item (see ``runWholeGroup``).
+    static let wholeGroupAssignments = 32
 
     init(executor: any ParallelExecutor) {
         self.executor = executor
@@ -392,7 +397,9 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         }
         let tokenTable = tokenList.reserve(assignmentTotal)
         let weightTable = weightList.reserve(assignmentTotal)
+        let offsets = planOffsets.reserve(startsTotal)
         for g in 0..<groupCount {
+            plans[g].offsets.withUnsafeBufferPointer { for (i, o) in $0.enumerated() { offsets[group[g].startsBase + i] = o } }
             let base = group[g].assignmentBase
             plans[g].tokens.withUnsafeBufferPointer { for (i, t) in $0.enumerated() where i < group[g].assignments { tokenTable[base + i] = t } }
             plans[g].weights.withUnsafeBufferPointer { for (i, w) in $0.enumerated() where i < group[g].assignments { weightTable[base + i] = w } }
@@ -407,6 +414,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         let tile = max(1, tileRows ?? min(256, max(16, (assignmentTotal + participants * 4 - 1) / (participants * 4))))
         var itemCount = 0
         for g in 0..<groupCount {
+            if group[g].stepCount == 1 && group[g].assignments > 0 && group[g].assignments <= Self.wholeGroupAssignments { itemCount += 1; continue }
             for c in 0..<group[g].candidates { itemCount += (plans[g].range(of: c).count + tile - 1) / tile }
         }
         let itemList = items.reserve(itemCount)
@@ -419,6 +427,14 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         var maxRank = 1
         for g in 0..<groupCount {
             let firstItem = n
+            // A small group of one step (a decode step) is one item: all of its experts, in expert order, on one
+            // participant, adding straight into the step's output (no rows, no combine).
+            if group[g].stepCount == 1 && group[g].assignments > 0 && group[g].assignments <= Self.wholeGroupAssignments {
+                itemList[n] = WorkItem(group: Int32(g), candidate: -1, begin: 0, count: Int32(group[g].assignments), owner: 0)
+                n += 1
+                group[g].fused = true
+                continue
+            }
             for c in 0..<group[g].candidates {
                 let range = plans[g].range(of: c)
                 var begin = range.lowerBound
@@ -441,7 +457,12 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         // sits on such a node).
         for i in 0..<itemCount {
             let g = Int(itemList[i].group)
-            let c = Int(itemList[i].candidate)
+            var c = Int(itemList[i].candidate)
+            if c < 0 {
+                c = 0
+                while c + 1 < group[g].candidates && offsets[group[g].startsBase + c + 1] == offsets[group[g].startsBase + c] { c += 1 }
+                for j in Int(starts[group[g].startsBase])..<Int(starts[group[g].startsBase + group[g].candidates]) { maxRank = max(maxRank, table[j].view.rank) }
+            }
             let holders = Int(starts[group[g].startsBase + c])..<Int(starts[group[g].startsBase + c + 1])
             for j in holders { maxRank = max(maxRank, table[j].view.rank) }
             var best = -1
@@ -465,7 +486,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
 
         // Phase B: experts, every layer's items in one phase.
         if rowsTotal > 0 { rows.reserve(rowsTotal) }
-        for p in 0..<participants { shrinkScratch[p].reserve(tile * maxRank) }
+        for p in 0..<participants { shrinkScratch[p].reserve(max(tile, Self.wholeGroupAssignments) * maxRank) }
         if itemCount > 0 { runPhase(.experts, parallel: itemCount > 1) }
 
         // Phase C: combine, split by tokens (8 or more per task).
@@ -563,6 +584,10 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
                     if i >= end { break }
                     let item = sorted[Int(i)]
                     let g = group[Int(item.group)]
+                    if item.candidate < 0 {
+                        runWholeGroup(g, participant: p, node: myNode, h: h, stolen: q != p)
+                        continue
+                    }
                     let start = now()
                     // The copy on this participant's node, else the primary.
                     let first = Int(starts[g.startsBase + Int(item.candidate)]), last = Int(starts[g.startsBase + Int(item.candidate) + 1])
@@ -584,6 +609,29 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
                                                       expert: piece.expert, rows: count, start: start, end: pg_now_ns()))
                     }
                 }
+            }
+        }
+    }
+
+    /// All of a small group's experts, in expert order, adding into its one step's output.
+    private func runWholeGroup(_ g: StepGroup, participant p: Int, node myNode: Int, h: UnsafeMutablePointer<Float>, stolen: Bool) {
+        let table = pieceTable.pointer, starts = pieceStarts.pointer, offsets = planOffsets.pointer
+        let tokens = tokenList.pointer, weights = weightList.pointer
+        let out = steps![Int(stepOrder.pointer[g.firstStep])].out
+        for c in 0..<g.candidates {
+            let begin = Int(offsets[g.startsBase + c]), end = Int(offsets[g.startsBase + c + 1])
+            guard end > begin else { continue }
+            let start = now()
+            let first = Int(starts[g.startsBase + c]), last = Int(starts[g.startsBase + c + 1])
+            var chosen = first
+            for j in first..<last where table[j].node == Int32(myNode) { chosen = j; break }
+            let piece = table[chosen].view
+            LayerExecutor.runExpertAdding(piece, x: g.x!, ldx: g.inWidth, inWidth: g.inWidth, outWidth: g.outWidth,
+                                          tokens: tokens + g.assignmentBase + begin, weights: weights + g.assignmentBase + begin,
+                                          count: end - begin, h: h, out: out, ldo: g.outWidth)
+            if let observer {
+                observer.observe(RuntimeEvent(kind: stolen ? .steal : .item, worker: p, node: myNode, layer: g.module,
+                                              expert: piece.expert, rows: end - begin, start: start, end: pg_now_ns()))
             }
         }
     }
