@@ -57,8 +57,12 @@ public struct LoadTestInstruments: Sendable {
 /// Threads: the load test owns its client threads (they play the embedding application's callers: the runtime's own
 /// threads stay the runtime's); `run` drives them from the calling thread, which also reports progress.
 ///
+/// `run` may be called again once it has returned: each run makes its own clients and state and reports only its own
+/// window (runtime counters and phase sums are taken as differences), so several measurements can share one runtime,
+/// as a client sweep (``LoadTestSweep``) does.
+///
 /// # Thread safety
-/// Immutable apart from what `run` creates for itself; `run` may be called once, from one thread.
+/// Immutable apart from what `run` creates for itself; one `run` at a time, from one thread.
 public final class LoadTest: Sendable {
     public let runtime: Runtime
     public let workload: ModelWorkload
@@ -95,6 +99,19 @@ public final class LoadTest: Sendable {
 
     /// Runs the test; `progress` hears from the calling thread once per progress interval.
     public func run(progress: ((LoadTestProgress) -> Void)? = nil) -> LoadTestResult {
+        run(options, progress: progress)
+    }
+
+    /// Runs the test with `loop` instead of the options' loop (the rest of the options as given); the result's
+    /// options carry `loop`. Throws `LoadTestError(.option)` when `loop` is out of range.
+    public func run(loop: LoadTestOptions.Loop, progress: ((LoadTestProgress) -> Void)? = nil) throws -> LoadTestResult {
+        var options = self.options
+        options.loop = loop
+        try options.validate()
+        return run(options, progress: progress)
+    }
+
+    private func run(_ options: LoadTestOptions, progress: ((LoadTestProgress) -> Void)?) -> LoadTestResult {
         let nanos = { (seconds: Double) in UInt64((seconds * 1e9).rounded()) }
         let t0 = MonotonicClock.now()
         let windowStart = t0 + nanos(options.warmup)

@@ -130,12 +130,8 @@ public struct LoadTestResult: Sendable {
              ("p99_\(name)_ms", num(h.milliseconds(atPercentile: 99))), ("p99.9_\(name)_ms", num(h.milliseconds(atPercentile: 99.9))),
              ("max_\(name)_ms", num(h.maxMilliseconds))]
         }
-        let sequenceLength: JSONValue = if case let .sequence(length)? = routing?.granularity { .integer(length) } else { .null }
-        var fields: [(String, JSONValue)] = [
-            ("tool", .string("phatgoose loadtest")), ("format_version", .integer(1)),
-            ("library", .string(libraryDescription)), ("num_layers", .integer(layerNames.count)), ("num_experts", .integer(expertNames.count)),
-            ("router", .string(router)), ("top_k", .integer(topK)),
-        ]
+        var fields: [(String, JSONValue)] = [("tool", .string("phatgoose loadtest")), ("format_version", .integer(1))]
+        fields += servedFields()
         switch options.loop {
         case let .closed(clients):
             fields += [("mode", .string("closed")), ("num_clients", .integer(clients)), ("max_concurrency", .integer(clients)),
@@ -144,18 +140,8 @@ public struct LoadTestResult: Sendable {
             fields += [("mode", .string("open")), ("num_clients", .null), ("max_concurrency", .integer(maxConcurrency)),
                        ("request_rate", num(rate)), ("burstiness", num(burstiness))]
         }
+        fields += workloadFields()
         fields += [
-            ("decode_fraction", num(options.decodeFraction)),
-            ("decode_tokens", .array([.integer(options.decodeTokens.lowerBound), .integer(options.decodeTokens.upperBound)])),
-            ("prefill_tokens", .array([.integer(options.prefillTokens.lowerBound), .integer(options.prefillTokens.upperBound)])),
-            ("affinity", num(options.affinity)), ("skew", num(options.skew)), ("seed", .integer(options.seed)),
-            ("workers", .integer(participantNodes.count - 1)), ("executor", .string(executor)), ("max_queued_calls", .integer(maxQueuedCalls)),
-            ("sequence_length", sequenceLength),
-            ("arrow_temperature", routing.map { num(Double($0.arrowTemperature)) } ?? .null),
-            ("arrow_scaled", routing.map { .bool($0.arrowScaled) } ?? .null),
-            ("placement", runtimeOptions.map { .string(Self.describe($0.placement)) } ?? .null),
-            ("memory_cap_bytes", runtimeOptions?.memoryCapBytes.map { .integer($0) } ?? .null),
-            ("topology", topology.map { .string($0.description) } ?? .null),
             ("warmup_duration", num(options.warmup)), ("requests", options.requests.map { .integer($0) } ?? .null),
             ("duration", num(windowSeconds)), ("drain_timeout", num(options.drainTimeout)),
             ("completed", .integer(completed)), ("completed_decode", .integer(completedDecode)), ("completed_prefill", .integer(completedPrefill)),
@@ -221,6 +207,31 @@ public struct LoadTestResult: Sendable {
         return .object(fields)
     }
 
+    /// What was served: the library, its size and the routing (the JSON's opening fields).
+    func servedFields() -> [(String, JSONValue)] {
+        [("library", .string(libraryDescription)), ("num_layers", .integer(layerNames.count)), ("num_experts", .integer(expertNames.count)),
+         ("router", .string(router)), ("top_k", .integer(topK))]
+    }
+
+    /// The workload, the runtime, routing settings and placement (the JSON's fields after the loop's).
+    func workloadFields() -> [(String, JSONValue)] {
+        func num(_ v: Double) -> JSONValue { v.isFinite ? .double(v) : .null }
+        let sequenceLength: JSONValue = if case let .sequence(length)? = routing?.granularity { .integer(length) } else { .null }
+        return [
+            ("decode_fraction", num(options.decodeFraction)),
+            ("decode_tokens", .array([.integer(options.decodeTokens.lowerBound), .integer(options.decodeTokens.upperBound)])),
+            ("prefill_tokens", .array([.integer(options.prefillTokens.lowerBound), .integer(options.prefillTokens.upperBound)])),
+            ("affinity", num(options.affinity)), ("skew", num(options.skew)), ("seed", .integer(options.seed)),
+            ("workers", .integer(participantNodes.count - 1)), ("executor", .string(executor)), ("max_queued_calls", .integer(maxQueuedCalls)),
+            ("sequence_length", sequenceLength),
+            ("arrow_temperature", routing.map { num(Double($0.arrowTemperature)) } ?? .null),
+            ("arrow_scaled", routing.map { .bool($0.arrowScaled) } ?? .null),
+            ("placement", runtimeOptions.map { .string(Self.describe($0.placement)) } ?? .null),
+            ("memory_cap_bytes", runtimeOptions?.memoryCapBytes.map { .integer($0) } ?? .null),
+            ("topology", topology.map { .string($0.description) } ?? .null),
+        ]
+    }
+
     /// A placement as `--placement` spells it.
     static func describe(_ placement: PlacementPolicy) -> String {
         switch placement {
@@ -237,16 +248,15 @@ public struct LoadTestResult: Sendable {
         var out = "============ Phatgoose load test ============\n"
         func line(_ key: String, _ value: String) { out += key.padding(toLength: 36) + value + "\n" }
         line("Library:", libraryDescription)
-        line("Routing:", "\(router), top-\(topK), \(layerNames.count) routed layers per request")
+        line("Routing:", routingSummary)
         switch options.loop {
         case let .closed(clients): line("Load:", "closed loop, \(clients) client\(clients == 1 ? "" : "s")")
         case let .open(rate, burstiness, maxConcurrency):
             line("Load:", "open loop, \(fmt(rate)) req/s, " + (burstiness == 1 ? "Poisson arrivals" : "gamma arrivals (burstiness \(fmt(burstiness)))")
                  + ", at most \(maxConcurrency) in flight")
         }
-        let decodePct = Int((options.decodeFraction * 100).rounded())
-        line("Requests:", "\(decodePct)% decode (\(options.decodeTokens.lowerBound)-\(options.decodeTokens.upperBound) tokens), \(100 - decodePct)% prefill (\(options.prefillTokens.lowerBound)-\(options.prefillTokens.upperBound) tokens)")
-        line("Runtime:", "\(participantNodes.count - 1) worker\(participantNodes.count == 2 ? "" : "s") + caller, \(executor) executor, at most \(maxQueuedCalls) calls queued")
+        line("Requests:", requestsSummary)
+        line("Runtime:", runtimeSummary)
         line("Measured:", "\(fmt(windowSeconds)) s after \(fmt(options.warmup)) s of warm-up")
         out += "---------------------------------------------\n"
         line("Completed requests:", "\(completed) (\(completedDecode) decode, \(completedPrefill) prefill)")
@@ -299,7 +309,20 @@ public struct LoadTestResult: Sendable {
         return out
     }
 
-    private func fmt(_ v: Double) -> String {
+    /// The summary's routing, request mix and runtime lines.
+    var routingSummary: String { "\(router), top-\(topK), \(layerNames.count) routed layers per request" }
+    var requestsSummary: String {
+        let decodePct = Int((options.decodeFraction * 100).rounded())
+        return "\(decodePct)% decode (\(options.decodeTokens.lowerBound)-\(options.decodeTokens.upperBound) tokens), \(100 - decodePct)% prefill (\(options.prefillTokens.lowerBound)-\(options.prefillTokens.upperBound) tokens)"
+    }
+    var runtimeSummary: String {
+        "\(participantNodes.count - 1) worker\(participantNodes.count == 2 ? "" : "s") + caller, \(executor) executor, at most \(maxQueuedCalls) calls queued"
+    }
+
+    private func fmt(_ v: Double) -> String { Self.figure(v) }
+
+    /// A figure as the summaries print it: whole above 1000, one decimal above 100, two below.
+    static func figure(_ v: Double) -> String {
         guard v.isFinite else { return "-" }
         if abs(v) >= 1000 { return String(Int(v.rounded())) }
         let digits = abs(v) >= 100 ? 1 : 2

@@ -26,7 +26,10 @@ public final class ProgressPrinter {
         if isTerminal {
             write("\r\u{1B}[2K" + text)
             lineShown = true
-        } else if p.elapsed - lastPlain >= plainInterval - 1e-6 || p.phase == .draining {
+        } else {
+            // A new run (a sweep's next measurement) starts its clock again.
+            if p.elapsed < lastPlain { lastPlain = -Double.infinity }
+            guard p.elapsed - lastPlain >= plainInterval - 1e-6 || p.phase == .draining else { return }
             lastPlain = p.elapsed
             write(text + "\n")
         }

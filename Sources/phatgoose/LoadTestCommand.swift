@@ -16,8 +16,8 @@ struct LoadTestFlags: ParsableArguments {
     @Option(help: "A library directory or packed library (default: the built-in synthetic T5-base library, generated on first use and cached in $PHATGOOSE_CACHE or ~/.cache/phatgoose).")
     var library: String?
 
-    @Option(parsing: .unconditional, help: "Closed loop: concurrent clients, each sending its next request when its previous one finishes (default 4).")
-    var clients: Int?
+    @Option(parsing: .unconditional, help: "Closed loop: concurrent clients, each sending its next request when its previous one finishes (default 4). A comma-separated list (1,2,4,8,16) runs a sweep on one runtime: every count in every round (--rounds), reported side by side.")
+    var clients: String?
 
     @Option(parsing: .unconditional, help: "Open loop: requests per second, arriving whether or not earlier ones have finished (instead of --clients).")
     var rate: Double?
@@ -76,7 +76,20 @@ struct LoadTestFlags: ParsableArguments {
     @Option(parsing: .unconditional, help: "Serve the runtime's metrics in Prometheus text format at http://127.0.0.1:PORT/metrics while the test runs.")
     var metricsPort: Int?
 
+    /// The client counts `--clients` gives (4 without it).
+    func clientCounts() throws -> [Int] {
+        guard let clients else { return [4] }
+        do { return try ClientCounts.parse(clients) } catch let error as LoadTestError { throw ValidationError(error.message) }
+    }
+
+    /// Whether `--clients` lists several counts: a sweep.
+    var isSweep: Bool { ((try? clientCounts())?.count ?? 0) > 1 }
+
     func validate() throws {
+        let counts = try clientCounts()
+        if counts.count > 1, let rate {
+            throw ValidationError("--clients \(clients!) with --rate \(rate): a sweep measures closed loops only; expected a client list without --rate, or --rate without --clients, found both")
+        }
         if clients != nil && rate != nil { throw ValidationError("--clients and --rate: expected one (closed or open loop), found both") }
         if rate == nil && (burstiness != nil || maxConcurrency != nil) { throw ValidationError("--burstiness and --max-concurrency: only with --rate (open loop)") }
         if duration != nil && requests != nil { throw ValidationError("--duration and --requests: expected one, found both") }
@@ -95,8 +108,9 @@ struct LoadTestFlags: ParsableArguments {
     }
 
     func options() throws -> LoadTestOptions {
+        let clients = try clientCounts()[0]
         let loop: LoadTestOptions.Loop = rate.map { .open(rate: $0, burstiness: burstiness ?? 1, maxConcurrency: maxConcurrency ?? maxQueuedCalls + 8) }
-            ?? .closed(clients: clients ?? 4)
+            ?? .closed(clients: clients)
         return LoadTestOptions(loop: loop, duration: requests == nil ? (duration ?? 20) : nil, requests: requests, warmup: warmup,
                                drainTimeout: drainTimeout, decodeFraction: decodeFraction, decodeTokens: try tokenRange(decodeTokens, "--decode-tokens"),
                                prefillTokens: try tokenRange(prefillTokens, "--prefill-tokens"), affinity: affinity, skew: skew, seed: seed,
@@ -146,23 +160,27 @@ struct LoadTestFlags: ParsableArguments {
         return (test, export, server, generated)
     }
 
-    /// Runs `test`, showing progress and keeping the metrics file current.
-    func run(_ test: LoadTest, printer: ProgressPrinter?, export: PrometheusExport?) throws -> LoadTestResult {
+    /// Runs `test` (with `loop` instead of its own, if given), showing progress and keeping the metrics file current;
+    /// `step` names a sweep's measurement in the opening message instead of the runtime's size.
+    func run(_ test: LoadTest, loop: LoadTestOptions.Loop? = nil, step: String? = nil, printer: ProgressPrinter?,
+             export: PrometheusExport?) throws -> LoadTestResult {
         let o = test.options
         let load: String
-        switch o.loop {
+        switch loop ?? o.loop {
         case let .closed(clients): load = "closed loop, \(clients) clients"
         case let .open(rate, burstiness, maxConcurrency): load = "open loop, \(rate) req/s (burstiness \(burstiness)), at most \(maxConcurrency) in flight"
         }
         let span = o.duration.map { "\($0) s" } ?? "\(o.requests!) requests"
-        printer?.message("loadtest: \(test.workload.layerCount) routed layers, \(test.workload.library.experts.count) experts, \(test.runtime.participants) participants; \(load); warm-up \(o.warmup) s, then \(span)")
+        let opening = step ?? "\(test.workload.layerCount) routed layers, \(test.workload.library.experts.count) experts, \(test.runtime.participants) participants"
+        printer?.message("loadtest: \(opening); \(load); warm-up \(o.warmup) s, then \(span)")
         var metricsError: (any Error)? = nil
-        let result = test.run { progress in
+        let progress = { (progress: LoadTestProgress) in
             printer?.show(progress)
             if let export, let path = metricsFile, metricsError == nil {
                 do { try export.write(to: path) } catch { metricsError = error }
             }
         }
+        let result = if let loop { try test.run(loop: loop, progress: progress) } else { test.run(progress: progress) }
         printer?.finish()
         if let metricsError { throw metricsError }
         if let export, let path = metricsFile { try export.write(to: path) }
@@ -177,7 +195,9 @@ struct LoadTestCommand: ParsableCommand {
         discussion: """
             Each request is T tokens passing every routed layer of the library in model order, each layer's input \
             derived from the previous layer's output (docs/loadtest.md). With no arguments: the built-in synthetic \
-            T5-base library, 4 clients, 80% decode-like and 20% prefill-like requests, 3 s of warm-up and 20 s measured.
+            T5-base library, 4 clients, 80% decode-like and 20% prefill-like requests, 3 s of warm-up and 20 s measured. \
+            --clients 1,2,4,8,16 sweeps the counts on one runtime, --rounds times in alternating order, and reports each \
+            count's medians and its throughput relative to 1 client.
             """
     )
 
@@ -189,7 +209,22 @@ struct LoadTestCommand: ParsableCommand {
     @Option(help: "Write the report to this file (atomically) instead of standard output.")
     var output: String?
 
+    @Option(parsing: .unconditional, help: "Sweep (--clients with several counts): rounds over the counts, forward then backward in turn (default 2); each count reports its median over rounds.")
+    var rounds: Int?
+
+    func validate() throws {
+        if let rounds {
+            guard load.isSweep else {
+                throw ValidationError("--rounds: only with a sweep (--clients with several counts, such as 1,2,4), found --clients \(load.clients ?? "4 (the default)")")
+            }
+            guard rounds >= 1 && rounds <= LoadTestSweep.maximumRounds else {
+                throw ValidationError("--rounds: expected 1 to \(LoadTestSweep.maximumRounds), found \(rounds)")
+            }
+        }
+    }
+
     func run() throws {
+        if load.isSweep { return try runSweep() }
         if let output { try OutputPath.refuseOverwriting(output, option: "--output", inputs: load.inputs) }
         let printer = load.printer()
         let (test, export, server, generated) = try load.makeTest(printer, instruments: LoadTestInstruments())
@@ -200,6 +235,36 @@ struct LoadTestCommand: ParsableCommand {
         try emit(report, to: output)
         if result.failed > 0 {
             throw LoadTestError(.failedRequests, "loadtest: expected no failed requests, found \(result.failed) (first: \(result.firstFailure ?? "?"))")
+        }
+    }
+}
+
+extension LoadTestCommand {
+    /// A client sweep: one runtime and library, every count in every round, then the table (or JSON rows).
+    func runSweep() throws {
+        if let output { try OutputPath.refuseOverwriting(output, option: "--output", inputs: load.inputs) }
+        let sweep: LoadTestSweep
+        do { sweep = try LoadTestSweep(clientCounts: try load.clientCounts(), rounds: rounds ?? 2) } catch let error as LoadTestError {
+            throw ValidationError(error.message)
+        }
+        let printer = load.printer()
+        let (test, export, server, generated) = try load.makeTest(printer, instruments: LoadTestInstruments())
+        defer { server?.stop() }
+        let steps = sweep.schedule.count
+        printer?.message("loadtest: \(test.workload.layerCount) routed layers, \(test.workload.library.experts.count) experts, \(test.runtime.participants) participants; sweep of \(sweep.clientCounts.map(String.init).joined(separator: ",")) clients, \(sweep.rounds) round\(sweep.rounds == 1 ? "" : "s") (\(steps) measurements) on one runtime")
+        var position = 0
+        var result = try sweep.run { round, clients in
+            position += 1
+            let r = try load.run(test, loop: .closed(clients: clients), step: "measurement \(position)/\(steps) (round \(round))", printer: printer, export: export)
+            let figures = String(format: "%.1f tok/s, %.2f req/s, p99 %.1f ms", r.tokenThroughput, r.requestThroughput, r.e2el.milliseconds(atPercentile: 99))
+            printer?.message("loadtest: round \(round), \(clients) client\(clients == 1 ? "" : "s"): \(figures), \(r.rejected + r.failed + r.unfinished) errors")
+            return r
+        }
+        result.generatedLibrarySeconds = generated
+        let report = format == .json ? result.json().serialized() + "\n" : result.text()
+        try emit(report, to: output)
+        if result.failed > 0 {
+            throw LoadTestError(.failedRequests, "loadtest: expected no failed requests, found \(result.failed) over the sweep (first: \(result.firstFailure ?? "?"))")
         }
     }
 }

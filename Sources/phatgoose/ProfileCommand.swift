@@ -36,6 +36,9 @@ struct ProfileCommand: ParsableCommand {
     var format: OutputFormat = .text
 
     func validate() throws {
+        if load.isSweep {
+            throw ValidationError("--clients: expected one client count (a sweep of several is `phatgoose loadtest`'s), found \(load.clients ?? "")")
+        }
         if !compare.isEmpty && compare.count != 2 { throw ValidationError("--compare: expected two runs (A B), found \(compare.count)") }
         guard traceEvents >= 1 && traceEvents <= 100_000_000 else { throw ValidationError("--trace-events: expected 1 to 100000000, found \(traceEvents)") }
     }

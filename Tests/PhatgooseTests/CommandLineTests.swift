@@ -42,6 +42,58 @@ struct CommandLineTests {
         #expect(try runPhatgoose(["--help"]).status == 0)
     }
 
+    @Test("loadtest --clients refuses a bad list, a sweep with --rate and --rounds without a sweep, naming the option")
+    func loadtestClientListErrors() throws {
+        let directory = TemporaryDirectory()
+        let library = directory.file("lib")
+        #expect(try runPhatgoose(["synth", "--out", library, "--shape", "tiny", "--experts", "3", "--rank", "2"]).status == 0)
+        for (arguments, message) in [
+            (["--clients", "1,,4"], "--clients: expected a comma-separated list of client counts (such as 1,2,4,8,16), found an empty item at position 2 in \"1,,4\""),
+            (["--clients", "1,0"], "--clients: expected 1 to 4096, found 0 in \"1,0\""),
+            (["--clients", "0"], "--clients: expected 1 to 4096, found 0"),
+            (["--clients", "2,x"], "--clients: expected every item to be a whole number of clients from 1 to 4096, found \"x\" in \"2,x\""),
+            (["--clients", "1,2,1"], "--clients: expected distinct client counts, found 1 twice in \"1,2,1\""),
+            (["--clients", "1,8192"], "--clients: expected 1 to 4096, found 8192 in \"1,8192\""),
+            (["--clients", "1,2", "--rate", "5"], "--clients 1,2 with --rate 5.0: a sweep measures closed loops only"),
+            (["--clients", "4", "--rounds", "3"], "--rounds: only with a sweep (--clients with several counts, such as 1,2,4), found --clients 4"),
+            (["--clients", "1,2", "--rounds", "0"], "--rounds: expected 1 to 1000, found 0"),
+        ] {
+            let result = try runPhatgoose(["loadtest", "--library", library, "--progress", "none"] + arguments)
+            #expect(result.status == 2, "\(arguments)")
+            #expect(result.stderr.contains(message), "\(arguments): \(result.stderr)")
+            #expect(result.stdout.isEmpty)
+        }
+        let profile = try runPhatgoose(["profile", "--library", library, "--clients", "1,2", "--out", directory.file("p")])
+        #expect(profile.status == 2 && profile.stderr.contains("--clients: expected one client count"), "\(profile.stderr)")
+    }
+
+    @Test("loadtest --clients 1,2 writes the sweep's JSON rows atomically; one count keeps the single run's report")
+    func loadtestSweepWritesRows() throws {
+        let directory = TemporaryDirectory()
+        let library = directory.file("lib")
+        #expect(try runPhatgoose(["synth", "--out", library, "--shape", "tiny", "--experts", "3", "--rank", "2"]).status == 0)
+        let common = ["loadtest", "--library", library, "--duration", "0.3", "--warmup", "0.05", "--workers", "1", "--progress", "none",
+                      "--decode-tokens", "1-4", "--prefill-tokens", "16-32", "--format", "json"]
+        let output = directory.file("sweep.json")
+        let sweep = try runPhatgoose(common + ["--clients", "1,2", "--rounds", "1", "--output", output])
+        #expect(sweep.status == 0, "\(sweep.stderr)")
+        #expect(sweep.stdout.isEmpty, "the report goes to --output")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory.path).sorted() == ["lib", "sweep.json"], "no temporary file is left")
+        let json = try JSONParser.parse(Array(try String(contentsOfFile: output, encoding: .utf8).utf8))
+        #expect(json["mode"] == .string("closed_sweep") && json["rounds"] == .integer(1) && json["workers"] == .integer(1))
+        guard case let .array(rows)? = json["rows"] else { Issue.record("no rows: \(json)"); return }
+        #expect(rows.map { $0["num_clients"] } == [.integer(1), .integer(2)])
+        #expect(rows.allSatisfy { row in
+            if case let .number(n)? = row["total_token_throughput"] { return n.double > 0 } else { return false }
+        })
+        #expect(rows.first?["throughput_ratio"] == .double(1))
+        // One count: the single run's report, as before the sweep existed.
+        let single = try runPhatgoose(common + ["--clients", "2"])
+        #expect(single.status == 0, "\(single.stderr)")
+        let report = try JSONParser.parse(Array(single.stdout.utf8))
+        #expect(report["mode"] == .string("closed") && report["num_clients"] == .integer(2) && report["rows"] == nil)
+    }
+
     @Test("inspect of a missing path exits 1")
     func missingPath() throws {
         let result = try runPhatgoose(["inspect", "/nonexistent/lib"])

@@ -130,6 +130,117 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
     }
 }
 
+@Suite struct LoadTestSweepTests {
+    @Test func clientListsParse() throws {
+        #expect(try ClientCounts.parse("4") == [4])
+        #expect(try ClientCounts.parse("1,2,4,8,16") == [1, 2, 4, 8, 16])
+        #expect(try ClientCounts.parse(" 8, 2 ,1") == [8, 2, 1], "blanks around items are ignored and the order is kept")
+        #expect(try ClientCounts.parse("4096,1") == [4096, 1])
+    }
+
+    @Test(arguments: [
+        ("1,,4", "--clients: expected a comma-separated list of client counts (such as 1,2,4,8,16), found an empty item at position 2 in \"1,,4\""),
+        ("1,2,", "--clients: expected a comma-separated list of client counts (such as 1,2,4,8,16), found an empty item at position 3 in \"1,2,\""),
+        ("", "--clients: expected a client count, or a comma-separated list of them (such as 1,2,4,8,16), found nothing"),
+        ("0", "--clients: expected 1 to 4096, found 0"),
+        ("1,0,4", "--clients: expected 1 to 4096, found 0 in \"1,0,4\""),
+        ("2,4097", "--clients: expected 1 to 4096, found 4097 in \"2,4097\""),
+        ("four", "--clients: expected a whole number of clients from 1 to 4096, found \"four\""),
+        ("1,2.5", "--clients: expected every item to be a whole number of clients from 1 to 4096, found \"2.5\" in \"1,2.5\""),
+        ("1,2,4,2", "--clients: expected distinct client counts, found 2 twice in \"1,2,4,2\""),
+    ])
+    func badClientListsNameTheOption(_ text: String, _ message: String) {
+        let error = #expect(throws: LoadTestError.self) { try ClientCounts.parse(text) }
+        #expect(error?.code == .option)
+        #expect(error?.message == message)
+    }
+
+    @Test func roundsAlternateTheOrder() throws {
+        let sweep = try LoadTestSweep(clientCounts: [1, 2, 4], rounds: 3)
+        #expect(sweep.schedule.map(\.clients) == [1, 2, 4, 4, 2, 1, 1, 2, 4])
+        #expect(sweep.schedule.map(\.round) == [1, 1, 1, 2, 2, 2, 3, 3, 3])
+        #expect(sweep.baselineClients == 1)
+        #expect(try LoadTestSweep(clientCounts: [4, 2, 1]).baselineClients == 1, "1 client is the baseline wherever it is listed")
+        #expect(try LoadTestSweep(clientCounts: [2, 8]).baselineClients == 2, "else the first count")
+        #expect(try LoadTestSweep(clientCounts: [2, 8]).rounds == 2, "two rounds by default")
+        for (counts, rounds, message) in [([1, 2], 0, "--rounds: expected 1 to 1000, found 0"), ([Int](), 2, "--clients: expected at least one client count, found none"),
+                                          ([2, 2], 2, "--clients: expected distinct client counts, found 2 twice in \"2,2\"")] {
+            let error = #expect(throws: LoadTestError.self) { try LoadTestSweep(clientCounts: counts, rounds: rounds) }
+            #expect(error?.message == message)
+        }
+    }
+
+    @Test func medianOfOddEvenAndMissing() {
+        #expect(LoadTestSweepResult.median([3, 1, 2]) == 2)
+        #expect(LoadTestSweepResult.median([4, 1]) == 2.5)
+        #expect(LoadTestSweepResult.median([.nan, 5]) == 5)
+        #expect(LoadTestSweepResult.median([]).isNaN)
+    }
+
+    @Test func aLoopOutOfRangeIsRefusedBeforeRunning() throws {
+        let test = try LoadTest(library: try tinyLibrary(), options: shortOptions(.closed(clients: 1)), runtimeOptions: RuntimeOptions(workers: 0))
+        let error = #expect(throws: LoadTestError.self) { try test.run(loop: .closed(clients: 0)) }
+        #expect(error?.message == "--clients: expected 1 to 4096, found 0")
+    }
+
+    @Test func tinySweepReportsOneRowPerCountFromItsMedians() throws {
+        var options = shortOptions(.closed(clients: 1), duration: 0.3)
+        options.warmup = 0.05
+        let test = try LoadTest(library: try tinyLibrary(), options: options, runtimeOptions: RuntimeOptions(workers: 1))
+        let sweep = try LoadTestSweep(clientCounts: [2, 1, 3], rounds: 2)
+        var ran: [Int] = []
+        let result = try sweep.run { round, clients in
+            ran.append(clients)
+            return try test.run(loop: .closed(clients: clients))
+        }
+        #expect(ran == [2, 1, 3, 3, 1, 2], "forward, then backward")
+        #expect(result.measurements.map(\.position) == Array(1...6))
+        let rows = result.rows
+        #expect(rows.map(\.clients) == [2, 1, 3], "one row per count, in the order given")
+        let base = try #require(rows.first { $0.clients == 1 })
+        for row in rows {
+            #expect(row.measurements.map(\.round) == [1, 2] && row.measurements.allSatisfy { $0.clients == row.clients })
+            #expect(row.measurements.allSatisfy { $0.tokenThroughput > 0 && $0.completed > 0 && $0.windowSeconds >= 0.3 })
+            #expect(row.errors == 0)
+            // Two rounds: the median is the mean of the two, and the ratio is taken between medians.
+            let median = (row.measurements[0].tokenThroughput + row.measurements[1].tokenThroughput) / 2
+            #expect(abs(row.tokenThroughput - median) <= 1e-9 * median)
+            #expect(abs(row.throughputRatio - row.tokenThroughput / base.tokenThroughput) <= 1e-12)
+            #expect(row.p50Milliseconds > 0 && row.p99Milliseconds >= row.p50Milliseconds)
+            #expect(row.residentBytesMax == row.measurements.map(\.residentBytesMax).max())
+        }
+        #expect(base.throughputRatio == 1)
+
+        let json = try JSONParser.parse(Array(result.json().serialized().utf8))
+        #expect(json["mode"] == .string("closed_sweep") && json["rounds"] == .integer(2) && json["baseline_clients"] == .integer(1))
+        #expect(json["client_counts"] == .array([.integer(2), .integer(1), .integer(3)]))
+        #expect(json["round_orders"] == .array([.array([.integer(2), .integer(1), .integer(3)]), .array([.integer(3), .integer(1), .integer(2)])]))
+        for field in ["library", "num_layers", "num_experts", "router", "top_k", "workers", "executor", "max_queued_calls", "decode_fraction",
+                      "decode_tokens", "prefill_tokens", "affinity", "skew", "seed", "warmup_duration", "duration"] {
+            #expect(json[field] != nil, "missing \(field)")
+        }
+        #expect(json["workers"] == .integer(1) && json["duration"] == .double(0.3))
+        guard case let .array(jsonRows)? = json["rows"] else { Issue.record("no rows array"); return }
+        #expect(jsonRows.count == 3)
+        for (row, jsonRow) in zip(rows, jsonRows) {
+            #expect(jsonRow["num_clients"] == .integer(row.clients))
+            #expect(jsonRow["total_token_throughput"] == .double(row.tokenThroughput))
+            #expect(jsonRow["throughput_ratio"] == .double(row.throughputRatio))
+            for field in ["request_throughput", "median_e2el_ms", "p90_e2el_ms", "p99_e2el_ms", "errors", "rss_max_bytes"] {
+                #expect(jsonRow[field] != nil, "row lacks \(field)")
+            }
+            guard case let .array(perRound)? = jsonRow["rounds"] else { Issue.record("row lacks rounds"); continue }
+            let expected: [JSONValue?] = row.measurements.map { .double($0.tokenThroughput) }
+            #expect(perRound.map { $0["total_token_throughput"] } == expected)
+        }
+        let text = result.text()
+        #expect(text.contains("client sweep") && text.contains("vs 1"))
+        for row in rows {
+            #expect(text.split(separator: "\n").contains { $0.split(separator: " ").first == Substring(String(row.clients)) }, "no table line for \(row.clients)")
+        }
+    }
+}
+
 @Suite struct LoadTestWorkloadTests {
     @Test func requestsAreDeterministicAndFollowTheMix() throws {
         let library = try tinyLibrary()
