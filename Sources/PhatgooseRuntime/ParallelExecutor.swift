@@ -255,8 +255,11 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
                 if spins & 63 != 0 { pg_cpu_relax(); continue }
                 if pg_now_ns() - spinStart < spinNanoseconds { continue }
                 callerSleeping.store(true, ordering: .sequentiallyConsistent)
-                while pg_atomic_load_u32(doneWord) != UInt32(truncatingIfNeeded: gen) {
-                    _ = pg_futex_wait(doneWord, pg_atomic_load_u32(doneWord))
+                while true {
+                    // Wait on the value just checked: a wake between the check and the wait then returns at once.
+                    let seenDone = pg_atomic_load_u32(doneWord)
+                    if seenDone == UInt32(truncatingIfNeeded: gen) { break }
+                    _ = pg_futex_wait(doneWord, seenDone)
                 }
                 callerSleeping.store(false, ordering: .sequentiallyConsistent)
                 break
