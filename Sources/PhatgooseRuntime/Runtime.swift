@@ -698,8 +698,12 @@ public final class Runtime: Sendable {
     /// Counters since start.
     public func statisticsSnapshot() -> RuntimeStatistics { statistics.withLock { $0 } }
 
-    /// Bytes of expert weights held (copies included).
-    public var residentBytes: Int { current.withLock { $0 }.residentBytes }
+    /// Bytes of expert weights really held (copies included): the current snapshot's, plus those only older snapshots
+    /// still serving calls hold (memory shared between snapshots counts once).
+    public var residentBytes: Int { current.withLock { $0 }.ledger.bytes }
+
+    /// The snapshot later calls start on.
+    var currentSnapshot: LibrarySnapshot { current.withLock { $0 } }
 
     /// Where each node's shard memory really is, as the kernel reports it (move_pages), next to where it was meant to be.
     public func placementReport() -> [(node: Int, memoryNode: Int, bytes: Int, experts: [String], pagesByNode: [Int: Int])] {
@@ -775,7 +779,8 @@ public final class Runtime: Sendable {
         var load = options.loadProfile
         if let profile = load, profile.count < library.experts.count { load = profile + [Double](repeating: 0, count: library.experts.count - profile.count) }
         let snapshot = try LibrarySnapshot.build(id: generation, library: library, retired: retired, options: routing, topology: topology,
-                                                 policy: options.placement, load: load, memoryCap: options.memoryCapBytes, reuse: reuse)
+                                                 policy: options.placement, load: load, memoryCap: options.memoryCapBytes, reuse: reuse,
+                                                 previous: old)
         current.withLock { $0 = snapshot }
     }
 
