@@ -226,6 +226,8 @@ public final class LoadTest: Sendable {
         runtimeStats.calls -= start.stats.calls
         runtimeStats.tokens -= start.stats.tokens
         runtimeStats.rejected -= start.stats.rejected
+        runtimeStats.dispatches -= start.stats.dispatches
+        runtimeStats.mergedCalls -= start.stats.mergedCalls
         for e in runtimeStats.tokensPerExpert.indices where e < start.stats.tokensPerExpert.count {
             runtimeStats.tokensPerExpert[e] -= start.stats.tokensPerExpert[e]
         }

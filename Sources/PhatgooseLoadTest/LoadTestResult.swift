@@ -157,6 +157,7 @@ public struct LoadTestResult: Sendable {
             ("decode", .object(latencyFields(decodeLatency, "e2el"))),
             ("prefill", .object(latencyFields(prefillLatency, "e2el"))),
             ("layer_calls", .integer(runtimeStatistics.calls)), ("runtime_rejected_calls", .integer(runtimeStatistics.rejected)),
+            ("dispatches", .integer(runtimeStatistics.dispatches)), ("merged_calls", .integer(runtimeStatistics.mergedCalls)),
             ("mean_call_wait_ms", meanCallWaitMilliseconds.map(num) ?? .null),
             ("mean_executor_wait_per_request_ms", executorWaitPerRequestMilliseconds.map(num) ?? .null),
         ]
@@ -281,6 +282,7 @@ public struct LoadTestResult: Sendable {
         }
         out += "---------------- Runtime ---------------------\n"
         line("Layer calls:", "\(runtimeStatistics.calls)" + (meanCallWaitMilliseconds.map { ", mean wait for the executor \(fmt($0)) ms" } ?? ""))
+        line("Dispatches:", "\(runtimeStatistics.dispatches) (\(runtimeStatistics.mergedCalls) calls served with others)")
         if let wait = executorWaitPerRequestMilliseconds {
             line("Executor wait per request:", "\(fmt(wait)) ms (the runtime's queue, over all of a request's layer calls)")
         }

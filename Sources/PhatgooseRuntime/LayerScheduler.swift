@@ -183,8 +183,13 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
     private let routeScratch: [RawBuffer<Float>]
     private let shrinkScratch: [RawBuffer<Float>]
 
-    /// Groups of one step and at most this many assignments run as one item (see ``runWholeGroup``).
+    /// Groups of one step and at most this many assignments run as one item (see ``runWholeGroup``), unless
+    /// `tileRows` asks for smaller items.
     static let wholeGroupAssignments = 32
+
+    private func isWhole(_ g: StepGroup) -> Bool {
+        g.stepCount == 1 && g.assignments > 0 && g.assignments <= min(Self.wholeGroupAssignments, tileRows ?? Self.wholeGroupAssignments)
+    }
 
     init(executor: any ParallelExecutor) {
         self.executor = executor
@@ -414,7 +419,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         let tile = max(1, tileRows ?? min(256, max(16, (assignmentTotal + participants * 4 - 1) / (participants * 4))))
         var itemCount = 0
         for g in 0..<groupCount {
-            if group[g].stepCount == 1 && group[g].assignments > 0 && group[g].assignments <= Self.wholeGroupAssignments { itemCount += 1; continue }
+            if isWhole(group[g]) { itemCount += 1; continue }
             for c in 0..<group[g].candidates { itemCount += (plans[g].range(of: c).count + tile - 1) / tile }
         }
         let itemList = items.reserve(itemCount)
@@ -429,7 +434,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
             let firstItem = n
             // A small group of one step (a decode step) is one item: all of its experts, in expert order, on one
             // participant, adding straight into the step's output (no rows, no combine).
-            if group[g].stepCount == 1 && group[g].assignments > 0 && group[g].assignments <= Self.wholeGroupAssignments {
+            if isWhole(group[g]) {
                 itemList[n] = WorkItem(group: Int32(g), candidate: -1, begin: 0, count: Int32(group[g].assignments), owner: 0)
                 n += 1
                 group[g].fused = true

@@ -473,6 +473,12 @@ public final class Runtime: Sendable {
         }
     }
 
+    /// Dispatches a holder runs for others after its own call is done, before it hands the role on: the holder is
+    /// running already, while an heir must first be woken and scheduled (on a busy machine, behind other threads).
+    /// (Measured on the built-in load test, 2 cores: 0, 4 and 16 alike at 1 client; 4 and 16 ahead of 0 at 8 and
+    /// 16 clients.)
+    static let extraDispatches = 4
+
     private func takeRequest() -> CallRequest {
         queue.withLock { $0.free.popLast() } ?? CallRequest()
     }
@@ -523,6 +529,7 @@ public final class Runtime: Sendable {
     /// it while only tasks wait, or gives it up when nothing waits.
     private func dispatchLoop(own: CallRequest?) {
         dispatcher.withLock { d in
+            var extra = 0
             while true {
                 let next = queue.withLock { q -> CallRequest?? in
                     let ownDone = own.map { $0.state.load(ordering: .sequentiallyConsistent) == CallRequest.done } ?? true
@@ -530,7 +537,10 @@ public final class Runtime: Sendable {
                         q.dispatching = false
                         return .some(nil)
                     }
-                    if ownDone, let heir = q.fifo.first(where: { $0.continuation == nil }) { return .some(heir) }
+                    if ownDone {
+                        if extra >= Self.extraDispatches, let heir = q.fifo.first(where: { $0.continuation == nil }) { return .some(heir) }
+                        extra += 1
+                    }
                     d.batch.removeAll(keepingCapacity: true)
                     d.batch.append(contentsOf: q.fifo)
                     return .none
