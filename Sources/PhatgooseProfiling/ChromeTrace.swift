@@ -9,6 +9,8 @@ import PhatgooseRuntime
 ///   after the layer, category `call`, enclosing the caller's phases).
 /// - `wait` spans: when the runtime reports none of its own, each participant's idle gaps inside a layer call (the
 ///   caller waiting at a join, a worker with nothing left to run) are derived from the other spans.
+/// - Calls merged into one dispatch can overlap without nesting (a chunked call runs on across dispatches): such a
+///   call span goes on a lane of its own (`tid` 2000 and up), and waits are derived over the union of the calls.
 /// - Queueing for the executor as `queued` spans on lanes of their own (`tid` 1000 and up; waiting calls overlap, and
 ///   spans on one thread must nest), and a counter track `queue depth` with the number of calls waiting.
 /// - Metadata names every process and thread; `otherData` carries the drop count and anything the caller adds.
@@ -40,6 +42,8 @@ public enum ChromeTrace {
 
     /// The first thread id of the queue lanes.
     public static let queueLaneBase = 1000
+    /// The first thread id of the lanes for call spans that overlap others without nesting.
+    public static let callLaneBase = 2000
 
     /// Writes the trace to `path` atomically.
     public static func write(_ records: [TraceRecord], context: Context, to path: String) throws {
@@ -60,7 +64,28 @@ public enum ChromeTrace {
     /// Idle gaps of each participant inside each layer call (see the type's documentation), longer than
     /// `minimumNanoseconds`.
     public static func derivedWaits(_ records: [TraceRecord], minimumNanoseconds: UInt64 = 1000) -> [TraceRecord] {
-        let calls = records.filter { $0.kind == .call }.sorted { $0.start < $1.start }
+        // Calls merged into one dispatch overlap (a chunked call spans several dispatches): the windows are the
+        // pieces of the union of the call spans between consecutive call starts and ends, so no idle gap is counted
+        // twice and none crosses a call's boundary.
+        var edges: [(time: UInt64, delta: Int, index: Int)] = []
+        for (i, r) in records.enumerated() where r.kind == .call {
+            edges.append((r.start, 1, i))
+            edges.append((r.end, -1, i))
+        }
+        edges.sort { $0.time < $1.time }
+        var calls: [TraceRecord] = []
+        var active = 0, from: UInt64 = 0, latest = 0
+        for edge in edges {
+            if active > 0 && edge.time > from {
+                var window = records[latest]
+                window.start = from
+                window.end = edge.time
+                calls.append(window)
+            }
+            active += edge.delta
+            from = edge.time
+            if edge.delta > 0 { latest = edge.index }
+        }
         guard !calls.isEmpty else { return [] }
         var byWorker: [Int: [TraceRecord]] = [:]
         for r in records where PhaseTotals.busyKinds.contains(r.kind) { byWorker[Int(r.worker), default: []].append(r) }
@@ -72,9 +97,10 @@ public enum ChromeTrace {
             let spans = (byWorker[p] ?? []).sorted { $0.start < $1.start }
             let node = spans.first.map { Int($0.node) } ?? Int(calls[0].node)
             var i = 0
+            var reach: UInt64 = 0  // the latest end of the spans seen so far (one may run on into the next window)
             for call in calls {
-                while i < spans.count && spans[i].start < call.start { i += 1 }
-                var cursor = call.start
+                while i < spans.count && spans[i].start < call.start { reach = max(reach, spans[i].end); i += 1 }
+                var cursor = max(call.start, reach)
                 var j = i
                 while j < spans.count && spans[j].start < call.end {
                     if spans[j].start > cursor + minimumNanoseconds {
@@ -82,6 +108,7 @@ public enum ChromeTrace {
                                                  start: cursor, end: spans[j].start))
                     }
                     cursor = max(cursor, spans[j].end)
+                    reach = max(reach, spans[j].end)
                     j += 1
                 }
                 if call.end > cursor + minimumNanoseconds {
@@ -199,8 +226,38 @@ public enum ChromeTrace {
             try emit("{\"name\":\"queued\",\"cat\":\"queue\",\"ph\":\"X\",\"ts\":\(micros(r.start)),\"dur\":\(duration(r)),\"pid\":\(callerNode),\"tid\":\(queueLaneBase + laneOf[i]),\"args\":{\"layer\":\(quoted(layerName(r.layer))),\"rows\":\(r.rows)}}")
         }
 
-        // Spans, outer before inner at equal starts.
-        let spans = records.filter { $0.kind != .queued }.sorted { $0.start != $1.start ? $0.start < $1.start : $0.end > $1.end }
+        // Call spans: on the caller's thread while they nest; a call that overlaps another without nesting (calls
+        // merged into one dispatch, a chunked call running on across dispatches) goes on a call lane of its own.
+        let callSpans = records.filter { $0.kind == .call }.sorted { $0.start != $1.start ? $0.start < $1.start : $0.end > $1.end }
+        var callerStack: [UInt64] = []
+        var callLaneEnds: [UInt64] = []
+        var callTid: [Int] = []
+        for r in callSpans {
+            while let top = callerStack.last, top <= r.start { callerStack.removeLast() }
+            if callerStack.last.map({ r.end <= $0 }) ?? true {
+                callerStack.append(r.end)
+                callTid.append(Int(r.worker))
+            } else if let lane = callLaneEnds.firstIndex(where: { $0 <= r.start }) {
+                callLaneEnds[lane] = r.end
+                callTid.append(callLaneBase + lane)
+            } else {
+                callLaneEnds.append(r.end)
+                callTid.append(callLaneBase + callLaneEnds.count - 1)
+            }
+        }
+        for lane in callLaneEnds.indices {
+            let tid = callLaneBase + lane
+            try emit("{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(callerNode),\"tid\":\(tid),\"args\":{\"name\":\(quoted("overlapping calls, lane \(lane)"))}}")
+            try emit("{\"name\":\"thread_sort_index\",\"ph\":\"M\",\"pid\":\(callerNode),\"tid\":\(tid),\"args\":{\"sort_index\":\(tid)}}")
+        }
+        for (i, r) in callSpans.enumerated() {
+            let args = "\"layer\":\(quoted(layerName(r.layer))),\"rows\":\(r.rows)"
+            let pid = callTid[i] >= callLaneBase ? callerNode : Int(r.node)
+            try emit("{\"name\":\(quoted(layerName(r.layer))),\"cat\":\"call\",\"ph\":\"X\",\"ts\":\(micros(r.start)),\"dur\":\(duration(r)),\"pid\":\(pid),\"tid\":\(callTid[i]),\"args\":{\(args)}}")
+        }
+
+        // The other spans, outer before inner at equal starts.
+        let spans = records.filter { $0.kind != .queued && $0.kind != .call }.sorted { $0.start != $1.start ? $0.start < $1.start : $0.end > $1.end }
         for r in spans {
             let name: String
             var args = "\"layer\":\(quoted(layerName(r.layer))),\"rows\":\(r.rows)"
@@ -209,7 +266,6 @@ public enum ChromeTrace {
                 name = "expert \(r.expert)"
                 let expertName = r.expert >= 0 && Int(r.expert) < context.expertNames.count ? context.expertNames[Int(r.expert)] : "?"
                 args += ",\"expert\":\(r.expert),\"expert_name\":\(quoted(expertName))"
-            case .call: name = layerName(r.layer)
             default: name = r.kind.rawValue
             }
             try emit("{\"name\":\(quoted(name)),\"cat\":\"\(r.kind.rawValue)\",\"ph\":\"X\",\"ts\":\(micros(r.start)),\"dur\":\(duration(r)),\"pid\":\(r.node),\"tid\":\(r.worker),\"args\":{\(args)}}")

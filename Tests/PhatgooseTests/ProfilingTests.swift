@@ -174,6 +174,54 @@ func nearestRank(_ sorted: [Double], _ p: Double) -> Double {
     }
 }
 
+extension ProfilingTraceTests {
+    /// Merged dispatch: call A is chunked over two dispatches (0-30 us, 30-60 us), call B joins the first dispatch
+    /// and ends with it, call C joins the second and ends with it (both nest in A), and a call D that joins the
+    /// second dispatch and ends in a third overlaps A without nesting.
+    var mergedRecords: [TraceRecord] {
+        [
+            event(.call, rows: 300, 0, 60_000), event(.call, layer: 1, rows: 2, 0, 30_000), event(.call, rows: 2, 30_000, 60_000),
+            event(.call, layer: 1, rows: 400, 30_000, 90_000),
+            event(.routing, rows: 8, 1_000, 5_000), event(.item, expert: 1, rows: 4, 6_000, 20_000),
+            event(.item, worker: 1, expert: 2, rows: 4, 8_000, 25_000),
+            event(.routing, rows: 8, 31_000, 35_000), event(.item, worker: 1, expert: 0, rows: 4, 40_000, 55_000),
+            event(.routing, rows: 8, 61_000, 65_000), event(.item, worker: 1, expert: 3, rows: 4, 70_000, 85_000),
+        ].map(TraceRecord.init)
+    }
+
+    @Test func overlappingCallsOfAMergedDispatchStillNestPerThread() throws {
+        let context = ChromeTrace.Context(layerNames: ["enc.q", "enc.k"], expertNames: ["e0", "e1", "e2", "e3"], participantNodes: [0, 0],
+                                          participantCPUs: [nil, 1], dropped: 0)
+        let document = try JSONParser.parse(ChromeTrace.render(mergedRecords, context: context))
+        guard case let .array(events)? = document["traceEvents"] else { Issue.record("no traceEvents array"); return }
+        var spans: [String: [(Double, Double)]] = [:]
+        var named: Set<String> = []
+        var calls = 0
+        for e in events {
+            guard case let .string(ph)? = e["ph"], case let .number(pid)? = e["pid"], case let .number(tid)? = e["tid"] else { continue }
+            let key = "\(pid.double)/\(tid.double)"
+            if ph == "M", e["name"] == .string("thread_name") { named.insert(key) }
+            guard ph == "X", case let .number(ts)? = e["ts"], case let .number(dur)? = e["dur"] else { continue }
+            if e["cat"] == .string("call") { calls += 1 }
+            spans[key, default: []].append((ts.double, ts.double + dur.double))
+        }
+        #expect(calls == 4, "every call is in the trace")
+        for (key, list) in spans {
+            #expect(named.contains(key), "thread \(key) has spans but no name")
+            var stack: [Double] = []
+            for (start, end) in list.sorted(by: { $0.0 != $1.0 ? $0.0 < $1.0 : $0.1 > $1.1 }) {
+                while let top = stack.last, top <= start { stack.removeLast() }
+                #expect(stack.last.map { end <= $0 } ?? true, "thread \(key): span \(start)-\(end) overlaps its enclosing span")
+                stack.append(end)
+            }
+        }
+        let waits = ChromeTrace.derivedWaits(mergedRecords).filter { $0.worker == 1 }.sorted { $0.start < $1.start }
+        for (a, b) in zip(waits, waits.dropFirst()) { #expect(a.end <= b.start, "waits \(a.start)-\(a.end) and \(b.start)-\(b.end) overlap") }
+        #expect(waits.first.map { ($0.start, $0.end) } ?? (0, 0) == (0, 8_000))
+        #expect(waits.last.map { ($0.start, $0.end) } ?? (0, 0) == (85_000, 90_000))
+    }
+}
+
 @Suite struct ProfilingReportTests {
     func sampleReport() -> HTMLReport {
         var tally = RoutingTally(layers: 3, experts: 4)
