@@ -161,6 +161,17 @@ public enum ChromeTrace {
         }
     }
 
+    /// Greedy interval partitioning (spans taken by start): the first lane free at `span.start`, or a new one;
+    /// `ends` holds each lane's latest end.
+    static func lane(for span: TraceRecord, ends: inout [UInt64]) -> Int {
+        if let lane = ends.firstIndex(where: { $0 <= span.start }) {
+            ends[lane] = span.end
+            return lane
+        }
+        ends.append(span.end)
+        return ends.count - 1
+    }
+
     static func render(_ input: [TraceRecord], context: Context, into sink: inout Sink) throws {
         var records = input
         if !records.contains(where: { $0.kind == .wait }) { records += derivedWaits(input) }
@@ -207,16 +218,7 @@ public enum ChromeTrace {
         // Queue lanes: greedy interval partitioning, so lane spans never overlap.
         let queued = records.filter { $0.kind == .queued }.sorted { $0.start < $1.start }
         var laneEnds: [UInt64] = []
-        var laneOf: [Int] = []
-        for r in queued {
-            if let lane = laneEnds.firstIndex(where: { $0 <= r.start }) {
-                laneEnds[lane] = r.end
-                laneOf.append(lane)
-            } else {
-                laneEnds.append(r.end)
-                laneOf.append(laneEnds.count - 1)
-            }
-        }
+        let laneOf = queued.map { Self.lane(for: $0, ends: &laneEnds) }
         for lane in laneEnds.indices {
             let tid = queueLaneBase + lane
             try emit("{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(callerNode),\"tid\":\(tid),\"args\":{\"name\":\(quoted("queued calls, lane \(lane)"))}}")
@@ -237,12 +239,8 @@ public enum ChromeTrace {
             if callerStack.last.map({ r.end <= $0 }) ?? true {
                 callerStack.append(r.end)
                 callTid.append(Int(r.worker))
-            } else if let lane = callLaneEnds.firstIndex(where: { $0 <= r.start }) {
-                callLaneEnds[lane] = r.end
-                callTid.append(callLaneBase + lane)
             } else {
-                callLaneEnds.append(r.end)
-                callTid.append(callLaneBase + callLaneEnds.count - 1)
+                callTid.append(callLaneBase + Self.lane(for: r, ends: &callLaneEnds))
             }
         }
         for lane in callLaneEnds.indices {
