@@ -45,6 +45,11 @@ public struct RuntimeOptions: Sendable {
     /// (whole sequences when routing per sequence), so calls queued behind it (decode steps) join the next dispatch
     /// instead of waiting for all of it. The results are the same bits as in one piece.
     public var chunkTokens: Int
+    /// Most tokens of one dispatch, summed over its calls and their layers (at least one chunk of the oldest call
+    /// is always taken): the calls beyond it, in queue order, wait for the next dispatch. Merging many large calls
+    /// into one dispatch gains nothing (each is already large enough to batch) and spreads the dispatch's working set
+    /// past the caches; decode calls of a few tokens still merge by the dozen. nil: no bound.
+    public var dispatchTokens: Int?
     /// Allow more workers than the topology has CPUs (each would then share a CPU with another thread and spin on
     /// it); off, such a request is refused.
     public var oversubscribe: Bool
@@ -55,7 +60,7 @@ public struct RuntimeOptions: Sendable {
     public init(routing: RoutingOptions? = nil, workers: Int? = nil, executor: ExecutorKind = .pinned, topology: Topology? = nil,
                 placement: PlacementPolicy = .distribute, loadProfile: [Double]? = nil, memoryCapBytes: Int? = nil,
                 maxQueuedCalls: Int = 64, tileRows: Int? = nil, spinMicroseconds: Int = 50, parallelMinTokens: Int = 1,
-                chunkTokens: Int = 256, oversubscribe: Bool = false, observer: (any RuntimeObserver)? = nil) {
+                chunkTokens: Int = 256, dispatchTokens: Int? = 512, oversubscribe: Bool = false, observer: (any RuntimeObserver)? = nil) {
         self.routing = routing
         self.workers = workers
         self.executor = executor
@@ -68,6 +73,7 @@ public struct RuntimeOptions: Sendable {
         self.spinMicroseconds = spinMicroseconds
         self.parallelMinTokens = parallelMinTokens
         self.chunkTokens = chunkTokens
+        self.dispatchTokens = dispatchTokens
         self.oversubscribe = oversubscribe
         self.observer = observer
     }
@@ -144,6 +150,7 @@ public final class Runtime: Sendable {
             throw RuntimeError(.option, "workers: expected at most \(topology.cpuCount), the CPUs of the topology (the default is one fewer, as the caller works too), found \(workers): more workers than CPUs share CPUs and spin against each other; set oversubscribe to allow it")
         }
         guard options.chunkTokens >= 1 else { throw RuntimeError(.option, "chunk tokens: expected at least 1, found \(options.chunkTokens)") }
+        if let budget = options.dispatchTokens, budget < 1 { throw RuntimeError(.option, "dispatch tokens: expected at least 1, found \(budget)") }
         if let tile = options.tileRows, tile < 1 { throw RuntimeError(.option, "tile rows: expected at least 1, found \(tile)") }
         guard options.spinMicroseconds >= 0 && options.spinMicroseconds <= 1_000_000 else {
             throw RuntimeError(.option, "spin microseconds: expected 0 to 1000000, found \(options.spinMicroseconds)")
@@ -463,6 +470,8 @@ public final class Runtime: Sendable {
     final class Dispatcher {
         let scheduler: LayerScheduler
         var batch: [CallRequest] = []
+        /// Partly served calls on their way to the back of the queue.
+        var carried: [CallRequest] = []
         let steps = RawBuffer<LayerStep>()
         let tokensPerExpert = RawBuffer<Int>()
         var round = 0
@@ -470,6 +479,7 @@ public final class Runtime: Sendable {
         init(scheduler: LayerScheduler, capacity: Int) {
             self.scheduler = scheduler
             batch.reserveCapacity(capacity)
+            carried.reserveCapacity(capacity)
         }
     }
 
@@ -551,8 +561,21 @@ public final class Runtime: Sendable {
                     return
                 }
                 runDispatch(d)
-                // Done requests leave the queue; their callers are woken after the lock is released.
-                queue.withLock { q in q.fifo.removeAll { $0.served == $0.tokens } }
+                // Done requests leave the queue (their callers are woken after the lock is released); a call that
+                // had a chunk served goes to the back, behind the calls that came while its chunk ran, so a long
+                // prefill shares the dispatches with what queues behind it instead of taking them all.
+                let round = d.round
+                queue.withLock { q in
+                    q.fifo.removeAll { $0.served == $0.tokens }
+                    d.carried.removeAll(keepingCapacity: true)
+                    q.fifo.removeAll { request in
+                        guard request.round == round else { return false }
+                        d.carried.append(request)
+                        return true
+                    }
+                    q.fifo.append(contentsOf: d.carried)
+                }
+                d.carried.removeAll(keepingCapacity: true)
                 for request in d.batch where request.served == request.tokens && request !== own {
                     request.signal(CallRequest.done)
                 }
@@ -581,13 +604,23 @@ public final class Runtime: Sendable {
         let steps = d.steps.reserve(layerTotal)
         d.round &+= 1
         let round = d.round
-        while let first = d.batch.first(where: { $0.round != round && $0.served < $0.tokens }) {
+        var budgetSpent = false
+        while !budgetSpent, let first = d.batch.first(where: { $0.round != round && $0.served < $0.tokens }) {
             let snapshot = first.snapshot!
             let start = observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
             var n = 0, calls = 0
+            // Tokens times layers still allowed in this dispatch; once a call does not fit, it and every later call
+            // wait for the next dispatch (first come, first served).
+            var budget = options.dispatchTokens ?? Int.max
             for request in d.batch where request.round != round && request.snapshot === snapshot && request.served < request.tokens {
+                var take = min(request.tokens - request.served, chunk)
+                if calls > 0 {
+                    let fits = budget / request.layerCount
+                    if fits < take { take = fits / unit * unit }
+                    if take == 0 { budgetSpent = true; break }
+                }
+                budget -= min(budget, take * request.layerCount)
                 request.round = round
-                let take = min(request.tokens - request.served, chunk)
                 request.serving = take
                 calls += 1
                 if request.served == 0 { request.firstDispatchAt = start }

@@ -20,10 +20,18 @@ struct RuntimeFlags: ParsableArguments {
     @Option(parsing: .unconditional, help: "Memory cap on expert weights, in bytes.")
     var memoryCap: Int?
 
+    @Option(parsing: .unconditional, help: "Most tokens of one call in one dispatch; a larger call is served in chunks. (default: 256)")
+    var chunkTokens: Int?
+
+    @Option(parsing: .unconditional, help: "Most tokens of one dispatch, over all the calls it merges; 0: no bound. (default: 512)")
+    var dispatchTokens: Int?
+
     func validate() throws {
         guard ExecutorKind(rawValue: executor) != nil else { throw ValidationError("--executor: expected pinned or dispatch, found \(executor)") }
         _ = try placementPolicy()
         if let workers, workers < 0 { throw ValidationError("--workers: expected at least 0, found \(workers)") }
+        if let chunkTokens, chunkTokens < 1 { throw ValidationError("--chunk-tokens: expected at least 1, found \(chunkTokens)") }
+        if let dispatchTokens, dispatchTokens < 0 { throw ValidationError("--dispatch-tokens: expected at least 0 (0: no bound), found \(dispatchTokens)") }
     }
 
     func placementPolicy() throws -> PlacementPolicy {
@@ -39,8 +47,11 @@ struct RuntimeFlags: ParsableArguments {
     }
 
     func options(routing: RoutingFlags? = nil, defaults: RoutingDefaults) throws -> RuntimeOptions {
-        RuntimeOptions(routing: routing?.options(defaults: defaults, tokens: 0), workers: workers, executor: ExecutorKind(rawValue: executor)!,
-                       topology: try topology.map { try Topology.modelled($0) }, placement: try placementPolicy(), memoryCapBytes: memoryCap)
+        var options = RuntimeOptions(routing: routing?.options(defaults: defaults, tokens: 0), workers: workers, executor: ExecutorKind(rawValue: executor)!,
+                                     topology: try topology.map { try Topology.modelled($0) }, placement: try placementPolicy(), memoryCapBytes: memoryCap)
+        if let chunkTokens { options.chunkTokens = chunkTokens }
+        if let dispatchTokens { options.dispatchTokens = dispatchTokens == 0 ? nil : dispatchTokens }
+        return options
     }
 }
 

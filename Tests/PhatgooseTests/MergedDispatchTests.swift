@@ -160,11 +160,55 @@ struct MergedDispatchTests {
         #expect(runtime.statisticsSnapshot().dispatches >= prefillTokens / 16)
     }
 
+    @Test("a dispatch holds at most dispatchTokens tokens; a chunked call goes behind the calls queued after it; every call keeps its bits")
+    func dispatchBudgetAndRoundRobin() throws {
+        let library = try synthLibrary()
+        let gate = GateObserver()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, chunkTokens: 16, dispatchTokens: 16, observer: gate))
+        defer { runtime.shutdown() }
+        let module = library.modules[2]
+        let layer = try #require(runtime.layer(named: module.name))
+        let inputs = [randomFloats(160 * module.inWidth, seed: 41), randomFloats(160 * module.inWidth, seed: 42), randomFloats(module.inWidth, seed: 43)]
+        let sizes = [160, 160, 1]
+        let expected = try zip(inputs, sizes).map { try singleThreaded(library, module: module.name, options: runtime.routing, x: $0, tokens: $1) }
+        let holder = Thread { _ = try? runtime.apply(layer, input: inputs[2], tokens: 1) }
+        holder.start()
+        gate.entered.wait()
+        // Two prefills, then a decode call, queued in this order behind the held call.
+        let results = Locked<[Int: LayerOutput]>([:])
+        let callsWhenDecodeReturned = Atomic<Int>(-1)
+        let done = DispatchSemaphore(value: 0)
+        for i in 0..<3 {
+            Thread {
+                defer { done.signal() }
+                guard let got = try? runtime.apply(layer, input: inputs[i], tokens: sizes[i]) else { return }
+                if i == 2 { callsWhenDecodeReturned.store(runtime.statisticsSnapshot().calls, ordering: .sequentiallyConsistent) }
+                results.withLock { $0[i] = got }
+            }.start()
+            #expect(waitUntil { runtime.queuedCalls == i + 2 }, "call \(i) queued")
+        }
+        gate.release.signal()
+        for _ in 0..<3 { done.wait() }
+        let got = results.withLock { $0 }
+        for i in 0..<3 {
+            #expect(got[i]?.delta == expected[i].delta && got[i]?.experts == expected[i].experts && got[i]?.weights == expected[i].weights, "call \(i)")
+        }
+        // Round robin: after one chunk of each prefill the decode call's turn came, with both prefills unfinished:
+        // the calls counted when it returned are the held one and itself (a call is counted before its caller is
+        // woken). First come, first served without turns would finish both prefills first.
+        #expect(callsWhenDecodeReturned.load(ordering: .sequentiallyConsistent) == 2)
+        // 321 tokens queued, at most 16 per dispatch, after the held call's own dispatch.
+        let dispatches = runtime.statisticsSnapshot().dispatches
+        #expect(dispatches >= 1 + (321 + 15) / 16, "\(dispatches) dispatches")
+        let refused = #expect(throws: RuntimeError.self) { _ = try Runtime(library: library, options: RuntimeOptions(workers: 0, dispatchTokens: 0)) }
+        #expect(refused?.code == .option && refused?.message.contains("dispatch tokens: expected at least 1, found 0") == true)
+    }
+
     @Test("async calls queue without a thread each, share dispatches and get their single-threaded bits")
     func asyncCallsMerge() async throws {
         let library = try synthLibrary()
         let gate = GateObserver()
-        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, maxQueuedCalls: 256, observer: gate))
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, maxQueuedCalls: 256, dispatchTokens: nil, observer: gate))
         defer { runtime.shutdown() }
         let calls = try Self.mix(library, routing: runtime.routing, count: 120)
         let first = randomFloats(5 * library.modules[0].inWidth, seed: 1)
