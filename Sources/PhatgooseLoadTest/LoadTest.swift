@@ -3,6 +3,7 @@ import Foundation
 import PhatgooseFormats
 import PhatgooseLibrary
 import PhatgooseProfiling
+import PhatgooseDistributed
 import PhatgooseRuntime
 import Synchronization
 
@@ -64,7 +65,10 @@ public struct LoadTestInstruments: Sendable {
 /// # Thread safety
 /// Immutable apart from what `run` creates for itself; one `run` at a time, from one thread.
 public final class LoadTest: Sendable {
-    public let runtime: Runtime
+    /// The runtime in this process; nil when the test drives a distributed runtime.
+    public let runtime: Runtime?
+    /// What the clients call.
+    public let target: any LoadTarget
     public let workload: ModelWorkload
     public let options: LoadTestOptions
     public let instruments: LoadTestInstruments
@@ -90,12 +94,30 @@ public final class LoadTest: Sendable {
         if let tracer = instruments.tracer { observers.append(tracer) }
         if let metrics = instruments.metrics { observers.append(metrics) }
         runtimeOptions.observer = observers.isEmpty ? nil : observers.count == 1 ? observers[0] : ObserverFanout(observers)
-        runtime = try Runtime(library: library, options: runtimeOptions)
-        workload = try ModelWorkload(runtime: runtime, options: options)
+        let runtime = try Runtime(library: library, options: runtimeOptions)
+        self.runtime = runtime
+        let target = try LocalTarget(runtime: runtime)
+        self.target = target
+        workload = try ModelWorkload(target: target, library: library, options: options)
         self.libraryDescription = libraryDescription ?? library.source.path
     }
 
-    deinit { runtime.shutdown() }
+    /// A load test of `library` served by `distributed` (on rank 0 of its MPI world; the caller shuts it down).
+    /// Phase accounting and tracing observe a local runtime only: `instruments` contributes its metrics.
+    public init(library: ExpertLibrary, distributed: DistributedRuntime, options: LoadTestOptions,
+                instruments: LoadTestInstruments = LoadTestInstruments(), libraryDescription: String? = nil) throws {
+        try options.validate()
+        self.options = options
+        self.instruments = LoadTestInstruments(accounting: false, tracer: nil, metrics: instruments.metrics)
+        accounting = nil
+        runtime = nil
+        let target = DistributedTarget(runtime: distributed)
+        self.target = target
+        workload = try ModelWorkload(target: target, library: library, options: options)
+        self.libraryDescription = libraryDescription ?? library.source.path
+    }
+
+    deinit { runtime?.shutdown() }
 
     /// Runs the test; `progress` hears from the calling thread once per progress interval.
     public func run(progress: ((LoadTestProgress) -> Void)? = nil) -> LoadTestResult {
@@ -125,12 +147,12 @@ public final class LoadTest: Sendable {
 
         // Clients.
         let group = DispatchGroup()
-        let workload = self.workload, runtime = self.runtime, open = schedule != nil
+        let workload = self.workload, target = self.target, open = schedule != nil
         for i in 0..<options.clientThreads {
             group.enter()
             let thread = Thread {
                 TemporaryFiles.blockInterruptionsInThisThread()
-                let runner = RequestRunner(workload: workload, runtime: runtime)
+                let runner = RequestRunner(workload: workload, target: target)
                 if open { LoadTest.openClient(runner, state) } else { LoadTest.closedClient(runner, state) }
                 // Idle until the run stops, so client memory stays put until the end (the RSS figures compare like
                 // with like) rather than leaving with whichever clients ran out of arrivals first.
@@ -175,7 +197,7 @@ public final class LoadTest: Sendable {
                                                              tokenRate: snapshot.tokenRate, p99Milliseconds: snapshot.p99Milliseconds,
                                                              inFlight: snapshot.inFlight, backlog: backlog, residentBytes: rss))
             }
-            instruments.metrics?.sample(runtime.statisticsSnapshot(), queueDepth: max(0, state.inRuntime.load(ordering: .relaxed) - 1))
+            instruments.metrics?.sample(target.statisticsSnapshot(), queueDepth: max(0, state.inRuntime.load(ordering: .relaxed) - 1))
             progress?(snapshot)
         }
         while true {
@@ -186,9 +208,14 @@ public final class LoadTest: Sendable {
             if wake > now { MonotonicClock.sleep(until: wake) }
             now = MonotonicClock.now()
             if atStart == nil && now >= windowStart {
-                atStart = (runtime.statisticsSnapshot(), accounting?.snapshot())
+                atStart = (target.statisticsSnapshot(), accounting?.snapshot())
                 instruments.tracer?.setRecording(true)
                 rssStart = ProcessMemory.residentBytes()
+            }
+            // A target that serves no more calls (a distributed runtime whose rank died or hangs) ends the run now.
+            // (during the warm-up: at the window's start, so the window is empty rather than negative).
+            if target.failure != nil, max(now, windowStart) < state.windowEnd.load(ordering: .acquiring) {
+                state.windowEnd.store(max(now, windowStart), ordering: .releasing)
             }
             let end = state.windowEnd.load(ordering: .acquiring)
             if atStart != nil && now >= end {
@@ -200,7 +227,7 @@ public final class LoadTest: Sendable {
                 nextTick += interval * max(1, (now - nextTick) / interval + 1)
             }
         }
-        let atEnd = (stats: runtime.statisticsSnapshot(), phases: accounting?.snapshot())
+        let atEnd = (stats: target.statisticsSnapshot(), phases: accounting?.snapshot())
         instruments.tracer?.setRecording(false)
         let rssEnd = ProcessMemory.residentBytes()
         rssMax = max(rssMax, rssEnd)
@@ -219,7 +246,7 @@ public final class LoadTest: Sendable {
         }
         state.stopped.store(true, ordering: .releasing)
         group.wait()
-        instruments.metrics?.sample(runtime.statisticsSnapshot(), queueDepth: 0)
+        instruments.metrics?.sample(target.statisticsSnapshot(), queueDepth: 0)
 
         let start = atStart!
         var runtimeStats = atEnd.stats
@@ -237,12 +264,12 @@ public final class LoadTest: Sendable {
             libraryDescription: libraryDescription, layerNames: workload.library.modules.map(\.name),
             expertNames: workload.library.experts.map(\.name),
             candidates: workload.layers.map { layer in layer.candidateRow.indices.filter { layer.candidateRow[$0] >= 0 } },
-            options: options, participantNodes: runtime.participantNodes, participantCPUs: runtime.participantCPUs,
-            executor: runtime.executorKind.rawValue, maxQueuedCalls: runtime.options.maxQueuedCalls, topK: runtime.routing.topK,
-            router: runtime.routing.router.rawValue, windowSeconds: Double(windowEnd - windowStart) / 1e9, statistics: stats,
+            options: options, participantNodes: target.participantNodes, participantCPUs: target.participantCPUs,
+            executor: target.executorName, maxQueuedCalls: target.maxQueuedCalls, topK: target.routing.topK,
+            router: target.routing.router.rawValue, windowSeconds: Double(windowEnd - windowStart) / 1e9, statistics: stats,
             runtimeStatistics: runtimeStats, phases: phases, tally: state.tallies.withLock { $0 },
             residentBytesStart: rssStart, residentBytesEnd: rssEnd, residentBytesMax: rssMax, timeline: timeline, maxBacklog: maxBacklog,
-            routing: runtime.routing, runtimeOptions: runtime.options, topology: runtime.topology)
+            routing: target.routing, runtimeOptions: target.runtimeOptions, topology: target.topology, ranks: target.ranks)
     }
 
     // MARK: Clients

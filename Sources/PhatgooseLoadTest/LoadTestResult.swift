@@ -1,6 +1,7 @@
 import PhatgooseFormats
 import PhatgooseProfiling
 import PhatgooseRouting
+import PhatgooseDistributed
 import PhatgooseRuntime
 
 /// What a load test measured. ``json()`` gives the stable machine-readable form (field names follow vLLM's
@@ -55,6 +56,8 @@ public struct LoadTestResult: Sendable {
     public var runtimeOptions: RuntimeOptions? = nil
     /// The runtime's topology, for the summary's configuration fields; nil when not known.
     public var topology: Topology? = nil
+    /// With a distributed runtime (`--mpi`): what each rank holds.
+    public var ranks: [RankShare]? = nil
 
     // MARK: Figures
 
@@ -132,6 +135,12 @@ public struct LoadTestResult: Sendable {
         }
         var fields: [(String, JSONValue)] = [("tool", .string("phatgoose loadtest")), ("format_version", .integer(1))]
         fields += servedFields()
+        if let ranks {
+            fields.append(("ranks", .array(ranks.map { share in
+                .object([("rank", .integer(share.rank)), ("resident_bytes", .integer(share.residentBytes)), ("experts", .integer(share.experts)),
+                         ("process_bytes", .integer(share.processBytes))])
+            })))
+        }
         switch options.loop {
         case let .closed(clients):
             fields += [("mode", .string("closed")), ("num_clients", .integer(clients)), ("max_concurrency", .integer(clients)),
@@ -258,6 +267,9 @@ public struct LoadTestResult: Sendable {
         }
         line("Requests:", requestsSummary)
         line("Runtime:", runtimeSummary)
+        for share in ranks ?? [] {
+            line("  rank \(share.rank):", "\(share.experts) experts, \(fmt(Double(share.residentBytes) / 1_048_576)) MiB of expert weights")
+        }
         line("Measured:", "\(fmt(windowSeconds)) s after \(fmt(options.warmup)) s of warm-up")
         out += "---------------------------------------------\n"
         line("Completed requests:", "\(completed) (\(completedDecode) decode, \(completedPrefill) prefill)")
@@ -318,7 +330,10 @@ public struct LoadTestResult: Sendable {
         return "\(decodePct)% decode (\(options.decodeTokens.lowerBound)-\(options.decodeTokens.upperBound) tokens), \(100 - decodePct)% prefill (\(options.prefillTokens.lowerBound)-\(options.prefillTokens.upperBound) tokens)"
     }
     var runtimeSummary: String {
-        "\(participantNodes.count - 1) worker\(participantNodes.count == 2 ? "" : "s") + caller, \(executor) executor, at most \(maxQueuedCalls) calls queued"
+        if let ranks {
+            return "distributed over \(ranks.count) MPI rank\(ranks.count == 1 ? "" : "s") (rank 0 routes; calls one at a time)"
+        }
+        return "\(participantNodes.count - 1) worker\(participantNodes.count == 2 ? "" : "s") + caller, \(executor) executor, at most \(maxQueuedCalls) calls queued"
     }
 
     private func fmt(_ v: Double) -> String { Self.figure(v) }

@@ -39,7 +39,8 @@ public struct RequestSpec: Sendable, Equatable {
 /// which `library` keeps alive.
 public final class ModelWorkload: @unchecked Sendable {
     struct Layer {
-        var handle: LayerHandle
+        /// The module's index in the library.
+        var index: Int
         var inWidth: Int
         var outWidth: Int
         var slots: Int
@@ -63,25 +64,26 @@ public final class ModelWorkload: @unchecked Sendable {
     public let maxSlots: Int
 
     /// The workload of `runtime`'s library. Throws when the library has no routed layer.
-    public init(runtime: Runtime, options: LoadTestOptions) throws {
-        let library = runtime.library
+    public convenience init(runtime: Runtime, options: LoadTestOptions) throws {
+        try self.init(target: LocalTarget(runtime: runtime), library: runtime.library, options: options)
+    }
+
+    /// The workload of `library` served by `target`. Throws when the library has no routed layer.
+    public init(target: any LoadTarget, library: ExpertLibrary, options: LoadTestOptions) throws {
         guard !library.modules.isEmpty else { throw LoadTestError(.library, "\(library.source.path): expected at least one routed layer, found none") }
         self.library = library
         self.options = options
         var layers: [Layer] = []
         var widest = 1, maxSlots = 1
-        for module in library.modules {
-            guard let handle = runtime.layer(named: module.name) else {
-                throw LoadTestError(.library, "\(library.source.path): module \(module.name): expected the runtime to serve it, found it missing")
-            }
+        for (index, module) in library.modules.enumerated() {
             guard module.gateMatrix.dtype == .f32, module.gateMatrix.shape == [module.experts.count, module.inWidth] else {
                 throw LoadTestError(.library, "\(library.source.path): module \(module.name): expected an F32 gate matrix [\(module.experts.count), \(module.inWidth)], found \(module.gateMatrix.dtype) \(module.gateMatrix.shape)")
             }
             var rows = [Int32](repeating: -1, count: library.experts.count)
             for (c, piece) in module.experts.enumerated() where piece.expert.int < rows.count { rows[piece.expert.int] = Int32(c) }
-            let slots = try runtime.slots(of: handle)
+            let slots = try target.slots(ofLayer: index)
             var sharpness = LoadRandom(options.seed, 0x5C, UInt64(layers.count))
-            layers.append(Layer(handle: handle, inWidth: module.inWidth, outWidth: module.outWidth, slots: slots,
+            layers.append(Layer(index: index, inWidth: module.inWidth, outWidth: module.outWidth, slots: slots,
                                 gates: module.gateMatrix.pointer.assumingMemoryBound(to: Float.self), candidateRow: rows,
                                 affinityScale: Float(0.25 + 1.5 * sharpness.unit())))
             widest = max(widest, module.inWidth, module.outWidth)

@@ -10,7 +10,7 @@ import Synchronization
 /// One per client thread; not shareable.
 final class RequestRunner {
     let workload: ModelWorkload
-    let runtime: Runtime
+    let target: any LoadTarget
     private let x: UnsafeMutablePointer<Float>
     private let y: UnsafeMutablePointer<Float>
     private let experts: UnsafeMutablePointer<Int32>
@@ -30,9 +30,9 @@ final class RequestRunner {
         case failed(String)
     }
 
-    init(workload: ModelWorkload, runtime: Runtime) {
+    init(workload: ModelWorkload, target: any LoadTarget) {
         self.workload = workload
-        self.runtime = runtime
+        self.target = target
         let maxTokens = workload.options.maxTokens
         capacity = maxTokens * workload.widest
         routingCapacity = maxTokens * workload.maxSlots
@@ -78,7 +78,7 @@ final class RequestRunner {
             y.update(repeating: 0, count: tokens * layer.outWidth)
             inRuntime.add(1, ordering: .relaxed)
             do {
-                try runtime.apply(layer.handle, input: UnsafeBufferPointer(start: x, count: tokens * layer.inWidth), tokens: tokens,
+                try target.apply(layer: layer.index, input: UnsafeBufferPointer(start: x, count: tokens * layer.inWidth), tokens: tokens,
                                   output: UnsafeMutableBufferPointer(start: y, count: tokens * layer.outWidth),
                                   experts: UnsafeMutableBufferPointer(start: experts, count: tokens * layer.slots),
                                   weights: UnsafeMutableBufferPointer(start: weights, count: tokens * layer.slots))

@@ -81,6 +81,8 @@ public struct RuntimeOptions: Sendable {
 
 /// Counters since the runtime started.
 public struct RuntimeStatistics: Sendable, Equatable {
+    /// All counters zero.
+    public init() {}
     /// Layer calls completed.
     public var calls: Int = 0
     /// Tokens over those calls.

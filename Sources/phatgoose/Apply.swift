@@ -1,4 +1,5 @@
 import ArgumentParser
+import PhatgooseDistributed
 import PhatgooseFormats
 import PhatgooseLibrary
 import PhatgooseRouting
@@ -73,12 +74,48 @@ struct Apply: ParsableCommand {
     @Option(help: "Output format for the summary of what was written: text or json.")
     var format: OutputFormat = .text
 
+    @Option(parsing: .unconditional, help: "Most bytes of expert weights (lora_A and lora_B) one process may hold; with --mpi, per rank.")
+    var memoryCap: Int?
+
+    @OptionGroup var distributed: DistributedFlags
+
+    func validate() throws {
+        if let memoryCap, memoryCap < 0 { throw ValidationError("--memory-cap: expected at least 0, found \(memoryCap)") }
+    }
+
     func run() throws {
-        try OutputPath.refuseOverwriting(output, option: "--output", inputs: [input, library])
-        let loaded = try ExpertLibrary.load(path: library)
-        let file = try SafetensorsFile(path: input)
-        let writer = try ApplyFile.apply(loaded, input: file, options: routing.options(defaults: loaded.routing, tokens: 0))
-        try writer.write(to: output)
+        guard distributed.mpi else {
+            try OutputPath.refuseOverwriting(output, option: "--output", inputs: [input, library])
+            let loaded = try ExpertLibrary.load(path: library)
+            if let memoryCap {
+                let held = loaded.modules.reduce(0) { $0 + $1.experts.reduce(0) { $0 + $1.a.byteCount + $1.bTransposed.byteCount } }
+                guard held <= memoryCap else {
+                    throw DistributedError(.memoryCap, "\(library): memory cap: expected at most \(memoryCap) bytes of expert weights, found \(held) in its \(loaded.experts.count) experts (shard them over MPI ranks with --mpi)")
+                }
+            }
+            let file = try SafetensorsFile(path: input)
+            let writer = try ApplyFile.apply(loaded, input: file, options: routing.options(defaults: loaded.routing, tokens: 0))
+            try writer.write(to: output)
+            report(file)
+            return
+        }
+        guard let world = try serveUnlessHost(library: library, memoryCap: memoryCap) else { return }
+        try hostingMPI(world) {
+            try OutputPath.refuseOverwriting(output, option: "--output", inputs: [input, library])
+            let loaded = try ExpertLibrary.load(path: library)
+            let file = try SafetensorsFile(path: input)
+            let runtime = try DistributedRuntime(library: loaded, world: world, options: distributed.options(
+                routing: routing.options(defaults: loaded.routing, tokens: 0), memoryCap: memoryCap, experts: loaded.experts.count))
+            let writer = try ApplyFile.apply(loaded, input: file, slots: { runtime.slots(ofModule: $0) }, run: { m, x, tokens, out, experts, weights in
+                try runtime.apply(module: m, input: x, tokens: tokens, output: out, experts: experts, weights: weights)
+            })
+            try writer.write(to: output)
+            report(file)
+            return ((), runtime)
+        }
+    }
+
+    private func report(_ file: SafetensorsFile) {
         let tokens = file.tensors.map { $0.shape[0] }
         switch format {
         case .json:

@@ -65,6 +65,13 @@ struct Bench: ParsableCommand {
     @Option(help: "Output format: text or json.")
     var format: OutputFormat = .text
 
+    @OptionGroup var distributed: DistributedFlags
+
+    @Option(name: .customLong("mpi-tokens"), help: "With --mpi: tokens per call (comma-separated).")
+    var mpiTokensList: String = "1,8,64,512"
+
+    var mpiTokens: [Int] { mpiTokensList.split(separator: ",").compactMap { Int($0) } }
+
     /// The instruction sets named by --isa, in order; the best one when it is absent.
     var layerISAs: [Kernels.ISA] {
         guard let isa else { return [Kernels.bestISA] }
@@ -86,6 +93,10 @@ struct Bench: ParsableCommand {
             throw ValidationError("--impl: expected runtime, dispatch, naive or dense, found \(name)")
         }
         guard seconds > 0 else { throw ValidationError("--seconds: expected a positive number") }
+        let mpiTokenItems = mpiTokensList.split(separator: ",", omittingEmptySubsequences: false)
+        guard !mpiTokenItems.isEmpty, mpiTokenItems.allSatisfy({ Int($0).map { $0 >= 1 } ?? false }) else {
+            throw ValidationError("--mpi-tokens: expected positive integers separated by commas, found '\(mpiTokensList)'")
+        }
         for name in isa?.split(separator: ",", omittingEmptySubsequences: false) ?? [] {
             guard let known = Kernels.ISA.allCases.first(where: { $0.description == name }) else {
                 throw ValidationError("--isa: expected portable, avx2 or avx512, found '\(name)'")
@@ -100,6 +111,7 @@ struct Bench: ParsableCommand {
         if let open { return try timeOpen(open) }
         if kernels { return timeKernels() }
         if overhead { return timeOverhead() }
+        if distributed.mpi { return try timeDistributed() }
         var workloads = Workload.canonical.filter { workload.contains($0.name) }
         if let experts, let inWidth, let outWidth, let tokens {
             workloads.append(Workload(name: "custom", experts: experts, inWidth: inWidth, outWidth: outWidth, tokens: tokens, topK: topK, rank: rank))

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import PhatgooseDistributed
 import PhatgooseFormats
 import PhatgooseLibrary
 import PhatgooseLoadTest
@@ -171,7 +172,7 @@ struct LoadTestFlags: ParsableArguments {
         case let .open(rate, burstiness, maxConcurrency): load = "open loop, \(rate) req/s (burstiness \(burstiness)), at most \(maxConcurrency) in flight"
         }
         let span = o.duration.map { "\($0) s" } ?? "\(o.requests!) requests"
-        let opening = step ?? "\(test.workload.layerCount) routed layers, \(test.workload.library.experts.count) experts, \(test.runtime.participants) participants"
+        let opening = step ?? "\(test.workload.layerCount) routed layers, \(test.workload.library.experts.count) experts, \(test.target.participants) participants"
         printer?.message("loadtest: \(opening); \(load); warm-up \(o.warmup) s, then \(span)")
         var metricsError: (any Error)? = nil
         let progress = { (progress: LoadTestProgress) in
@@ -209,6 +210,8 @@ struct LoadTestCommand: ParsableCommand {
     @Option(help: "Write the report to this file (atomically) instead of standard output.")
     var output: String?
 
+    @OptionGroup var distributed: DistributedFlags
+
     @Option(parsing: .unconditional, help: "Sweep (--clients with several counts): rounds over the counts, forward then backward in turn (default 2); each count reports its median over rounds.")
     var rounds: Int?
 
@@ -224,6 +227,7 @@ struct LoadTestCommand: ParsableCommand {
     }
 
     func run() throws {
+        if distributed.mpi { return try runDistributed() }
         if load.isSweep { return try runSweep() }
         if let output { try OutputPath.refuseOverwriting(output, option: "--output", inputs: load.inputs) }
         let printer = load.printer()
@@ -251,7 +255,7 @@ extension LoadTestCommand {
         let (test, export, server, generated) = try load.makeTest(printer, instruments: LoadTestInstruments())
         defer { server?.stop() }
         let steps = sweep.schedule.count
-        printer?.message("loadtest: \(test.workload.layerCount) routed layers, \(test.workload.library.experts.count) experts, \(test.runtime.participants) participants; sweep of \(sweep.clientCounts.map(String.init).joined(separator: ",")) clients, \(sweep.rounds) round\(sweep.rounds == 1 ? "" : "s") (\(steps) measurements) on one runtime")
+        printer?.message("loadtest: \(test.workload.layerCount) routed layers, \(test.workload.library.experts.count) experts, \(test.target.participants) participants; sweep of \(sweep.clientCounts.map(String.init).joined(separator: ",")) clients, \(sweep.rounds) round\(sweep.rounds == 1 ? "" : "s") (\(steps) measurements) on one runtime")
         var position = 0
         var result = try sweep.run { round, clients in
             position += 1
@@ -265,6 +269,51 @@ extension LoadTestCommand {
         try emit(report, to: output)
         if result.failed > 0 {
             throw LoadTestError(.failedRequests, "loadtest: expected no failed requests, found \(result.failed) over the sweep (first: \(result.firstFailure ?? "?"))")
+        }
+    }
+}
+
+extension LoadTestCommand {
+    /// `loadtest --mpi`: rank 0 drives a distributed runtime (the built-in library is generated there first if
+    /// missing; the serving ranks load it when rank 0's hello arrives); the other ranks serve experts.
+    func runDistributed() throws {
+        let path = load.library ?? DefaultLibrary.cacheDirectory() + "/" + DefaultLibrary.fileName
+        let memoryCap = load.runtimeFlags.memoryCap
+        guard let world = try serveUnlessHost(memoryCap: memoryCap, load: { try ExpertLibrary.load(path: path) }) else { return }
+        try hostingMPI(world) {
+            if let output { try OutputPath.refuseOverwriting(output, option: "--output", inputs: load.inputs) }
+            let printer = load.printer()
+            let (library, description, generated) = try load.loadLibrary(printer)
+            let runtime = try DistributedRuntime(library: library, world: world, options: distributed.options(
+                routing: load.routing.options(defaults: library.routing, tokens: 0), memoryCap: memoryCap, experts: library.experts.count))
+            printer?.message("loadtest: \(world.size) ranks: " + runtime.shares.map {
+                "rank \($0.rank) \($0.experts) experts (\(String(format: "%.1f", Double($0.residentBytes) / 1_048_576)) MiB)"
+            }.joined(separator: ", "))
+            let test = try LoadTest(library: library, distributed: runtime, options: try load.options(), libraryDescription: description)
+            var report: String
+            var failed = 0, firstFailure: String? = nil
+            if load.isSweep {
+                let sweep: LoadTestSweep
+                do { sweep = try LoadTestSweep(clientCounts: try load.clientCounts(), rounds: rounds ?? 2) } catch let error as LoadTestError {
+                    throw ValidationError(error.message)
+                }
+                var result = try sweep.run { _, clients in try load.run(test, loop: .closed(clients: clients), printer: printer, export: nil) }
+                result.generatedLibrarySeconds = generated
+                report = format == .json ? result.json().serialized() + "\n" : result.text()
+                failed = result.failed
+                firstFailure = result.firstFailure
+            } else {
+                var result = try load.run(test, printer: printer, export: nil)
+                result.generatedLibrarySeconds = generated
+                report = format == .json ? result.json().serialized() + "\n" : result.text()
+                failed = result.failed
+                firstFailure = result.firstFailure
+            }
+            try emit(report, to: output)
+            if failed > 0 {
+                throw LoadTestError(.failedRequests, "loadtest: expected no failed requests, found \(failed) (first: \(firstFailure ?? "?"))")
+            }
+            return ((), runtime)
         }
     }
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import CPhatgoose
+import PhatgooseDistributed
 import PhatgooseFormats
 import PhatgooseLibrary
 import PhatgooseRouting
@@ -18,7 +19,7 @@ struct Phatgoose: ParsableCommand {
         abstract: "Serve PHATGOOSE routing among LoRA experts on CPUs.",
         // The C ABI's version: the tool and libphatgoose.so of one build report the same.
         version: String(cString: phatgoose_version()),
-        subcommands: [Inspect.self, SynthCommand.self, Pack.self, Apply.self, ImportOfficialCommand.self, Bench.self, PlacementCommand.self, LoadTestCommand.self, ProfileCommand.self]
+        subcommands: [Inspect.self, SynthCommand.self, Pack.self, Apply.self, ImportOfficialCommand.self, Bench.self, PlacementCommand.self, LoadTestCommand.self, ProfileCommand.self, ServeExperts.self]
     )
 
     static func main() {
@@ -62,7 +63,7 @@ struct Phatgoose: ParsableCommand {
 
 /// Errors of Phatgoose's own modules, which describe bad input or data.
 func isDataError(_ error: any Error) -> Bool {
-    error is FormatError || error is LibraryError || error is RoutingError || error is SynthError || error is RuntimeError
+    error is FormatError || error is LibraryError || error is RoutingError || error is SynthError || error is RuntimeError || error is DistributedError
 }
 
 func printError(_ message: String) {

@@ -148,7 +148,7 @@ struct ProfileCommand: ParsableCommand {
             for (name, make) in levels {
                 let test = try LoadTest(library: library, options: options, runtimeOptions: runtimeOptions, instruments: make(), libraryDescription: description)
                 let result = test.run()
-                test.runtime.shutdown()
+                test.runtime?.shutdown()
                 throughput[name, default: []].append(result.tokenThroughput)
                 printer?.message("overhead: round \(round), \(name): \(String(format: "%.1f", result.tokenThroughput)) tok/s")
             }

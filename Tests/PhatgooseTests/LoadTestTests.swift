@@ -33,7 +33,7 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
         #expect(result.requestThroughput > 0 && result.tokenThroughput >= result.requestThroughput)
         // Every routing decision in the window is tallied: each token chooses top-k experts at each of 36 layers.
         #expect(result.tally.decisions > 0 && result.tally.perLayer.allSatisfy { $0 > 0 })
-        #expect(result.tokensPerExpert.reduce(0, +) == result.tally.decisions * test.runtime.routing.topK)
+        #expect(result.tokensPerExpert.reduce(0, +) == result.tally.decisions * test.target.routing.topK)
         #expect(result.workerUtilisation!.count == 2 && result.workerUtilisation!.allSatisfy { $0 > 0 && $0 <= 1 })
         #expect(result.runtimeStatistics.calls > 0 && result.phases!.calls > 0)
         // The JSON parses back with the stable field names.
