@@ -114,7 +114,10 @@ public final class DistributedRuntime: @unchecked Sendable {
         var sends: [PendingMessage]
         var receives: [PendingMessage]
         /// Per rank: the pieces of the plan it runs, in order (each within one candidate's assignments).
-        var segments: [[(start: Int, count: Int, candidate: Int)]]
+        var segments: [[CallCodec.Segment]]
+        /// Tokens in the order their rows go into a message.
+        var order: [Int32] = []
+        var pending: [PendingMessage] = []
         /// Token to its row in the message being built; -1 when not in it.
         var localToken: [Int32] = []
         var failure: DistributedError?
@@ -126,7 +129,7 @@ public final class DistributedRuntime: @unchecked Sendable {
             incoming = (0..<ranks).map { _ in MessageBuffer() }
             sends = (0..<ranks).map { _ in PendingMessage() }
             receives = (0..<ranks).map { _ in PendingMessage() }
-            segments = [[(start: Int, count: Int, candidate: Int)]](repeating: [], count: ranks)
+            segments = [[CallCodec.Segment]](repeating: [], count: ranks)
             statistics.assignmentsPerRank = [Int](repeating: 0, count: ranks)
         }
     }
@@ -277,74 +280,25 @@ public final class DistributedRuntime: @unchecked Sendable {
             calls.statistics.tokensPerExpert[Int(module.experts[c])] += plan.range(of: c).count
         }
         let ranks = world.size
-        for r in 0..<ranks { calls.segments[r].removeAll(keepingCapacity: true) }
-        // Each candidate's assignments, split into contiguous blocks over the ranks holding it.
-        for c in 0..<module.experts.count {
-            let range = plan.range(of: c)
-            guard !range.isEmpty else { continue }
-            let holders = module.holders[c]
-            guard !holders.isEmpty else {
-                throw DistributedError(.shape, "module \(module.name): candidate \(c) has no rank holding its weights")
-            }
-            for (i, rank) in holders.enumerated() {
-                let lo = range.lowerBound + range.count * i / holders.count
-                let hi = range.lowerBound + range.count * (i + 1) / holders.count
-                if hi > lo { calls.segments[rank].append((lo, hi - lo, c)) }
-            }
-        }
+        try CallCodec.split(plan, holders: module.holders, module: module.name, into: &calls.segments)
         let rows = calls.rows.reserve(plan.assignmentCount * module.outWidth)
         if calls.localToken.count < tokens { calls.localToken = [Int32](repeating: -1, count: tokens) }
         calls.nextCall &+= 1
         let callID = calls.nextCall
-        var pending: [PendingMessage] = []
+        calls.pending.removeAll(keepingCapacity: true)
         try plan.tokens.withUnsafeBufferPointer { (planTokens) throws(DistributedError) in
             try plan.weights.withUnsafeBufferPointer { (planWeights) throws(DistributedError) in
                 // Messages to the other ranks first, so they compute while rank 0 runs its own share.
                 for rank in 1..<max(ranks, 1) where !calls.segments[rank].isEmpty {
-                    let n = calls.segments[rank].reduce(0) { $0 + $1.count }
-                    let message = calls.outgoing[rank]
-                    message.reset()
-                    message.reserve(Wire.callHeader + n * 12 + tokens * module.inWidth * 4)
-                    message.append(Wire.Kind.call.rawValue)
-                    message.append(Int32(index))
-                    message.append(Int32(n))
-                    let uniqueAt = message.count
-                    message.append(Int32(0))
-                    message.append(callID)
-                    let candidates = message.extend(n * 4).assumingMemoryBound(to: Int32.self)
-                    let local = message.extend(n * 4).assumingMemoryBound(to: Int32.self)
-                    let w = message.extend(n * 4).assumingMemoryBound(to: Float.self)
-                    var unique: Int32 = 0
-                    var i = 0
-                    var order: [Int32] = []
-                    for segment in calls.segments[rank] {
-                        let c = segment.candidate
-                        for a in segment.start..<(segment.start + segment.count) {
-                            let t = Int(planTokens[a])
-                            if calls.localToken[t] < 0 {
-                                calls.localToken[t] = unique
-                                unique += 1
-                                order.append(Int32(t))
-                            }
-                            candidates[i] = Int32(c)
-                            local[i] = calls.localToken[t]
-                            w[i] = planWeights[a]
-                            i += 1
-                        }
-                    }
-                    message.pointer.storeBytes(of: unique, toByteOffset: uniqueAt, as: Int32.self)
-                    let rowBytes = module.inWidth * 4
-                    let xs = message.extend(Int(unique) * rowBytes)
-                    for (j, t) in order.enumerated() {
-                        (xs + j * rowBytes).copyMemory(from: x + Int(t) * module.inWidth, byteCount: rowBytes)
-                        calls.localToken[Int(t)] = -1
-                    }
+                    let n = CallCodec.encodeCall(calls.segments[rank], module: index, callID: callID, planTokens: planTokens.baseAddress!,
+                                                 planWeights: planWeights.baseAddress!, x: x, inWidth: module.inWidth,
+                                                 localToken: &calls.localToken, order: &calls.order, into: calls.outgoing[rank])
                     let answer = calls.incoming[rank]
                     answer.reserve(Wire.rowsHeader + n * module.outWidth * 4 + 4096)
                     try world.receive(answer.pointer, capacity: answer.capacity, from: rank, tag: Wire.answerTag, into: calls.receives[rank])
-                    try world.send(message.pointer, bytes: message.count, to: rank, tag: Wire.commandTag, into: calls.sends[rank])
-                    pending += [calls.sends[rank], calls.receives[rank]]
-                    calls.statistics.bytesSent += message.count
+                    try world.send(calls.outgoing[rank].pointer, bytes: calls.outgoing[rank].count, to: rank, tag: Wire.commandTag, into: calls.sends[rank])
+                    calls.pending += [calls.sends[rank], calls.receives[rank]]
+                    calls.statistics.bytesSent += calls.outgoing[rank].count
                     calls.statistics.assignmentsPerRank[rank] += n
                 }
                 // Rank 0's own share, from the plan directly.
@@ -361,33 +315,15 @@ public final class DistributedRuntime: @unchecked Sendable {
                 }
             }
         }
-        if !pending.isEmpty {
+        if !calls.pending.isEmpty {
             let waitStart = MPIWorld.now()
-            try world.wait(pending, timeoutNanos: timeoutNanos, context: { "module \(module.name), \(tokens) tokens" })
+            try world.wait(calls.pending, timeoutNanos: timeoutNanos, context: { "module \(module.name), \(tokens) tokens" })
             calls.statistics.waitNanos += MPIWorld.now() - waitStart
             for rank in 1..<max(ranks, 1) where !calls.segments[rank].isEmpty {
-                let n = calls.segments[rank].reduce(0) { $0 + $1.count }
                 let received = calls.receives[rank].received
                 calls.statistics.bytesReceived += received
                 var reader = MessageReader(calls.incoming[rank].pointer, count: received, what: "rank \(rank)'s rows for module \(module.name)")
-                let kind = try reader.read(Int32.self)
-                let status = try reader.read(Int32.self)
-                let count = try reader.read(Int32.self)
-                _ = try reader.read(Int32.self)
-                let id = try reader.read(Int64.self)
-                guard kind == Wire.Kind.rows.rawValue, id == callID else {
-                    throw DistributedError(.shape, "rank \(rank)'s rows for module \(module.name): expected kind \(Wire.Kind.rows.rawValue) of call \(callID), found kind \(kind) of call \(id)")
-                }
-                guard status == 0 else { throw DistributedError(.rank, "rank \(rank), module \(module.name): \(reader.rest)") }
-                guard Int(count) == n else {
-                    throw DistributedError(.shape, "rank \(rank)'s rows for module \(module.name): expected \(n) rows, found \(count)")
-                }
-                var from = try reader.bytes(n * module.outWidth * 4)
-                for segment in calls.segments[rank] {
-                    let bytes = segment.count * module.outWidth * 4
-                    UnsafeMutableRawPointer(rows + segment.start * module.outWidth).copyMemory(from: from, byteCount: bytes)
-                    from += bytes
-                }
+                try CallCodec.decodeRows(&reader, callID: callID, segments: calls.segments[rank], outWidth: module.outWidth, into: rows)
             }
         }
         LayerExecutor.combine(plan, rows: rows, outWidth: module.outWidth, tokenRange: 0..<tokens, out: out, ldo: module.outWidth)

@@ -83,47 +83,59 @@ public enum ExpertServer {
                 }
                 try world.send(outbox.pointer, bytes: outbox.count, to: 0, tag: Wire.answerTag, into: answer)
             case .call:
-                let module = Int(try reader.read(Int32.self))
-                let n = Int(try reader.read(Int32.self))
-                let unique = Int(try reader.read(Int32.self))
-                let id = try reader.read(Int64.self)
-                outbox.reset()
-                outbox.append(Wire.Kind.rows.rawValue)
-                do throws(DistributedError) {
-                    guard let shard else { throw DistributedError(.rank, "rank \(world.rank): a call before the hello") }
-                    guard widths.indices.contains(module), n >= 0, unique >= 0, unique <= max(n, 0) else {
-                        throw DistributedError(.shape, "rank \(world.rank): a call for module \(module) with \(n) assignments and \(unique) rows: out of range")
-                    }
-                    let (inWidth, outWidth) = widths[module]
-                    let candidates = try reader.bytes(n * 4).assumingMemoryBound(to: Int32.self)
-                    let tokens = try reader.bytes(n * 4).assumingMemoryBound(to: Int32.self)
-                    let weights = try reader.bytes(n * 4).assumingMemoryBound(to: Float.self)
-                    let x = try reader.bytes(unique * inWidth * 4).assumingMemoryBound(to: Float.self)
-                    for i in 0..<n where tokens[i] < 0 || Int(tokens[i]) >= unique {
-                        throw DistributedError(.shape, "rank \(world.rank): assignment \(i) names row \(tokens[i]) of \(unique)")
-                    }
-                    outbox.append(Int32(0))
-                    outbox.append(Int32(n))
-                    outbox.append(Int32(0))
-                    outbox.append(id)
-                    let rows = outbox.extend(n * outWidth * 4).assumingMemoryBound(to: Float.self)
-                    try shard.run(module: module, inWidth: inWidth, outWidth: outWidth, candidates: candidates, tokens: tokens,
-                                  weights: weights, count: n, x: x, h: h, rows: rows)
+                let n = answerCall(&reader, shard: shard, widths: widths, h: h, rank: world.rank, into: outbox)
+                if n >= 0 {
                     summary.calls += 1
                     summary.assignments += n
-                } catch {
-                    outbox.reset()
-                    outbox.append(Wire.Kind.rows.rawValue)
-                    outbox.append(Int32(1))
-                    outbox.append(Int32(0))
-                    outbox.append(Int32(0))
-                    outbox.append(id)
-                    outbox.append(error.message)
                 }
                 try world.send(outbox.pointer, bytes: outbox.count, to: 0, tag: Wire.answerTag, into: answer)
             default:
                 throw DistributedError(.shape, "rank \(world.rank): a message from rank 0: expected a known kind, found \(kind)")
             }
+        }
+    }
+
+    /// Runs the call message in `reader` (after its kind) on `shard` and writes the answer into `outbox`: the rows of
+    /// its assignments in the order sent, or a failure with its message. Returns the assignments run, -1 on failure.
+    static func answerCall(_ reader: inout MessageReader, shard: ExpertShard?, widths: [(inWidth: Int, outWidth: Int)], h: ScratchBuffer,
+                           rank: Int, into outbox: MessageBuffer) -> Int {
+        var id: Int64 = -1
+        outbox.reset()
+        outbox.append(Wire.Kind.rows.rawValue)
+        do throws(DistributedError) {
+            let module = Int(try reader.read(Int32.self))
+            let n = Int(try reader.read(Int32.self))
+            let unique = Int(try reader.read(Int32.self))
+            id = try reader.read(Int64.self)
+            guard let shard else { throw DistributedError(.rank, "rank \(rank): a call before the hello") }
+            guard widths.indices.contains(module), n >= 0, unique >= 0, unique <= n else {
+                throw DistributedError(.shape, "rank \(rank): a call for module \(module) with \(n) assignments and \(unique) rows: out of range")
+            }
+            let (inWidth, outWidth) = widths[module]
+            let candidates = try reader.bytes(n * 4).assumingMemoryBound(to: Int32.self)
+            let tokens = try reader.bytes(n * 4).assumingMemoryBound(to: Int32.self)
+            let weights = try reader.bytes(n * 4).assumingMemoryBound(to: Float.self)
+            let x = try reader.bytes(unique * inWidth * 4).assumingMemoryBound(to: Float.self)
+            for i in 0..<n where tokens[i] < 0 || Int(tokens[i]) >= unique {
+                throw DistributedError(.shape, "rank \(rank): assignment \(i) names row \(tokens[i]) of \(unique)")
+            }
+            outbox.append(Int32(0))
+            outbox.append(Int32(n))
+            outbox.append(Int32(0))
+            outbox.append(id)
+            let rows = outbox.extend(n * outWidth * 4).assumingMemoryBound(to: Float.self)
+            try shard.run(module: module, inWidth: inWidth, outWidth: outWidth, candidates: candidates, tokens: tokens,
+                          weights: weights, count: n, x: x, h: h, rows: rows)
+            return n
+        } catch {
+            outbox.reset()
+            outbox.append(Wire.Kind.rows.rawValue)
+            outbox.append(Int32(1))
+            outbox.append(Int32(0))
+            outbox.append(Int32(0))
+            outbox.append(id)
+            outbox.append(error.message)
+            return -1
         }
     }
 

@@ -31,7 +31,8 @@ extension Bench {
                 print("tokens  local us   mpi us  mpi/local  sent KB/call  identical")
             }
             for t in mpiTokens {
-                let x = Synth.activations(synth, layer: 0, tokens: t, sequenceLength: min(t, 64), seed: 1)
+                // Sequences of 4 tokens, each leaning towards its own task: a batch mixes tasks as a served batch does.
+                let x = Synth.activations(synth, layer: 0, tokens: t, sequenceLength: min(t, 4), seed: 1)
                 var outLocal = [Float](repeating: 0, count: t * module.outWidth)
                 var outMPI = [Float](repeating: 0, count: t * module.outWidth)
                 var experts = [Int32](repeating: -1, count: t * router.slots)
