@@ -177,6 +177,7 @@ public final class DistributedRuntime: @unchecked Sendable {
         hello.append(Int32(library.experts.count))
         hello.append(library.shardFingerprint)
         hello.append(Int64(options.memoryCapBytes ?? -1))
+        hello.append(Kernels.activeISA.rawValue)
         for holders in placement.ranks {
             hello.append(Int32(holders.count))
             for rank in holders { hello.append(Int32(rank)) }

@@ -160,6 +160,14 @@ public enum ExpertServer {
         let experts = Int(try reader.read(Int32.self))
         let fingerprint = try reader.read(UInt64.self)
         let cap = try reader.read(Int64.self)
+        // Kernels of different instruction sets round differently: every rank runs rank 0's, or the bits would differ.
+        let isaCode = try reader.read(Int32.self)
+        guard let isa = Kernels.ISA(rawValue: isaCode) else { throw DistributedError(.rank, "\(who): rank 0 runs kernel instruction set \(isaCode), unknown to this build") }
+        if Kernels.activeISA != isa {
+            guard Kernels.setISA(isa) else {
+                throw DistributedError(.rank, "\(who): rank 0 runs \(isa) kernels, which this CPU lacks (its best is \(Kernels.bestISA)); the results would not be rank 0's bits: run the ranks on CPUs with the same instruction sets")
+            }
+        }
         guard modules == library.modules.count, experts == library.experts.count, fingerprint == library.shardFingerprint else {
             throw DistributedError(.rank, "\(who): library \(library.source.path): expected rank 0's library (\(modules) modules, \(experts) experts), found another (\(library.modules.count) modules, \(library.experts.count) experts\(fingerprint == library.shardFingerprint ? "" : ", different names or shapes"))")
         }
