@@ -95,7 +95,7 @@ let package = Package(
             ]
         ),
         .target(name: "CPhatgoose"),
-        .target(name: "PhatgooseC", dependencies: ["CPhatgoose", "PhatgooseFormats", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime"]),
+        .target(name: "PhatgooseC", dependencies: ["CPhatgoose", "PhatgooseFormats", "PhatgooseLibrary", "PhatgooseRouting", "PhatgooseRuntime", "PhatgooseDistributed"]),
         .executableTarget(
             name: "phatgoose",
             dependencies: [

@@ -4,10 +4,11 @@
  * This header is the contract. It compiles as C99 and C++17 (-Wall -Wextra -pedantic). Link with -lphatgoose
  * (see docs/embedding.md for the install step and a worked example).
  *
- * Objects. Three kinds of opaque handle, each made by a _create/_open function and released by its _destroy:
+ * Objects. Four kinds of opaque handle, each made by a _create/_open function and released by its _destroy:
  *   phatgoose_library   an expert library as loaded from disk (a directory or a packed file); read-only.
  *   phatgoose_runtime   serves a library: owns worker threads and node-bound copies of the expert weights.
  *   phatgoose_layer     one routed layer (module) of a runtime, resolved once from its name.
+ *   phatgoose_distributed  a library's experts sharded over the ranks of an MPI world, on rank 0 (docs/scale-out.md).
  * A handle is a checked token, not a pointer to memory: every function validates the handles it is given on entry,
  * so NULL, a handle already destroyed, a handle of the wrong kind or a layer of another runtime gets
  * PHATGOOSE_STATUS_INVALID_HANDLE, never a crash. The message tells a live handle of another kind ("found a library
@@ -89,7 +90,11 @@ typedef enum phatgoose_status {
     /* Some input rows held NaN or infinite values. Unlike every other failure, the call's outputs ARE written: the
      * other rows were applied as usual, and those rows were not routed (see phatgoose_runtime_apply). A caller
      * built against an older header, which lacks it, sees a failure it does not know. */
-    PHATGOOSE_STATUS_NON_FINITE_INPUT = 12
+    PHATGOOSE_STATUS_NON_FINITE_INPUT = 12,
+    /* This build lacks what the call needs (a distributed runtime in a build without MPI). */
+    PHATGOOSE_STATUS_UNAVAILABLE = 13,
+    /* A rank of a distributed runtime did not answer in time (it died or hangs); the runtime serves no more calls. */
+    PHATGOOSE_STATUS_TIMEOUT = 14
 } phatgoose_status;
 
 /* A short stable name for a status ("ok", "invalid-argument", ..., "unknown"). Static storage.
@@ -108,6 +113,7 @@ const char *phatgoose_last_error_message(void);
 typedef struct phatgoose_library phatgoose_library;
 typedef struct phatgoose_runtime phatgoose_runtime;
 typedef struct phatgoose_layer phatgoose_layer;
+typedef struct phatgoose_distributed phatgoose_distributed;
 
 /* ---------------------------------------------------------------------------------------------------------------
  * Libraries
@@ -323,6 +329,51 @@ typedef struct phatgoose_layer_output {
 phatgoose_status phatgoose_runtime_apply_layers(phatgoose_runtime *runtime, const float *input, size_t tokens,
                                                 size_t input_count, const phatgoose_layer_output *layers,
                                                 size_t layer_count);
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Distributed runtime (MPI; docs/scale-out.md)
+ * ------------------------------------------------------------------------------------------------------------ */
+
+/* 1 when this build has MPI (OpenMPI was found when it was built), else 0. Thread safety: any thread, any time. */
+int phatgoose_mpi_available(void);
+
+/* On rank 0 of the MPI world this process belongs to (started by mpirun; alone, a world of one rank), opens the
+ * library at `path`, shards its experts over the ranks and waits until every rank holds its share; every other rank
+ * must run `phatgoose serve-experts --library L` (same library). top_k 0: the library's. memory_cap_bytes 0: none;
+ * else the most expert weights one rank may hold (PHATGOOSE_STATUS_MEMORY_CAP names the ranks over it).
+ * replicate_hot: the costliest experts held by every rank. timeout_seconds <= 0: 30; the most a call waits for a
+ * rank (PHATGOOSE_STATUS_TIMEOUT after). MPI is initialised on first use and finalised by
+ * phatgoose_distributed_destroy, so one process opens at most one distributed runtime.
+ * PHATGOOSE_STATUS_UNAVAILABLE in a build without MPI; PHATGOOSE_STATUS_INVALID_ARGUMENT on a rank other than 0.
+ * Thread safety: any thread; not concurrently with another open or destroy. */
+phatgoose_status phatgoose_distributed_open(const char *path, size_t top_k, uint64_t memory_cap_bytes, size_t replicate_hot,
+                                            double timeout_seconds, phatgoose_distributed **runtime);
+
+/* Stops the serving ranks, finalises MPI and destroys the handle (NULL: nothing). After a timeout it ends every
+ * rank of the world instead (a stuck rank would hold MPI's finalisation for ever), and so the process.
+ * Thread safety: any thread, once no call on the runtime is running. */
+phatgoose_status phatgoose_distributed_destroy(phatgoose_distributed *runtime);
+
+/* The number of ranks of the runtime's world. Thread safety: any thread. */
+phatgoose_status phatgoose_distributed_rank_count(const phatgoose_distributed *runtime, size_t *ranks);
+
+/* What rank `rank` holds: bytes of expert weights (lora_A and lora_B) and experts. Thread safety: any thread. */
+phatgoose_status phatgoose_distributed_rank_share(const phatgoose_distributed *runtime, size_t rank, uint64_t *resident_bytes,
+                                                  size_t *experts);
+
+/* The module named `name`: its index (for phatgoose_distributed_apply), widths and output slots per token. Any
+ * output pointer may be NULL. PHATGOOSE_STATUS_NOT_FOUND for an unknown name. Thread safety: any thread. */
+phatgoose_status phatgoose_distributed_module(const phatgoose_distributed *runtime, const char *name, size_t *index,
+                                              size_t *in_width, size_t *out_width, size_t *slots);
+
+/* Routes `tokens` rows of `input` ([tokens, in], input_count == tokens * in) at module `module` and ADDS the mixture
+ * delta into `output` ([tokens, out], output_count == tokens * out); `experts` and `weights` (both or neither,
+ * routing_count == tokens * slots) receive each token's choices as phatgoose_runtime_apply gives them. The bits
+ * equal phatgoose_runtime_apply's and `phatgoose apply`'s. With tokens == 0 nothing is read or written.
+ * Thread safety: any thread; calls take turns (one exchange with the ranks at a time). */
+phatgoose_status phatgoose_distributed_apply(phatgoose_distributed *runtime, size_t module, const float *input, size_t tokens,
+                                             size_t input_count, float *output, size_t output_count, int32_t *experts,
+                                             float *weights, size_t routing_count);
 
 #ifdef __cplusplus
 }

@@ -66,6 +66,61 @@ static void check_non_finite_rows(phatgoose_runtime *runtime, const phatgoose_la
 static const char *const Q = "encoder.block.0.layer.0.SelfAttention.q";  /* in 32, out 32 */
 static const char *const WO = "encoder.block.0.layer.1.DenseReluDense.wo"; /* in 64, out 32 */
 
+/* A distributed runtime on a world of one rank (this process, MPI's singleton start): the bits of
+ * phatgoose_runtime_apply, and misuse refused. `runtime` serves the same library at top-k 2. */
+static void check_distributed(const char *path, phatgoose_runtime *runtime, const phatgoose_layer *layer, const float *x) {
+    phatgoose_distributed *served = NULL;
+    float local[8 * 32], remote[8 * 32], local_weights[8 * 2], remote_weights[8 * 2];
+    int32_t local_experts[8 * 2], remote_experts[8 * 2];
+    size_t ranks = 0, experts = 0, index = 99, in_width = 0, out_width = 0, slots = 0;
+    uint64_t resident = 0;
+    if (!phatgoose_mpi_available()) {
+        EXPECT(phatgoose_distributed_open(path, 2, 0, 0, 30.0, &served), PHATGOOSE_STATUS_UNAVAILABLE);
+        CHECK(served == NULL);
+        return;
+    }
+    EXPECT(phatgoose_distributed_open("", 2, 0, 0, 30.0, &served), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_distributed_open(path, 2, 0, 0, 30.0, NULL), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    CHECK(served == NULL);
+    EXPECT(phatgoose_distributed_rank_count((const phatgoose_distributed *)runtime, &ranks), PHATGOOSE_STATUS_INVALID_HANDLE);
+    MESSAGE_HAS("expected a distributed runtime handle, found a runtime handle");
+    EXPECT(phatgoose_distributed_open(path, 2, 0, 0, 30.0, &served), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_distributed_rank_count(served, &ranks), PHATGOOSE_STATUS_OK);
+    CHECK(ranks == 1);
+    EXPECT(phatgoose_distributed_rank_share(served, 0, &resident, &experts), PHATGOOSE_STATUS_OK);
+    CHECK(experts >= 2 && resident > 0);
+    EXPECT(phatgoose_distributed_rank_share(served, 1, &resident, &experts), PHATGOOSE_STATUS_NOT_FOUND);
+    EXPECT(phatgoose_distributed_module(served, "no.such.module", &index, NULL, NULL, NULL), PHATGOOSE_STATUS_NOT_FOUND);
+    EXPECT(phatgoose_distributed_module(served, Q, &index, &in_width, &out_width, &slots), PHATGOOSE_STATUS_OK);
+    CHECK(index == 0 && in_width == 32 && out_width == 32 && slots == 2);
+    EXPECT(phatgoose_runtime_shutdown((phatgoose_runtime *)served), PHATGOOSE_STATUS_INVALID_HANDLE);
+    MESSAGE_HAS("found a distributed runtime handle");
+
+    memset(local, 0, sizeof local);
+    memset(remote, 0, sizeof remote);
+    EXPECT(phatgoose_runtime_apply(runtime, layer, x, 8, 8 * 32, local, 8 * 32, local_experts, local_weights, 8 * 2), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_distributed_apply(served, index, x, 8, 8 * 32, remote, 8 * 32, remote_experts, remote_weights, 8 * 2),
+           PHATGOOSE_STATUS_OK);
+    CHECK(memcmp(local, remote, sizeof local) == 0);
+    CHECK(memcmp(local_experts, remote_experts, sizeof local_experts) == 0);
+    CHECK(memcmp(local_weights, remote_weights, sizeof local_weights) == 0);
+    memcpy(local, remote, sizeof local);
+    EXPECT(phatgoose_distributed_apply(served, 36, x, 8, 8 * 32, remote, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_NOT_FOUND);
+    EXPECT(phatgoose_distributed_apply(served, index, x, 8, 8 * 31, remote, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_SHAPE);
+    MESSAGE_HAS("input_count: expected 256");
+    EXPECT(phatgoose_distributed_apply(served, index, x, 8, 8 * 32, remote, 8 * 32, remote_experts, remote_weights, 15),
+           PHATGOOSE_STATUS_SHAPE);
+    EXPECT(phatgoose_distributed_apply(served, index, x, 8, 8 * 32, remote, 8 * 32, remote_experts, NULL, 16),
+           PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    EXPECT(phatgoose_distributed_apply(served, index, NULL, 8, 8 * 32, remote, 8 * 32, NULL, NULL, 0), PHATGOOSE_STATUS_INVALID_ARGUMENT);
+    CHECK(memcmp(local, remote, sizeof local) == 0); /* failures write nothing */
+    EXPECT(phatgoose_distributed_apply(served, index, NULL, 0, 0, NULL, 0, NULL, NULL, 0), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_distributed_destroy(served), PHATGOOSE_STATUS_OK);
+    EXPECT(phatgoose_distributed_rank_count(served, &ranks), PHATGOOSE_STATUS_INVALID_HANDLE);
+    EXPECT(phatgoose_distributed_destroy(served), PHATGOOSE_STATUS_INVALID_HANDLE);
+    EXPECT(phatgoose_distributed_destroy(NULL), PHATGOOSE_STATUS_OK);
+}
+
 int main(int argc, char **argv) {
     phatgoose_library *library = NULL, *served = NULL;
     phatgoose_runtime *runtime = NULL, *other = NULL;
@@ -94,6 +149,8 @@ int main(int argc, char **argv) {
     CHECK(strcmp(phatgoose_version(), "0.1.0") == 0 || strlen(phatgoose_version()) >= 5);
     CHECK(strcmp(phatgoose_status_name(PHATGOOSE_STATUS_SHAPE), "shape") == 0);
     CHECK(strcmp(phatgoose_status_name(PHATGOOSE_STATUS_NON_FINITE_INPUT), "non-finite-input") == 0);
+    CHECK(strcmp(phatgoose_status_name(PHATGOOSE_STATUS_UNAVAILABLE), "unavailable") == 0);
+    CHECK(strcmp(phatgoose_status_name(PHATGOOSE_STATUS_TIMEOUT), "timeout") == 0);
     CHECK(strcmp(phatgoose_status_name((phatgoose_status)15), "unknown") == 0);
 
     /* Libraries. */
@@ -265,6 +322,9 @@ int main(int argc, char **argv) {
     EXPECT(phatgoose_runtime_apply(uniform, uniform_q, x, 8, 8 * 32, out, 8 * 32, wide_experts, wide_weights, 8 * uniform_slots + 1),
            PHATGOOSE_STATUS_SHAPE); /* not a whole number of rows */
     EXPECT(phatgoose_runtime_destroy(uniform), PHATGOOSE_STATUS_OK);
+
+    /* A distributed runtime of one rank. */
+    check_distributed(argv[1], runtime, q, x);
 
     /* Shutdown, then destruction. */
     EXPECT(phatgoose_runtime_shutdown(runtime), PHATGOOSE_STATUS_OK);

@@ -31,6 +31,8 @@ const char *phatgoose_status_name(phatgoose_status status) {
     case PHATGOOSE_STATUS_BUFFER_TOO_SMALL: return "buffer-too-small";
     case PHATGOOSE_STATUS_INTERNAL: return "internal";
     case PHATGOOSE_STATUS_NON_FINITE_INPUT: return "non-finite-input";
+    case PHATGOOSE_STATUS_UNAVAILABLE: return "unavailable";
+    case PHATGOOSE_STATUS_TIMEOUT: return "timeout";
     }
     return "unknown";
 }

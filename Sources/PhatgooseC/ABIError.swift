@@ -3,6 +3,7 @@
 // builds export them. Each body runs in `abiCall`, which turns any error into a status and the thread's last error
 // message: nothing thrown, and nothing the runtime would trap on, crosses into C.
 import CPhatgoose
+import PhatgooseDistributed
 import PhatgooseFormats
 import PhatgooseLibrary
 import PhatgooseRouting
@@ -40,6 +41,18 @@ struct ABIError: Error, Sendable, CustomStringConvertible {
             default: status = PHATGOOSE_STATUS_INTERNAL
             }
             self.init(status, error.description)
+        case let error as DistributedError:
+            let status: phatgoose_status
+            switch error.code {
+            case .unavailable: status = PHATGOOSE_STATUS_UNAVAILABLE
+            case .timeout: status = PHATGOOSE_STATUS_TIMEOUT
+            case .option: status = PHATGOOSE_STATUS_INVALID_ARGUMENT
+            case .memoryCap: status = PHATGOOSE_STATUS_MEMORY_CAP
+            case .shape: status = PHATGOOSE_STATUS_SHAPE
+            case .stopped: status = PHATGOOSE_STATUS_SHUT_DOWN
+            default: status = PHATGOOSE_STATUS_INTERNAL
+            }
+            self.init(status, error.message)
         case let error as RoutingError:
             self.init(PHATGOOSE_STATUS_INVALID_ARGUMENT, error.description)
         case let error as LibraryError:

@@ -1,4 +1,5 @@
 import CPhatgoose
+import PhatgooseDistributed
 import PhatgooseLibrary
 import PhatgooseRuntime
 import Synchronization
@@ -9,12 +10,14 @@ enum HandleKind: UInt, Sendable {
     case library = 1
     case runtime = 2
     case layer = 3
+    case distributed = 4
 
     var name: String {
         switch self {
         case .library: return "library"
         case .runtime: return "runtime"
         case .layer: return "layer"
+        case .distributed: return "distributed runtime"
         }
     }
 
@@ -54,17 +57,19 @@ enum HandleObject: Sendable {
     case library(ExpertLibrary)
     case runtime(ServedRuntime)
     case layer(LayerEntry)
+    case distributed(DistributedRuntime)
 
     var kind: HandleKind {
         switch self {
         case .library: return .library
         case .runtime: return .runtime
         case .layer: return .layer
+        case .distributed: return .distributed
         }
     }
 }
 
-/// Every live C handle. A handle is not a pointer to memory but a token, `generation << 32 | slot << 2 | kind`,
+/// Every live C handle. A handle is not a pointer to memory but a token, `generation << 32 | slot << 3 | kind`,
 /// looked up here on every entry: NULL, garbage, a handle of the wrong kind and a destroyed handle (its slot's
 /// generation moved on; a generation comes round again only after 2^32 more handles) are all refused without
 /// touching freed memory.
@@ -83,7 +88,7 @@ struct HandleTable: Sendable {
     private var freeSlots: [Int] = []
     private var nextGeneration: UInt32 = 1
 
-    private static let slotLimit = 1 << 30
+    private static let slotLimit = 1 << 29
 
     /// Registers `object`, returning its handle.
     mutating func insert(_ object: HandleObject) throws(ABIError) -> OpaquePointer {
@@ -102,7 +107,7 @@ struct HandleTable: Sendable {
             objects.append(object)
             generations.append(generation)
         }
-        let bits = UInt(generation) << 32 | UInt(slot) << 2 | object.kind.rawValue
+        let bits = UInt(generation) << 32 | UInt(slot) << 3 | object.kind.rawValue
         // Never NULL: the kind bits are nonzero.
         return OpaquePointer(bitPattern: bits)!
     }
@@ -126,8 +131,8 @@ struct HandleTable: Sendable {
     /// The slot of the live handle whose bits are exactly `bits`, of the kind they carry; nil when no live handle
     /// has these bits.
     private func liveSlot(_ bits: UInt) -> Int? {
-        guard let kind = HandleKind(rawValue: bits & 3) else { return nil }
-        let slot = Int((bits >> 2) & UInt(Self.slotLimit - 1))
+        guard let kind = HandleKind(rawValue: bits & 7) else { return nil }
+        let slot = Int((bits >> 3) & UInt(Self.slotLimit - 1))
         let generation = UInt32(truncatingIfNeeded: bits >> 32)
         // The kind is checked against the object too, so a live slot and generation with another kind's bits is
         // no handle.
@@ -144,6 +149,11 @@ struct HandleTable: Sendable {
 
     func runtime(_ handle: OpaquePointer?, role: String = "runtime") throws(ABIError) -> ServedRuntime {
         if case let .runtime(served)? = objects[try slot(of: handle, .runtime, role: role)] { return served }
+        throw Self.kindMismatch(role)
+    }
+
+    func distributed(_ handle: OpaquePointer?, role: String = "runtime") throws(ABIError) -> DistributedRuntime {
+        if case let .distributed(runtime)? = objects[try slot(of: handle, .distributed, role: role)] { return runtime }
         throw Self.kindMismatch(role)
     }
 

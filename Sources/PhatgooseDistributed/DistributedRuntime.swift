@@ -242,7 +242,8 @@ public final class DistributedRuntime: @unchecked Sendable {
 
     /// Routes `tokens` rows of `input` at module `module` and adds the mixture delta into `output` ([tokens, out],
     /// which the caller zeroes for the delta alone); `experts` and `weights` ([tokens, slots]) receive each token's
-    /// choices (library expert indices, -1 for padding). The bits equal a single process's.
+    /// choices (library expert indices, -1 for padding). The bits equal a single process's. A call that fails
+    /// writes nothing.
     public func apply(module: Int, input: UnsafePointer<Float>, tokens: Int, output: UnsafeMutablePointer<Float>,
                       experts: UnsafeMutablePointer<Int32>, weights: UnsafeMutablePointer<Float>) throws(DistributedError) {
         guard modules.indices.contains(module) else {
@@ -270,11 +271,6 @@ public final class DistributedRuntime: @unchecked Sendable {
         let slots = module.router.slots
         guard tokens > 0 else { return }
         calls.routing.route(module.router, x: x, ldx: module.inWidth, tokens: tokens, scratch: calls.routeScratch)
-        for i in 0..<(tokens * slots) {
-            let c = calls.routing.candidates[i]
-            experts[i] = c < 0 ? -1 : module.experts[Int(c)]
-            weights[i] = calls.routing.weights[i]
-        }
         calls.plan.build(from: calls.routing, candidates: module.experts.count)
         let plan = calls.plan
         for c in 0..<module.experts.count where Int(module.experts[c]) < calls.statistics.tokensPerExpert.count {
@@ -327,7 +323,13 @@ public final class DistributedRuntime: @unchecked Sendable {
                 try CallCodec.decodeRows(&reader, callID: callID, segments: calls.segments[rank], outWidth: module.outWidth, into: rows)
             }
         }
+        // Outputs only once every rank has answered: a failed call writes nothing.
         LayerExecutor.combine(plan, rows: rows, outWidth: module.outWidth, tokenRange: 0..<tokens, out: out, ldo: module.outWidth)
+        for i in 0..<(tokens * slots) {
+            let c = calls.routing.candidates[i]
+            experts[i] = c < 0 ? -1 : module.experts[Int(c)]
+            weights[i] = calls.routing.weights[i]
+        }
     }
 
     /// Tells every other rank to stop serving (they then finalise MPI and exit their serve loop). Idempotent; later

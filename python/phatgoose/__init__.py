@@ -20,11 +20,12 @@ import numpy as np
 
 from . import safetensors
 from ._errors import (BufferTooSmallError, Error, FileError, InternalError, InvalidArgumentError, InvalidHandleError,
-                      LibraryError, MemoryCapError, NonFiniteInputError, NotFoundError, OverloadedError, ShapeError,
-                      ShutDownError)
+                      LibraryError, MemoryCapError, NonFiniteInputError, NotFoundError, OverloadedError, RankTimeoutError,
+                      ShapeError, ShutDownError, UnavailableError)
 
 # Names whose value needs libphatgoose, resolved on first access by __getattr__ (PEP 562).
-_RUNTIME_NAMES = frozenset({"Runtime", "Library", "Layer", "Module", "Statistics"})
+_RUNTIME_NAMES = frozenset({"Runtime", "Library", "Layer", "Module", "Statistics", "DistributedRuntime", "RankShare",
+                           "mpi_available"})
 _LIBRARY_NAMES = frozenset({"__version__", "ABI_VERSION"})
 
 
@@ -57,4 +58,5 @@ def checksum(*arrays):
 
 __all__ = ["Runtime", "Library", "Layer", "Module", "Statistics", "Error", "InvalidArgumentError", "InvalidHandleError",
            "ShapeError", "NotFoundError", "FileError", "LibraryError", "OverloadedError", "MemoryCapError", "ShutDownError",
-           "BufferTooSmallError", "InternalError", "NonFiniteInputError", "checksum", "safetensors", "ABI_VERSION"]
+           "BufferTooSmallError", "InternalError", "NonFiniteInputError", "UnavailableError", "RankTimeoutError",
+           "DistributedRuntime", "RankShare", "mpi_available", "checksum", "safetensors", "ABI_VERSION"]

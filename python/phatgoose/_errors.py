@@ -68,6 +68,14 @@ class NonFiniteInputError(Error, ValueError):
     result = None
 
 
+class UnavailableError(Error):
+    """This build of libphatgoose lacks what the call needs (MPI, for a distributed runtime)."""
+
+
+class RankTimeoutError(Error):
+    """A rank of a distributed runtime did not answer in time: it died or hangs; the runtime serves no more calls."""
+
+
 _BY_STATUS = {
     _native.INVALID_ARGUMENT: InvalidArgumentError,
     _native.INVALID_HANDLE: InvalidHandleError,
@@ -81,6 +89,8 @@ _BY_STATUS = {
     _native.BUFFER_TOO_SMALL: BufferTooSmallError,
     _native.INTERNAL: InternalError,
     NON_FINITE_INPUT: NonFiniteInputError,
+    _native.UNAVAILABLE: UnavailableError,
+    _native.TIMEOUT: RankTimeoutError,
 }
 
 

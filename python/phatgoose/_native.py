@@ -27,6 +27,8 @@ SHUT_DOWN = 9
 BUFFER_TOO_SMALL = 10
 INTERNAL = 11
 NON_FINITE_INPUT = 12
+UNAVAILABLE = 13
+TIMEOUT = 14
 
 ROUTERS = {None: 0, "phatgoose": 1, "arrow": 2, "uniform": 3}
 EXECUTORS = {None: 0, "pinned": 0, "dispatch": 1}
@@ -103,6 +105,13 @@ _SIGNATURES = {
     "phatgoose_layer_destroy": (_status, [_p]),
     "phatgoose_layer_shape": (_status, [_p, _out_size, _out_size, _out_size]),
     "phatgoose_runtime_apply": (_status, [_p, _p, _p, _size, _size, _p, _size, _p, _p, _size]),
+    "phatgoose_mpi_available": (ctypes.c_int, []),
+    "phatgoose_distributed_open": (_status, [ctypes.c_char_p, _size, ctypes.c_uint64, _size, ctypes.c_double, _out_p]),
+    "phatgoose_distributed_destroy": (_status, [_p]),
+    "phatgoose_distributed_rank_count": (_status, [_p, _out_size]),
+    "phatgoose_distributed_rank_share": (_status, [_p, _size, _out_u64, _out_size]),
+    "phatgoose_distributed_module": (_status, [_p, ctypes.c_char_p, _out_size, _out_size, _out_size, _out_size]),
+    "phatgoose_distributed_apply": (_status, [_p, _size, _p, _size, _size, _p, _size, _p, _p, _size]),
     "phatgoose_runtime_apply_layers": (_status, [_p, _p, _size, _size, ctypes.POINTER(LayerOutput), _size]),
 }
 

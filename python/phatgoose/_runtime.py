@@ -412,3 +412,82 @@ def _output(out, tokens, width, name):
     if out.shape != (tokens, width):
         raise shape(f"{name}: expected shape ({tokens}, {width}), found {out.shape}")
     return out
+
+
+RankShare = namedtuple("RankShare", ["rank", "resident_bytes", "experts"])
+
+
+def mpi_available():
+    """True when this libphatgoose was built with MPI."""
+    return bool(lib.phatgoose_mpi_available())
+
+
+class DistributedRuntime:
+    """A library's experts sharded over the ranks of an MPI world (docs/scale-out.md), opened on rank 0 of a process
+    started by mpirun; every other rank runs `phatgoose serve-experts --library L`:
+
+        mpirun -np 1 python3 host.py : -np 3 phatgoose serve-experts --library lib.phatpack
+
+    `apply` gives the bits of `Runtime.apply`. Calls from several threads take turns. `close()` stops the serving
+    ranks and finalises MPI (so one process opens one distributed runtime). UnavailableError in a build without MPI;
+    RankTimeoutError when a rank does not answer within `timeout` seconds."""
+
+    def __init__(self, path, *, top_k=None, memory_cap_bytes=None, replicate_hot=0, timeout=30.0):
+        top_k = 0 if top_k is None else _int32("top_k", top_k, minimum=1)
+        replicate_hot = _int32("replicate_hot", replicate_hot, minimum=0)
+        cap = 0 if memory_cap_bytes is None else int(memory_cap_bytes)
+        if cap < 0 or (memory_cap_bytes is not None and cap == 0):
+            raise invalid(f"memory_cap_bytes: expected a positive number of bytes or None, found {memory_cap_bytes}")
+        if not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise invalid(f"timeout: expected a positive number of seconds, found {timeout!r}")
+        self._handle = _Handle(_new_handle(lib.phatgoose_distributed_open, os.fsencode(path), top_k, cap, replicate_hot, float(timeout)),
+                               lib.phatgoose_distributed_destroy, "distributed runtime")
+        self._modules = {}
+
+    @property
+    def ranks(self):
+        """What each rank holds: RankShare(rank, resident_bytes, experts), rank 0 first."""
+        handle = self._handle.live()
+        count = ctypes.c_size_t()
+        check(lib.phatgoose_distributed_rank_count(handle, ctypes.byref(count)))
+        shares = []
+        for rank in range(count.value):
+            resident, experts = ctypes.c_uint64(), ctypes.c_size_t()
+            check(lib.phatgoose_distributed_rank_share(handle, rank, ctypes.byref(resident), ctypes.byref(experts)))
+            shares.append(RankShare(rank, resident.value, experts.value))
+        return shares
+
+    def _module(self, name):
+        if name not in self._modules:
+            index, in_width, out_width, slots = (ctypes.c_size_t() for _ in range(4))
+            check(lib.phatgoose_distributed_module(self._handle.live(), name.encode("utf-8"), ctypes.byref(index),
+                                                   ctypes.byref(in_width), ctypes.byref(out_width), ctypes.byref(slots)))
+            self._modules[name] = (index.value, in_width.value, out_width.value, slots.value)
+        return self._modules[name]
+
+    def apply(self, module, x, out=None, return_routing=False):
+        """Applies module `module` (its name) to `x` [tokens, in], as `Runtime.apply` does."""
+        index, in_width, out_width, slots = self._module(module)
+        x = _input(x)
+        tokens = x.shape[0]
+        out = _output(out, tokens, out_width, "out")
+        experts = np.full((tokens, slots), -1, dtype=np.int32) if return_routing else None
+        weights = np.zeros((tokens, slots), dtype=np.float32) if return_routing else None
+        check(lib.phatgoose_distributed_apply(
+            self._handle.live(), index, x.ctypes.data, tokens, x.size, out.ctypes.data, out.size,
+            None if experts is None else experts.ctypes.data, None if weights is None else weights.ctypes.data,
+            0 if experts is None else experts.size))
+        return (out, experts, weights) if return_routing else out
+
+    @property
+    def closed(self):
+        return self._handle.closed
+
+    def close(self):
+        self._handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

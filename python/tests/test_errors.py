@@ -457,9 +457,9 @@ def test_raw_names_and_counts_are_checked(synth):
 
 
 def test_status_names_and_version():
-    names = [lib.phatgoose_status_name(s).decode() for s in range(13)]
+    names = [lib.phatgoose_status_name(s).decode() for s in range(15)]
     assert names == ["ok", "invalid-argument", "invalid-handle", "shape", "not-found", "io", "library", "overloaded",
-                     "memory-cap", "shut-down", "buffer-too-small", "internal", "non-finite-input"]
+                     "memory-cap", "shut-down", "buffer-too-small", "internal", "non-finite-input", "unavailable", "timeout"]
     assert lib.phatgoose_status_name(99) == b"unknown"
     assert phatgoose.__version__.count(".") == 2 and phatgoose.ABI_VERSION == 1
 
