@@ -108,7 +108,7 @@ let package = Package(
             name: "PhatgooseTests",
             dependencies: [
                 "CPhatgooseKernels", "PhatgooseFormats", "PhatgooseKernels", "PhatgooseLibrary", "PhatgooseRouting",
-                "PhatgooseRuntime", "PhatgooseSynth", "PhatgooseProfiling", "PhatgooseLoadTest", "CPhatgoose", "PhatgooseC", "PhatgooseDistributed",
+                "PhatgooseRuntime", "PhatgooseSynth", "PhatgooseProfiling", "PhatgooseLoadTest", "CPhatgoose", "CPhatgooseSystem", "PhatgooseC", "PhatgooseDistributed",
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ],
             swiftSettings: [.define("PHATGOOSE_CHECK_INVARIANTS")]

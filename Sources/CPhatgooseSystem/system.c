@@ -1,5 +1,5 @@
 /* Everything else in this module is static inline in the header; this file holds the cleanup registry, which needs
- * process-wide state and a signal handler. */
+ * process-wide state and a signal handler, and the preemption count, whose header would clash in the header. */
 #include "phatgoose_system.h"
 
 #include <dirent.h>
@@ -7,10 +7,47 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
 #endif
+
+int pg_runnable_threads(void) {
+#if defined(__linux__)
+    /* "0.50 0.40 0.30 RUNNING/TOTAL LASTPID": RUNNING counts every runnable thread of the machine, the reader too. */
+    char text[128];
+    int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    ssize_t n = read(fd, text, sizeof text - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    text[n] = 0;
+    int fields = 0, running = -1;
+    for (char *p = text; *p; p++) {
+        if (*p == ' ') {
+            fields++;
+            if (fields == 3) {
+                running = (int)strtol(p + 1, NULL, 10);
+                break;
+            }
+        }
+    }
+    return running;
+#else
+    return -1;
+#endif
+}
+
+uint64_t pg_thread_involuntary_switches(void) {
+#if defined(__linux__) && defined(RUSAGE_THREAD)
+    struct rusage usage;
+    if (getrusage(RUSAGE_THREAD, &usage) != 0) return 0;
+    return (uint64_t)usage.ru_nivcsw;
+#else
+    return 0;
+#endif
+}
 
 /* Slots hold malloc'd copies: a kind byte ('f' a file, 't' a directory tree) followed by the path. A slot is claimed
  * and cleared with atomic operations, so registration from many threads needs no lock; the signal handler only

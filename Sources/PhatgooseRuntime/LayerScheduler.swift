@@ -141,6 +141,9 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
     var tileRows: Int?
     /// Dispatches of fewer tokens run on the caller alone.
     var parallelMinTokens = 1
+    /// While the executor reports contention (``ParallelExecutor/prefersCallerAlone``), dispatches of fewer tokens
+    /// run on the caller alone.
+    static let contendedMinTokens = 64
     var observer: (any RuntimeObserver)?
 
     // The dispatch in flight.
@@ -236,7 +239,9 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         }
         var totalTokens = 0
         for s in 0..<stepCount { totalTokens += steps[s].tokens }
-        team = totalTokens >= parallelMinTokens ? poolSize : 1
+        // Beside a busy neighbour (the pool saw its workers preempted), small dispatches stay on the caller.
+        let contended = totalTokens < Self.contendedMinTokens && executor.prefersCallerAlone
+        team = totalTokens >= parallelMinTokens && !contended ? poolSize : 1
         let participants = team
 
         // Groups: the steps of one module, in the order they come.

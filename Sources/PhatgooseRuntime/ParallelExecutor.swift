@@ -40,6 +40,14 @@ public protocol ParallelExecutor: AnyObject, Sendable {
     func run(_ job: any ParallelJob)
     /// Stops the workers; no ``run(_:)`` may follow. Calling it again does nothing.
     func shutdown()
+    /// True while the workers' CPUs are contended (a worker was recently preempted): small phases then do better on
+    /// the caller alone, as a preempted worker holding a task makes the caller wait for the scheduler to run it again.
+    var prefersCallerAlone: Bool { get }
+}
+
+extension ParallelExecutor {
+    /// Never: only the pinned pool watches for preemption.
+    public var prefersCallerAlone: Bool { false }
 }
 
 /// Holds the job of the phase in flight. Written by the caller before it publishes a new generation (sequentially
@@ -81,6 +89,15 @@ func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
 /// it was preempted while spinning (the machine is oversubscribed). The caller spins on workers still in a phase only
 /// for the same bound, then sleeps on a futex until the last one leaves.
 ///
+/// Contention: a worker that finds it was preempted (a phase that took longer than 40 us during which its count of
+/// involuntary context switches grew, or a spin cut short as above) marks the pool contended for a window, and
+/// ``prefersCallerAlone`` is true until the window ends. The window starts at 20 ms and doubles, up to 640 ms, each
+/// time contention is seen again within four windows of the last sighting; otherwise it starts over. When it ends,
+/// the first caller to ask checks whether the machine is still oversubscribed (more runnable threads than CPUs once
+/// the workers would run too) and, if so, opens it again for another window without sending work to find out. The scheduler
+/// keeps small dispatches on the caller meanwhile, so a busy neighbour costs them nothing, and large ones, which
+/// still gain from a second core at two thirds of its speed, keep their workers (and so keep the sightings coming).
+///
 /// # Thread safety
 /// `generation`, `door`, `sleepers`, `callerSleeping`, `stopping` are atomics; `futexWord` and `doneWord` are
 /// accessed only through C atomics and the futex calls; `phase` is guarded by the door protocol (see ``PhaseBox``);
@@ -111,13 +128,29 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
     private let skippedCount = Atomic<Int>(0)
     /// Times a spinning worker saw it had been preempted and went to sleep.
     private let preemptedCount = Atomic<Int>(0)
+    /// Contention (see the type's documentation): sightings, the last one's time, the window, and its end.
+    private let contentionCount = Atomic<Int>(0)
+    private let lastContention = Atomic<UInt64>(0)
+    private let contentionWindow = Atomic<UInt64>(PinnedWorkerPool.firstContentionWindow)
+    private let callerAloneUntil = Atomic<UInt64>(0)
+    static let firstContentionWindow: UInt64 = 20_000_000
+    /// Whether the machine is oversubscribed now (checked when a contention window ends).
+    private let oversubscribed: @Sendable () -> Bool
+    static let longestContentionWindow: UInt64 = 640_000_000
 
     private static let openBit: UInt64 = 1 << 31
     private static let insideMask: UInt64 = (1 << 31) - 1
 
     /// Starts `workers` threads, placed round-robin over the topology's nodes and pinned to their CPUs.
-    public init(topology: Topology, workers: Int, spinMicroseconds: Int = 50) {
+    /// `oversubscribed` (by default: the machine's runnable threads, this one included, plus the workers exceed the
+    /// CPUs this process may use) is asked when a contention window ends.
+    public init(topology: Topology, workers: Int, spinMicroseconds: Int = 50, oversubscribed: (@Sendable () -> Bool)? = nil) {
         precondition(workers >= 0)
+        let allowedCPUs = max(1, Topology.allowedCPUs().count)
+        self.oversubscribed = oversubscribed ?? {
+            let running = Int(pg_runnable_threads())
+            return running >= 0 && running + workers > allowedCPUs
+        }
         participantCount = workers + 1
         spinNanoseconds = UInt64(max(0, spinMicroseconds)) * 1000
         futexWord = .allocate(capacity: 1)
@@ -156,6 +189,41 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
         (joinedCount.load(ordering: .relaxed), skippedCount.load(ordering: .relaxed), preemptedCount.load(ordering: .relaxed))
     }
 
+    /// Times a worker saw it had been preempted (in a phase or while spinning), since start.
+    public var contentionSightings: Int { contentionCount.load(ordering: .relaxed) }
+
+    /// True until the contention window of the last sighting ends.
+    public var prefersCallerAlone: Bool {
+        let until = callerAloneUntil.load(ordering: .relaxed)
+        guard until != 0 else { return false }
+        let now = pg_now_ns()
+        if now < until { return true }
+        // The window is over: one caller looks at the machine instead of probing with work.
+        guard callerAloneUntil.compareExchange(expected: until, desired: 0, ordering: .relaxed).exchanged else {
+            return callerAloneUntil.load(ordering: .relaxed) != 0
+        }
+        guard oversubscribed() else { return false }
+        callerAloneUntil.store(now + contentionWindow.load(ordering: .relaxed), ordering: .relaxed)
+        return true
+    }
+
+    /// Records a sighting of contention at `now` and opens (or extends) the window; returns the window. Called by
+    /// the workers; tests call it to stand in for a busy neighbour.
+    @discardableResult
+    func noteContention(now: UInt64 = pg_now_ns()) -> UInt64 {
+        contentionCount.add(1, ordering: .relaxed)
+        let last = lastContention.exchange(now, ordering: .relaxed)
+        var window = contentionWindow.load(ordering: .relaxed)
+        if last != 0 && now >= last && now - last < 4 * window {
+            window = min(window * 2, Self.longestContentionWindow)
+        } else {
+            window = Self.firstContentionWindow
+        }
+        contentionWindow.store(window, ordering: .relaxed)
+        callerAloneUntil.store(now + window, ordering: .relaxed)
+        return window
+    }
+
     private func workerLoop(participant: Int, cpu: Int, name: String) {
         _ = name.withCString { pg_name_current_thread($0) }
         _ = pg_pin_current_thread(Int32(cpu))
@@ -164,6 +232,7 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
         // the thread was not running in between.
         var budget = spinNanoseconds
         let preemptedGap: UInt64 = 40_000
+        var switches = pg_thread_involuntary_switches()
         while true {
             let waitStart = pg_now_ns()
             var lastCheck = waitStart
@@ -194,6 +263,8 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
             let gap = pg_now_ns() - waitStart
             if preempted {
                 preemptedCount.add(1, ordering: .relaxed)
+                switches = pg_thread_involuntary_switches()
+                noteContention(now: pg_now_ns())
                 budget /= 4
             } else if gap < spinNanoseconds {
                 budget = min(spinNanoseconds, max(budget * 2, 2_000))  // spinning caught it, or a longer spin would have
@@ -216,7 +287,17 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
                 continue
             }
             joinedCount.add(1, ordering: .relaxed)
+            let phaseStart = pg_now_ns()
             runPhase(participant)
+            let phaseEnd = pg_now_ns()
+            if phaseEnd - phaseStart > preemptedGap {
+                // Long enough to have been preempted in; one system call tells.
+                let count = pg_thread_involuntary_switches()
+                if count != switches {
+                    switches = count
+                    noteContention(now: phaseEnd)
+                }
+            }
             let left = door.subtract(1, ordering: .sequentiallyConsistent).newValue
             if left & Self.insideMask == 0 && left & Self.openBit == 0 {
                 // The last one out of a closed phase tells the caller.

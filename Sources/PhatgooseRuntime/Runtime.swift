@@ -134,7 +134,7 @@ public final class Runtime: Sendable {
     private let changes = Locked<Int>(0)
     private let dispatcher: Locked<Dispatcher>
     private let queue: Locked<CallQueue>
-    private let executor: any ParallelExecutor
+    let executor: any ParallelExecutor
     private let admitted = Atomic<Int>(0)
     private let isShutDown = Atomic<Bool>(false)
     private let statistics = Locked<RuntimeStatistics>(RuntimeStatistics())

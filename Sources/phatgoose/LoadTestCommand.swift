@@ -26,7 +26,7 @@ struct LoadTestFlags: ParsableArguments {
     @Option(parsing: .unconditional, help: "Open loop: shape of the gamma-distributed gaps between arrivals; 1 is Poisson, below 1 burstier, above 1 more regular.")
     var burstiness: Double?
 
-    @Option(parsing: .unconditional, help: "Open loop: most requests in flight; later arrivals wait for a free client, which is their queueing time (default: --max-queued-calls + 8, so overload shows as rejections).")
+    @Option(parsing: .unconditional, help: "Open loop: most requests in flight; later arrivals wait for a free client, which is their queueing time (default: --max-queued-calls, so no layer call is refused midway and overload shows as queueing time; more than that sheds load as rejections).")
     var maxConcurrency: Int?
 
     @Option(parsing: .unconditional, help: "Seconds of measurement after the warm-up (default 20; not with --requests).")
@@ -110,7 +110,7 @@ struct LoadTestFlags: ParsableArguments {
 
     func options() throws -> LoadTestOptions {
         let clients = try clientCounts()[0]
-        let loop: LoadTestOptions.Loop = rate.map { .open(rate: $0, burstiness: burstiness ?? 1, maxConcurrency: maxConcurrency ?? maxQueuedCalls + 8) }
+        let loop: LoadTestOptions.Loop = rate.map { .open(rate: $0, burstiness: burstiness ?? 1, maxConcurrency: maxConcurrency ?? maxQueuedCalls) }
             ?? .closed(clients: clients)
         return LoadTestOptions(loop: loop, duration: requests == nil ? (duration ?? 20) : nil, requests: requests, warmup: warmup,
                                drainTimeout: drainTimeout, decodeFraction: decodeFraction, decodeTokens: try tokenRange(decodeTokens, "--decode-tokens"),

@@ -51,6 +51,13 @@ static inline uint64_t pg_now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+/* How many times the calling thread has been preempted (involuntary context switches), or 0 where unknown. In
+ * system.c: <sys/resource.h> under _GNU_SOURCE would clash with the Glibc module's view of it. */
+uint64_t pg_thread_involuntary_switches(void);
+
+/* The machine's runnable threads right now (the caller included), from /proc/loadavg; -1 where unknown. In system.c. */
+int pg_runnable_threads(void);
+
 /* A spin-wait hint. */
 static inline void pg_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
