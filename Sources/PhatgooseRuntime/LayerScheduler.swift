@@ -143,7 +143,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
     var parallelMinTokens = 1
     /// While the executor reports contention (``ParallelExecutor/prefersCallerAlone``), dispatches of fewer tokens
     /// run on the caller alone.
-    static let contendedMinTokens = 64
+    var contendedMinTokens = 64
     var observer: (any RuntimeObserver)?
 
     // The dispatch in flight.
@@ -240,7 +240,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         var totalTokens = 0
         for s in 0..<stepCount { totalTokens += steps[s].tokens }
         // Beside a busy neighbour (the pool saw its workers preempted), small dispatches stay on the caller.
-        let contended = totalTokens < Self.contendedMinTokens && executor.prefersCallerAlone
+        let contended = totalTokens < contendedMinTokens && executor.prefersCallerAlone
         team = totalTokens >= parallelMinTokens && !contended ? poolSize : 1
         let participants = team
 

@@ -94,7 +94,7 @@ func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
 /// ``prefersCallerAlone`` is true until the window ends. The window starts at 20 ms and doubles, up to 640 ms, each
 /// time contention is seen again within four windows of the last sighting; otherwise it starts over. When it ends,
 /// the first caller to ask checks whether the machine is still oversubscribed (more runnable threads than CPUs once
-/// the workers would run too) and, if so, opens it again for another window without sending work to find out. The scheduler
+/// the sleeping workers would run too; not asked when this process may use only some of the CPUs) and, if so, opens it again for another window without sending work to find out. The scheduler
 /// keeps small dispatches on the caller meanwhile, so a busy neighbour costs them nothing, and large ones, which
 /// still gain from a second core at two thirds of its speed, keep their workers (and so keep the sightings coming).
 ///
@@ -134,23 +134,25 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
     private let contentionWindow = Atomic<UInt64>(PinnedWorkerPool.firstContentionWindow)
     private let callerAloneUntil = Atomic<UInt64>(0)
     static let firstContentionWindow: UInt64 = 20_000_000
-    /// Whether the machine is oversubscribed now (checked when a contention window ends).
-    private let oversubscribed: @Sendable () -> Bool
+    /// Stands in for ``oversubscribed()`` when given (tests).
+    private let oversubscribedOverride: (@Sendable () -> Bool)?
+    /// This process may use fewer CPUs than the machine has online.
+    private let restricted: Bool
+    private let onlineCPUs: Int
     static let longestContentionWindow: UInt64 = 640_000_000
 
     private static let openBit: UInt64 = 1 << 31
     private static let insideMask: UInt64 = (1 << 31) - 1
 
     /// Starts `workers` threads, placed round-robin over the topology's nodes and pinned to their CPUs.
-    /// `oversubscribed` (by default: the machine's runnable threads, this one included, plus the workers exceed the
-    /// CPUs this process may use) is asked when a contention window ends.
+    /// `oversubscribed` (by default: the machine's runnable threads, the caller and spinning workers included, plus
+    /// the sleeping workers exceed its online CPUs) is asked when a contention window ends.
     public init(topology: Topology, workers: Int, spinMicroseconds: Int = 50, oversubscribed: (@Sendable () -> Bool)? = nil) {
         precondition(workers >= 0)
-        let allowedCPUs = max(1, Topology.allowedCPUs().count)
-        self.oversubscribed = oversubscribed ?? {
-            let running = Int(pg_runnable_threads())
-            return running >= 0 && running + workers > allowedCPUs
-        }
+        self.oversubscribedOverride = oversubscribed
+        let online = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+        onlineCPUs = online
+        restricted = Topology.allowedCPUs().count != online
         participantCount = workers + 1
         spinNanoseconds = UInt64(max(0, spinMicroseconds)) * 1000
         futexWord = .allocate(capacity: 1)
@@ -192,6 +194,9 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
     /// Times a worker saw it had been preempted (in a phase or while spinning), since start.
     public var contentionSightings: Int { contentionCount.load(ordering: .relaxed) }
 
+    /// When the open contention window ends (monotonic nanoseconds), or 0 when none is open; for tests.
+    var contentionWindowEnd: UInt64 { callerAloneUntil.load(ordering: .relaxed) }
+
     /// True until the contention window of the last sighting ends.
     public var prefersCallerAlone: Bool {
         let until = callerAloneUntil.load(ordering: .relaxed)
@@ -207,6 +212,17 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
         return true
     }
 
+    /// Whether the machine is oversubscribed now (asked when a contention window ends). /proc/loadavg counts the
+    /// machine's runnable threads, the asking caller and any worker still spinning included; the sleeping workers
+    /// would run too. Restricted to fewer CPUs than the machine has (taskset, a cpuset), the count says nothing about
+    /// ours: the window then closes and the next phase probes.
+    private func oversubscribed() -> Bool {
+        if let oversubscribedOverride { return oversubscribedOverride() }
+        guard !restricted else { return false }
+        let running = Int(pg_runnable_threads())
+        return running >= 0 && running + sleepers.load(ordering: .relaxed) > onlineCPUs
+    }
+
     /// Records a sighting of contention at `now` and opens (or extends) the window; returns the window. Called by
     /// the workers; tests call it to stand in for a busy neighbour.
     @discardableResult
@@ -214,7 +230,8 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
         contentionCount.add(1, ordering: .relaxed)
         let last = lastContention.exchange(now, ordering: .relaxed)
         var window = contentionWindow.load(ordering: .relaxed)
-        if last != 0 && now >= last && now - last < 4 * window {
+        // Another worker's sighting may carry an earlier time than the last one recorded: that is recent too.
+        if last != 0 && (now < last || now - last < 4 * window) {
             window = min(window * 2, Self.longestContentionWindow)
         } else {
             window = Self.firstContentionWindow
@@ -251,6 +268,10 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
                     if now - lastCheck > preemptedGap { preempted = true }
                     lastCheck = now
                     if now - waitStart < budget && !preempted { continue }
+                }
+                if !slept {
+                    // Preemptions since the last look (a short phase, the way out of one) are not the next phase's.
+                    switches = pg_thread_involuntary_switches()
                 }
                 slept = true
                 sleepers.add(1, ordering: .sequentiallyConsistent)

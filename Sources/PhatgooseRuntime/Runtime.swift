@@ -41,6 +41,10 @@ public struct RuntimeOptions: Sendable {
     /// host whose own threads share the cores, as in a model's forward pass: decode steps of a few tokens then cost
     /// no hand-off, and only large calls (prefill) use the workers.
     public var parallelMinTokens: Int
+    /// While the pinned workers' CPUs are contended (a worker was seen preempted: a busy process beside it,
+    /// docs/threading.md), dispatches of fewer tokens run on the caller alone, as a preempted worker holding a task
+    /// would make them wait a time slice. 0 turns this off (every dispatch from `parallelMinTokens` up fans out).
+    public var contendedMinTokens: Int
     /// Most tokens of one call in one dispatch: a larger call (a prefill) is served in chunks of this many tokens
     /// (whole sequences when routing per sequence), so calls queued behind it (decode steps) join the next dispatch
     /// instead of waiting for all of it. The results are the same bits as in one piece.
@@ -60,7 +64,7 @@ public struct RuntimeOptions: Sendable {
     public init(routing: RoutingOptions? = nil, workers: Int? = nil, executor: ExecutorKind = .pinned, topology: Topology? = nil,
                 placement: PlacementPolicy = .distribute, loadProfile: [Double]? = nil, memoryCapBytes: Int? = nil,
                 maxQueuedCalls: Int = 64, tileRows: Int? = nil, spinMicroseconds: Int = 50, parallelMinTokens: Int = 1,
-                chunkTokens: Int = 256, dispatchTokens: Int? = 512, oversubscribe: Bool = false, observer: (any RuntimeObserver)? = nil) {
+                contendedMinTokens: Int = 64, chunkTokens: Int = 256, dispatchTokens: Int? = 512, oversubscribe: Bool = false, observer: (any RuntimeObserver)? = nil) {
         self.routing = routing
         self.workers = workers
         self.executor = executor
@@ -72,6 +76,7 @@ public struct RuntimeOptions: Sendable {
         self.tileRows = tileRows
         self.spinMicroseconds = spinMicroseconds
         self.parallelMinTokens = parallelMinTokens
+        self.contendedMinTokens = contendedMinTokens
         self.chunkTokens = chunkTokens
         self.dispatchTokens = dispatchTokens
         self.oversubscribe = oversubscribe
@@ -160,6 +165,9 @@ public final class Runtime: Sendable {
         guard options.parallelMinTokens >= 1 else {
             throw RuntimeError(.option, "parallel min tokens: expected at least 1, found \(options.parallelMinTokens)")
         }
+        guard options.contendedMinTokens >= 0 else {
+            throw RuntimeError(.option, "contended min tokens: expected 0 (off) or more, found \(options.contendedMinTokens)")
+        }
         let snapshot = try LibrarySnapshot.build(id: 0, library: library, retired: [], options: routing, topology: topology,
                                                  policy: options.placement, load: options.loadProfile, memoryCap: options.memoryCapBytes)
         current = Locked(snapshot)
@@ -170,6 +178,7 @@ public final class Runtime: Sendable {
         let scheduler = LayerScheduler(executor: executor)
         scheduler.tileRows = options.tileRows
         scheduler.parallelMinTokens = options.parallelMinTokens
+        scheduler.contendedMinTokens = options.contendedMinTokens
         scheduler.observer = options.observer
         dispatcher = Locked(Dispatcher(scheduler: scheduler, capacity: options.maxQueuedCalls))
         queue = Locked(CallQueue(capacity: options.maxQueuedCalls))

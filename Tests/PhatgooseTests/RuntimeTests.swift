@@ -364,7 +364,8 @@ struct RuntimeTests {
         let library = try synthLibrary()
         let recorder = RecordingObserver()
         let runtime = try Runtime(library: library, options: RuntimeOptions(routing: RoutingOptions(topK: 2), workers: 1, tileRows: 2,
-                                                                            spinMicroseconds: 0, parallelMinTokens: 16, observer: recorder))
+                                                                            spinMicroseconds: 0, parallelMinTokens: 16, contendedMinTokens: 0,
+                                                                            observer: recorder))
         defer { runtime.shutdown() }
         let module = library.modules[0]
         let layer = runtime.layer(named: module.name)!
@@ -388,6 +389,11 @@ struct RuntimeTests {
             }
         } throws: { error in
             (error as? RuntimeError)?.code == .shape && "\(error)".contains("does not overlap the input")
+        }
+        #expect {
+            _ = try Runtime(library: library, options: RuntimeOptions(workers: 1, contendedMinTokens: -1))
+        } throws: { error in
+            (error as? RuntimeError)?.code == .option && "\(error)".contains("contended min tokens: expected 0 (off) or more, found -1")
         }
         for (spin, threshold, message) in [(-1, 1, "spin microseconds"), (1_000_001, 1, "spin microseconds"), (50, 0, "parallel min tokens")] {
             #expect {
