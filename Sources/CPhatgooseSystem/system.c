@@ -1,5 +1,6 @@
 /* Everything else in this module is static inline in the header; this file holds the cleanup registry, which needs
- * process-wide state and a signal handler, and the preemption count, whose header would clash in the header. */
+ * process-wide state and a signal handler, and the two readings whose system headers would clash with the Glibc
+ * module if included from the header (the thread's preemption count, the machine's runnable threads). */
 #include "phatgoose_system.h"
 
 #include <dirent.h>

@@ -94,9 +94,10 @@ func startThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
 /// ``prefersCallerAlone`` is true until the window ends. The window starts at 20 ms and doubles, up to 640 ms, each
 /// time contention is seen again within four windows of the last sighting; otherwise it starts over. When it ends,
 /// the first caller to ask checks whether the machine is still oversubscribed (more runnable threads than CPUs once
-/// the sleeping workers would run too; not asked when this process may use only some of the CPUs) and, if so, opens it again for another window without sending work to find out. The scheduler
-/// keeps small dispatches on the caller meanwhile, so a busy neighbour costs them nothing, and large ones, which
-/// still gain from a second core at two thirds of its speed, keep their workers (and so keep the sightings coming).
+/// the sleeping workers would run too; not asked when this process may use only some of the CPUs) and, if so, opens
+/// it again for another window without sending work to find out. The scheduler keeps small dispatches on the caller
+/// meanwhile, so a busy neighbour costs them little, and large ones, which still gain from a second core at a share
+/// of its speed, keep their workers (and so keep the sightings coming).
 ///
 /// # Thread safety
 /// `generation`, `door`, `sleepers`, `callerSleeping`, `stopping` are atomics; `futexWord` and `doneWord` are
@@ -134,12 +135,12 @@ public final class PinnedWorkerPool: ParallelExecutor, @unchecked Sendable {
     private let contentionWindow = Atomic<UInt64>(PinnedWorkerPool.firstContentionWindow)
     private let callerAloneUntil = Atomic<UInt64>(0)
     static let firstContentionWindow: UInt64 = 20_000_000
+    static let longestContentionWindow: UInt64 = 640_000_000
     /// Stands in for ``oversubscribed()`` when given (tests).
     private let oversubscribedOverride: (@Sendable () -> Bool)?
     /// This process may use fewer CPUs than the machine has online.
     private let restricted: Bool
     private let onlineCPUs: Int
-    static let longestContentionWindow: UInt64 = 640_000_000
 
     private static let openBit: UInt64 = 1 << 31
     private static let insideMask: UInt64 = (1 << 31) - 1
