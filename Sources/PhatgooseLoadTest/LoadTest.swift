@@ -86,7 +86,9 @@ public final class LoadTest: Sendable {
         // The same topology and worker count the runtime will use, so the accounting has a slot per participant.
         let topology = runtimeOptions.topology ?? Topology.detect()
         runtimeOptions.topology = topology
-        let participants = (runtimeOptions.workers ?? max(0, topology.cpuCount - 1)) + 1
+        let pool = (runtimeOptions.workers ?? max(0, topology.cpuCount - 1)) + 1
+        // The pool's participants, then one more per lane after the first (each lane's holder reports as one).
+        let participants = pool + max(0, (runtimeOptions.lanes ?? pool) - 1)
         let accounting = instruments.accounting ? PhaseAccounting(participants: participants, layers: library.modules.count) : nil
         self.accounting = accounting
         var observers: [any RuntimeObserver] = []

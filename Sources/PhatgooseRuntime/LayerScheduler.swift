@@ -145,6 +145,9 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
     /// run on the caller alone.
     var contendedMinTokens = 64
     var observer: (any RuntimeObserver)?
+    /// Added to each participant's index in the events it reports (a lane other than the first reports after the
+    /// workers).
+    var workerBase = 0
 
     // The dispatch in flight.
     private var phase = Phase.route
@@ -225,9 +228,10 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
     /// Runs `count` steps of `snapshot` as one dispatch, each adding its module's delta for its rows into its
     /// output, and filling its routing buffers when given (`routingStride >= slots`; slots beyond the module's hold
     /// expert -1 and weight 0) and its unrouted tokens (NaN or infinite input; see ``RoutingResult``). Adds each
-    /// expert's assignments into `tokensPerExpert` (indexed by library expert) when given.
+    /// expert's assignments into `tokensPerExpert` (indexed by library expert) when given. `alone`: run on the caller
+    /// only (another lane's dispatch is running).
     func execute(_ snapshot: LibrarySnapshot, steps: UnsafeMutablePointer<LayerStep>, count stepCount: Int,
-                 tokensPerExpert: UnsafeMutablePointer<Int>?) {
+                 tokensPerExpert: UnsafeMutablePointer<Int>?, alone: Bool = false) {
         guard stepCount > 0 else { return }
         self.snapshot = snapshot
         self.steps = steps
@@ -241,7 +245,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
         for s in 0..<stepCount { totalTokens += steps[s].tokens }
         // Beside a busy neighbour (the pool saw its workers preempted), small dispatches stay on the caller.
         let contended = totalTokens < contendedMinTokens && executor.prefersCallerAlone
-        team = totalTokens >= parallelMinTokens && !contended ? poolSize : 1
+        team = totalTokens >= parallelMinTokens && !contended && !alone ? poolSize : 1
         let participants = team
 
         // Groups: the steps of one module, in the order they come.
@@ -340,7 +344,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
             runPhase(.score, parallel: true)
             router.select(scores!, rows: rowsPrepared.count, tokens: step.tokens, candidates: candidatesOut, weights: weightsAll)
             if let observer {
-                observer.observe(RuntimeEvent(kind: .routing, worker: 0, node: nodes[0], layer: step.module, expert: -1, rows: step.tokens,
+                observer.observe(RuntimeEvent(kind: .routing, worker: workerBase, node: nodes[0], layer: step.module, expert: -1, rows: step.tokens,
                                               start: start, end: pg_now_ns()))
             }
         } else {
@@ -401,7 +405,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
             group[g].assignments = plans[g].assignmentCount
             assignmentTotal += group[g].assignments
             if let observer {
-                observer.observe(RuntimeEvent(kind: .plan, worker: 0, node: nodes[0], layer: group[g].module, expert: -1, rows: group[g].assignments,
+                observer.observe(RuntimeEvent(kind: .plan, worker: workerBase, node: nodes[0], layer: group[g].module, expert: -1, rows: group[g].assignments,
                                               start: planStart, end: pg_now_ns()))
             }
         }
@@ -561,7 +565,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
                     .update(from: step.x + t0 * g.inWidth, count: count * g.inWidth)
             }
             if let observer {
-                observer.observe(RuntimeEvent(kind: .routing, worker: p, node: nodes[p], layer: g.module, expert: -1, rows: count, start: start, end: pg_now_ns()))
+                observer.observe(RuntimeEvent(kind: .routing, worker: workerBase + p, node: nodes[p], layer: g.module, expert: -1, rows: count, start: start, end: pg_now_ns()))
             }
         }
     }
@@ -615,7 +619,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
                                                 h: h, rows: rowBuffer + g.rowsBase + Int(item.begin) * g.outWidth)
                     }
                     if let observer {
-                        observer.observe(RuntimeEvent(kind: q == p ? .item : .steal, worker: p, node: myNode, layer: g.module,
+                        observer.observe(RuntimeEvent(kind: q == p ? .item : .steal, worker: workerBase + p, node: myNode, layer: g.module,
                                                       expert: piece.expert, rows: count, start: start, end: pg_now_ns()))
                     }
                 }
@@ -640,7 +644,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
                                           tokens: tokens + g.assignmentBase + begin, weights: weights + g.assignmentBase + begin,
                                           count: end - begin, h: h, out: out, ldo: g.outWidth)
             if let observer {
-                observer.observe(RuntimeEvent(kind: stolen ? .steal : .item, worker: p, node: myNode, layer: g.module,
+                observer.observe(RuntimeEvent(kind: stolen ? .steal : .item, worker: workerBase + p, node: myNode, layer: g.module,
                                               expert: piece.expert, rows: end - begin, start: start, end: pg_now_ns()))
             }
         }
@@ -665,7 +669,7 @@ final class LayerScheduler: ParallelJob, @unchecked Sendable {
                                       out: step.out, ldo: g.outWidth, firstToken: step.groupOffset)
             }
             if let observer {
-                observer.observe(RuntimeEvent(kind: .combine, worker: p, node: nodes[p], layer: g.module, expert: -1, rows: t1 - t0, start: start, end: pg_now_ns()))
+                observer.observe(RuntimeEvent(kind: .combine, worker: workerBase + p, node: nodes[p], layer: g.module, expert: -1, rows: t1 - t0, start: start, end: pg_now_ns()))
             }
         }
     }

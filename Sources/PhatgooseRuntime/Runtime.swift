@@ -54,6 +54,11 @@ public struct RuntimeOptions: Sendable {
     /// into one dispatch gains nothing (each is already large enough to batch) and spreads the dispatch's working set
     /// past the caches; decode calls of a few tokens still merge by the dozen. nil: no bound.
     public var dispatchTokens: Int?
+    /// Dispatch lanes: how many dispatches may run at once, each over calls the others have not taken. With one
+    /// lane held, its dispatches spread each call's work over the workers; with more, every lane's dispatch runs on
+    /// its own caller's thread alone (the workers sleep), so independent calls run side by side without a hand-off
+    /// or a barrier per phase. nil: one per participant (workers plus the caller); 1: one dispatch at a time.
+    public var lanes: Int?
     /// Allow more workers than the topology has CPUs (each would then share a CPU with another thread and spin on
     /// it); off, such a request is refused.
     public var oversubscribe: Bool
@@ -64,7 +69,8 @@ public struct RuntimeOptions: Sendable {
     public init(routing: RoutingOptions? = nil, workers: Int? = nil, executor: ExecutorKind = .pinned, topology: Topology? = nil,
                 placement: PlacementPolicy = .distribute, loadProfile: [Double]? = nil, memoryCapBytes: Int? = nil,
                 maxQueuedCalls: Int = 64, tileRows: Int? = nil, spinMicroseconds: Int = 50, parallelMinTokens: Int = 1,
-                contendedMinTokens: Int = 64, chunkTokens: Int = 256, dispatchTokens: Int? = 512, oversubscribe: Bool = false, observer: (any RuntimeObserver)? = nil) {
+                contendedMinTokens: Int = 64, chunkTokens: Int = 256, dispatchTokens: Int? = 512, lanes: Int? = nil, oversubscribe: Bool = false,
+                observer: (any RuntimeObserver)? = nil) {
         self.routing = routing
         self.workers = workers
         self.executor = executor
@@ -79,6 +85,7 @@ public struct RuntimeOptions: Sendable {
         self.contendedMinTokens = contendedMinTokens
         self.chunkTokens = chunkTokens
         self.dispatchTokens = dispatchTokens
+        self.lanes = lanes
         self.oversubscribe = oversubscribe
         self.observer = observer
     }
@@ -98,6 +105,9 @@ public struct RuntimeStatistics: Sendable, Equatable {
     public var dispatches: Int = 0
     /// Calls served in a dispatch with other calls.
     public var mergedCalls: Int = 0
+    /// Dispatches run on their lane's caller alone because another lane was held (calls in parallel rather than
+    /// one call's work spread over the workers).
+    public var concurrentDispatches: Int = 0
     /// Token assignments per expert index (a token choosing two experts counts once for each).
     public var tokensPerExpert: [Int] = []
 }
@@ -137,7 +147,8 @@ public final class Runtime: Sendable {
     public let routing: RoutingOptions
     private let current: Locked<LibrarySnapshot>
     private let changes = Locked<Int>(0)
-    private let dispatcher: Locked<Dispatcher>
+    /// Lane 0's scheduler runs on the executor; every other lane's on its holder alone.
+    private let lanes: [Locked<Dispatcher>]
     private let queue: Locked<CallQueue>
     let executor: any ParallelExecutor
     private let admitted = Atomic<Int>(0)
@@ -175,13 +186,25 @@ public final class Runtime: Sendable {
         case .pinned: executor = PinnedWorkerPool(topology: topology, workers: workers, spinMicroseconds: options.spinMicroseconds)
         case .dispatch: executor = DispatchParallelExecutor(topology: topology, workers: workers)
         }
-        let scheduler = LayerScheduler(executor: executor)
-        scheduler.tileRows = options.tileRows
-        scheduler.parallelMinTokens = options.parallelMinTokens
-        scheduler.contendedMinTokens = options.contendedMinTokens
-        scheduler.observer = options.observer
-        dispatcher = Locked(Dispatcher(scheduler: scheduler, capacity: options.maxQueuedCalls))
-        queue = Locked(CallQueue(capacity: options.maxQueuedCalls))
+        let laneCount = options.lanes ?? executor.participantCount
+        guard laneCount >= 1 && laneCount <= executor.participantCount else {
+            executor.shutdown()
+            throw RuntimeError(.option, "lanes: expected 1 to \(executor.participantCount) (the participants: workers plus the caller), found \(laneCount)")
+        }
+        var lanes: [Locked<Dispatcher>] = []
+        for lane in 0..<laneCount {
+            let laneExecutor = lane == 0 ? executor : PinnedWorkerPool(topology: topology, workers: 0, spinMicroseconds: 0)
+            let scheduler = LayerScheduler(executor: laneExecutor)
+            scheduler.tileRows = options.tileRows
+            scheduler.parallelMinTokens = options.parallelMinTokens
+            scheduler.contendedMinTokens = options.contendedMinTokens
+            scheduler.observer = options.observer
+            // Events of lane l's holder come as participant (participants + l - 1), after the workers.
+            scheduler.workerBase = lane == 0 ? 0 : executor.participantCount + lane - 1
+            lanes.append(Locked(Dispatcher(scheduler: scheduler, capacity: options.maxQueuedCalls)))
+        }
+        self.lanes = lanes
+        queue = Locked(CallQueue(capacity: options.maxQueuedCalls, lanes: laneCount))
         statistics.withLock { $0.tokensPerExpert = [Int](repeating: 0, count: library.experts.count) }
     }
 
@@ -197,6 +220,8 @@ public final class Runtime: Sendable {
 
     /// Participants per call: workers plus the caller.
     public var participants: Int { executor.participantCount }
+    /// Dispatch lanes (``RuntimeOptions/lanes``); lane l > 0 reports its events as participant `participants + l - 1`.
+    public var laneCount: Int { lanes.count }
     /// The kind of executor in use.
     public var executorKind: ExecutorKind { executor.kind }
     /// CPU each participant is pinned to (nil for the caller or unpinned workers).
@@ -395,8 +420,12 @@ public final class Runtime: Sendable {
         /// Tokens served so far (of every layer), and the tokens of the dispatch in flight.
         var served = 0
         var serving = 0
-        /// The last dispatch round that took a chunk of this call.
-        var round = 0
+        /// The lane whose dispatch has taken a chunk of this call, or -1 (under the queue's lock).
+        var lane = -1
+        /// This call's thread holds a lane, and the lane a holder handed it that it has not yet taken up, or -1
+        /// (both under the queue's lock).
+        var holdsLane = false
+        var handedLane = -1
         var failure: RuntimeError?
         var queuedAt: UInt64 = 0
         var firstDispatchAt: UInt64 = 0
@@ -419,7 +448,9 @@ public final class Runtime: Sendable {
             layers.reserve(count)
             served = 0
             serving = 0
-            round = 0
+            lane = -1
+            holdsLane = false
+            handedLane = -1
             failure = nil
             queuedAt = 0
             firstDispatchAt = 0
@@ -464,37 +495,57 @@ public final class Runtime: Sendable {
         }
     }
 
-    /// The queue of calls waiting for a dispatch, first come first served, and the dispatcher role.
+    /// The queue of calls not yet done, first come first served, and the dispatch lanes.
     struct CallQueue {
+        /// Calls not yet done, in queue order; those in a lane's dispatch have `lane >= 0`.
         var fifo: [CallRequest] = []
-        /// Someone holds the dispatcher role (is running or about to run a dispatch).
-        var dispatching = false
+        /// Which lanes someone holds (is running or about to run dispatches on), and how many.
+        var held: [Bool]
+        var active = 0
         var free: [CallRequest] = []
 
-        init(capacity: Int) {
+        init(capacity: Int, lanes: Int) {
             fifo.reserveCapacity(capacity)
             free.reserveCapacity(capacity)
+            held = [Bool](repeating: false, count: lanes)
+        }
+
+        /// Holds the first free lane (lane 0, the one with the workers, first) for `holder`'s thread (nil: a task),
+        /// or returns nil when every lane is held.
+        mutating func holdLane(for holder: CallRequest?) -> Int? {
+            guard let lane = held.firstIndex(of: false) else { return nil }
+            held[lane] = true
+            active += 1
+            holder?.holdsLane = true
+            return lane
+        }
+
+        mutating func releaseLane(_ lane: Int, holder: CallRequest?) {
+            held[lane] = false
+            active -= 1
+            holder?.holdsLane = false
         }
     }
 
-    /// What only the dispatcher role touches: the scheduler and the dispatch's buffers.
+    /// What only a lane's holder touches: the lane's scheduler and the dispatch's buffers.
     final class Dispatcher {
         let scheduler: LayerScheduler
         var batch: [CallRequest] = []
-        /// Partly served calls on their way to the back of the queue.
-        var carried: [CallRequest] = []
+        /// The calls the last dispatch completed.
+        var finished: [CallRequest] = []
+        /// The dispatch runs on the holder alone, as another lane is held.
+        var alone = false
         let steps = RawBuffer<LayerStep>()
         let tokensPerExpert = RawBuffer<Int>()
-        var round = 0
 
         init(scheduler: LayerScheduler, capacity: Int) {
             self.scheduler = scheduler
             batch.reserveCapacity(capacity)
-            carried.reserveCapacity(capacity)
+            finished.reserveCapacity(capacity)
         }
     }
 
-    /// Dispatches a holder runs for others after its own call is done, before it hands the role on: the holder is
+    /// Dispatches a holder runs for others after its own call is done, before it hands its lane on: the holder is
     /// running already, while an heir must first be woken and scheduled (on a busy machine, behind other threads).
     /// (Measured on the built-in load test, 2 cores: 0, 4 and 16 alike at 1 client; 4 and 16 ahead of 0 at 8 and
     /// 16 clients.)
@@ -510,180 +561,193 @@ public final class Runtime: Sendable {
         queue.withLock { $0.free.append(request) }
     }
 
-    /// Queues `request` and returns when it has been served: by a dispatch this thread runs (when no dispatch is
-    /// running, or when the dispatcher hands it the role) or by another thread's, while this one sleeps.
+    /// Queues `request` and returns when it has been served: by a dispatch this thread runs (on a lane it finds
+    /// free, or one a holder hands it) or by another thread's, while this one sleeps.
     private func serve(_ request: CallRequest) throws {
         if options.observer != nil { request.queuedAt = DispatchTime.now().uptimeNanoseconds }
-        let lead = queue.withLock { q -> Bool in
+        var lane = queue.withLock { q -> Int? in
             q.fifo.append(request)
-            guard !q.dispatching else { return false }
-            q.dispatching = true
-            return true
+            return q.holdLane(for: request)
         }
-        var role = lead
         while true {
-            if role { dispatchLoop(own: request) }
-            let state = role ? request.state.load(ordering: .sequentiallyConsistent) : request.wait()
-            if state == CallRequest.done { break }
-            request.state.store(CallRequest.waiting, ordering: .sequentiallyConsistent)
-            pg_atomic_store_u32(request.word, CallRequest.waiting)
-            role = true
+            if let held = lane { dispatchLoop(own: request, lane: held) }
+            let state = request.wait()
+            // A lane handed to this thread is taken up even when another lane completed the call meanwhile (its
+            // done then overwrote the hand-off signal): nobody else will run it.
+            lane = queue.withLock { _ in
+                let handed = request.handedLane
+                request.handedLane = -1
+                return handed >= 0 ? handed : nil
+            }
+            if lane == nil && state == CallRequest.done { break }
+            // Back to waiting, unless the call is done: done is final, so only a dispatch signal is taken back (the
+            // futex word too, so a sleeper never misses a done).
+            _ = request.state.compareExchange(expected: CallRequest.dispatch, desired: CallRequest.waiting, ordering: .sequentiallyConsistent)
+            _ = pg_atomic_cas_u32(request.word, CallRequest.dispatch, CallRequest.waiting)
         }
         if let failure = request.failure { throw failure }
     }
 
-    /// Queues an async `request` whose continuation the dispatch resumes; runs the dispatch itself when none is
-    /// running, and returns at once otherwise.
+    /// Queues an async `request` whose continuation the dispatch resumes; runs dispatches itself when a lane is
+    /// free, and returns at once otherwise.
     private func serveQueued(_ request: CallRequest) {
         if options.observer != nil { request.queuedAt = DispatchTime.now().uptimeNanoseconds }
-        let lead = queue.withLock { q -> Bool in
+        let lane = queue.withLock { q -> Int? in
             q.fifo.append(request)
-            guard !q.dispatching else { return false }
-            q.dispatching = true
-            return true
+            return q.holdLane(for: nil)
         }
-        if lead { dispatchLoop(own: nil) }
+        if let lane { dispatchLoop(own: nil, lane: lane) }
     }
 
-    /// Holds the dispatcher role: runs dispatches of everything queued until the own request is done, then hands
-    /// the role to the oldest waiting caller that can take it (a thread that sleeps, not a suspended task), or keeps
-    /// it while only tasks wait, or gives it up when nothing waits.
-    private func dispatchLoop(own: CallRequest?) {
-        dispatcher.withLock { d in
+    /// Takes the calls of the next dispatch into `d.batch` (under the queue lock): a chunk of every call no other
+    /// lane has taken (all of a small one), in queue order, on the snapshot of the first of them (calls on another
+    /// snapshot, after a live change, wait for a later dispatch), while the token budget lasts.
+    private func select(_ q: inout CallQueue, into d: Dispatcher, lane: Int) {
+        d.batch.removeAll(keepingCapacity: true)
+        var unit = 1
+        if case let .sequence(length) = routing.granularity { unit = length }
+        let chunk = max(unit, options.chunkTokens / unit * unit)
+        // Tokens times layers still allowed in this dispatch; once a call does not fit, it and every later call
+        // wait for the next dispatch (first come, first served). At least one chunk of the oldest call is taken.
+        var budget = options.dispatchTokens ?? Int.max
+        var snapshot: LibrarySnapshot? = nil
+        for request in q.fifo where request.lane < 0 {
+            if snapshot == nil { snapshot = request.snapshot }
+            guard request.snapshot === snapshot else { continue }
+            var take = min(request.tokens - request.served, chunk)
+            if !d.batch.isEmpty {
+                let fits = budget / request.layerCount
+                if fits < take { take = fits / unit * unit }
+                if take == 0 { break }
+            }
+            budget -= min(budget, take * request.layerCount)
+            request.serving = take
+            request.lane = lane
+            d.batch.append(request)
+        }
+        d.alone = q.active > 1
+    }
+
+    /// Holds lane `lane`: runs dispatches of the calls no other lane has taken until the own request is done, then
+    /// hands the lane to the oldest waiting caller that can take it (a thread that sleeps and holds no lane, not a
+    /// suspended task), or keeps it while only tasks wait, or gives it up when nothing is left to take.
+    private func dispatchLoop(own: CallRequest?, lane: Int) {
+        lanes[lane].withLock { d in
             var extra = 0
             while true {
-                let next = queue.withLock { q -> CallRequest?? in
+                let stop = queue.withLock { q -> Bool in
                     let ownDone = own.map { $0.state.load(ordering: .sequentiallyConsistent) == CallRequest.done } ?? true
-                    if q.fifo.isEmpty {
-                        q.dispatching = false
-                        return .some(nil)
+                    if ownDone && extra >= Self.extraDispatches,
+                       let heir = q.fifo.first(where: { $0.lane < 0 && $0.continuation == nil && !$0.holdsLane }) {
+                        // Hand over: the heir runs the lane's next dispatch on its own thread. Signalled under the
+                        // lock, so no other lane can complete the heir's call (and its caller return) before it.
+                        own?.holdsLane = false
+                        heir.holdsLane = true
+                        heir.handedLane = lane
+                        heir.signal(CallRequest.dispatch)
+                        return true
                     }
-                    if ownDone {
-                        if extra >= Self.extraDispatches, let heir = q.fifo.first(where: { $0.continuation == nil }) { return .some(heir) }
-                        extra += 1
+                    select(&q, into: d, lane: lane)
+                    if d.batch.isEmpty {
+                        q.releaseLane(lane, holder: own)
+                        return true
                     }
-                    d.batch.removeAll(keepingCapacity: true)
-                    d.batch.append(contentsOf: q.fifo)
-                    return .none
+                    if ownDone { extra += 1 }
+                    return false
                 }
-                if let next {
-                    // Hand over (or stop): the heir runs the next dispatch on its own thread.
-                    next?.signal(CallRequest.dispatch)
-                    return
-                }
+                if stop { return }
                 runDispatch(d)
                 // Done requests leave the queue (their callers are woken after the lock is released); a call that
                 // had a chunk served goes to the back, behind the calls that came while its chunk ran, so a long
-                // prefill shares the dispatches with what queues behind it instead of taking them all.
-                let round = d.round
+                // prefill shares the dispatches with what queues behind it instead of taking them all. Which calls
+                // are done is settled here: once back in the queue, a call's progress is another lane's to write.
                 queue.withLock { q in
-                    q.fifo.removeAll { $0.served == $0.tokens }
-                    d.carried.removeAll(keepingCapacity: true)
-                    q.fifo.removeAll { request in
-                        guard request.round == round else { return false }
-                        d.carried.append(request)
-                        return true
+                    q.fifo.removeAll { $0.lane == lane }
+                    for request in d.batch {
+                        request.lane = -1
+                        if request.served < request.tokens { q.fifo.append(request) } else { d.finished.append(request) }
                     }
-                    q.fifo.append(contentsOf: d.carried)
                 }
-                d.carried.removeAll(keepingCapacity: true)
-                for request in d.batch where request.served == request.tokens && request !== own {
-                    request.signal(CallRequest.done)
+                for request in d.finished {
+                    if request === own { request.state.store(CallRequest.done, ordering: .sequentiallyConsistent) } else { request.signal(CallRequest.done) }
                 }
-                if let own, own.served == own.tokens { own.state.store(CallRequest.done, ordering: .sequentiallyConsistent) }
+                d.finished.removeAll(keepingCapacity: true)
                 d.batch.removeAll(keepingCapacity: true)
             }
         }
     }
 
-    /// One dispatch over `d.batch`: a chunk of every queued call (all of a small one). Calls on different
-    /// snapshots (a live change between them) run in separate dispatches, in queue order.
+    /// One dispatch over `d.batch` (`serving` tokens of each call, from `served` on).
     private func runDispatch(_ d: Dispatcher) {
         let observer = options.observer
         guard !isShutDown.load(ordering: .acquiring) else {
             for request in d.batch {
                 request.failure = RuntimeError(.shutDown, "runtime: expected a running runtime, found it shut down")
                 request.served = request.tokens
+                request.serving = 0
             }
             return
         }
-        var unit = 1
-        if case let .sequence(length) = routing.granularity { unit = length }
-        let chunk = max(unit, options.chunkTokens / unit * unit)
+        guard let snapshot = d.batch.first?.snapshot else { return }
         var layerTotal = 0
         for request in d.batch { layerTotal += request.layerCount }
         let steps = d.steps.reserve(layerTotal)
-        d.round &+= 1
-        let round = d.round
-        var budgetSpent = false
-        while !budgetSpent, let first = d.batch.first(where: { $0.round != round && $0.served < $0.tokens }) {
-            let snapshot = first.snapshot!
-            let start = observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-            var n = 0, calls = 0
-            // Tokens times layers still allowed in this dispatch; once a call does not fit, it and every later call
-            // wait for the next dispatch (first come, first served).
-            var budget = options.dispatchTokens ?? Int.max
-            for request in d.batch where request.round != round && request.snapshot === snapshot && request.served < request.tokens {
-                var take = min(request.tokens - request.served, chunk)
-                if calls > 0 {
-                    let fits = budget / request.layerCount
-                    if fits < take { take = fits / unit * unit }
-                    if take == 0 { budgetSpent = true; break }
+        let start = observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+        var n = 0
+        for request in d.batch {
+            if request.served == 0 { request.firstDispatchAt = start }
+            for l in 0..<request.layerCount {
+                let layer = request.layers.pointer[l]
+                let module = snapshot.library.modules[layer.module]
+                steps[n] = LayerStep(module: layer.module, x: request.x! + request.served * module.inWidth, tokens: request.serving,
+                                     out: layer.out + request.served * module.outWidth,
+                                     expertsOut: layer.experts.map { $0 + request.served * layer.stride },
+                                     weightsOut: layer.weights.map { $0 + request.served * layer.stride }, routingStride: layer.stride)
+                n += 1
+            }
+        }
+        let experts = snapshot.library.experts.count
+        let counts = d.tokensPerExpert.reserve(experts)
+        for e in 0..<experts { counts[e] = 0 }
+        d.scheduler.execute(snapshot, steps: steps, count: n, tokensPerExpert: counts, alone: d.alone)
+        // Results back to the requests, in the order their steps were made.
+        var i = 0
+        var completedCalls = 0, completedTokens = 0, merged = 0
+        let calls = d.batch.count
+        let end = observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
+        for request in d.batch {
+            for l in 0..<request.layerCount {
+                let step = steps[i]
+                i += 1
+                if step.unroutedCount > 0 {
+                    if request.layers.pointer[l].firstUnrouted < 0 { request.layers.pointer[l].firstUnrouted = request.served + step.firstUnrouted }
+                    request.layers.pointer[l].unroutedCount += step.unroutedCount
                 }
-                budget -= min(budget, take * request.layerCount)
-                request.round = round
-                request.serving = take
-                calls += 1
-                if request.served == 0 { request.firstDispatchAt = start }
+            }
+            if request.served == 0 && calls > 1 { merged += 1 }
+            request.served += request.serving
+            request.serving = 0
+            guard request.served == request.tokens else { continue }
+            completedCalls += request.layerCount
+            completedTokens += request.tokens * request.layerCount
+            if let observer {
+                let worker = d.scheduler.workerBase
+                observer.observe(RuntimeEvent(kind: .queued, worker: worker, node: d.scheduler.nodes[0], layer: request.layers.pointer[0].module,
+                                              expert: -1, rows: request.tokens, start: request.queuedAt, end: request.firstDispatchAt))
                 for l in 0..<request.layerCount {
-                    let layer = request.layers.pointer[l]
-                    let module = snapshot.library.modules[layer.module]
-                    steps[n] = LayerStep(module: layer.module, x: request.x! + request.served * module.inWidth, tokens: take,
-                                         out: layer.out + request.served * module.outWidth,
-                                         expertsOut: layer.experts.map { $0 + request.served * layer.stride },
-                                         weightsOut: layer.weights.map { $0 + request.served * layer.stride }, routingStride: layer.stride)
-                    n += 1
+                    observer.observe(RuntimeEvent(kind: .call, worker: worker, node: d.scheduler.nodes[0], layer: request.layers.pointer[l].module,
+                                                  expert: -1, rows: request.tokens, start: request.firstDispatchAt, end: end))
                 }
             }
-            let experts = snapshot.library.experts.count
-            let counts = d.tokensPerExpert.reserve(experts)
-            for e in 0..<experts { counts[e] = 0 }
-            d.scheduler.execute(snapshot, steps: steps, count: n, tokensPerExpert: counts)
-            // Results back to the requests, in the order their steps were made.
-            var i = 0
-            var completedCalls = 0, completedTokens = 0, merged = 0
-            let end = observer == nil ? 0 : DispatchTime.now().uptimeNanoseconds
-            for request in d.batch where request.serving > 0 {
-                for l in 0..<request.layerCount {
-                    let step = steps[i]
-                    i += 1
-                    if step.unroutedCount > 0 {
-                        if request.layers.pointer[l].firstUnrouted < 0 { request.layers.pointer[l].firstUnrouted = request.served + step.firstUnrouted }
-                        request.layers.pointer[l].unroutedCount += step.unroutedCount
-                    }
-                }
-                if request.served == 0 && calls > 1 { merged += 1 }
-                request.served += request.serving
-                request.serving = 0
-                guard request.served == request.tokens else { continue }
-                completedCalls += request.layerCount
-                completedTokens += request.tokens * request.layerCount
-                if let observer {
-                    observer.observe(RuntimeEvent(kind: .queued, worker: 0, node: d.scheduler.nodes[0], layer: request.layers.pointer[0].module,
-                                                  expert: -1, rows: request.tokens, start: request.queuedAt, end: request.firstDispatchAt))
-                    for l in 0..<request.layerCount {
-                        observer.observe(RuntimeEvent(kind: .call, worker: 0, node: d.scheduler.nodes[0], layer: request.layers.pointer[l].module,
-                                                      expert: -1, rows: request.tokens, start: request.firstDispatchAt, end: end))
-                    }
-                }
-            }
-            statistics.withLock { stats in
-                stats.calls += completedCalls
-                stats.tokens += completedTokens
-                stats.mergedCalls += merged
-                stats.dispatches += 1
-                for e in 0..<min(experts, stats.tokensPerExpert.count) { stats.tokensPerExpert[e] += counts[e] }
-            }
+        }
+        let alone = d.alone
+        statistics.withLock { stats in
+            stats.calls += completedCalls
+            stats.tokens += completedTokens
+            stats.mergedCalls += merged
+            stats.dispatches += 1
+            if alone { stats.concurrentDispatches += 1 }
+            for e in 0..<min(experts, stats.tokensPerExpert.count) { stats.tokensPerExpert[e] += counts[e] }
         }
     }
 
@@ -746,8 +810,11 @@ public final class Runtime: Sendable {
         return LayerOutput(delta: Array(out), experts: Array(experts), weights: Array(weights), slots: slots)
     }
 
-    /// Calls queued now: waiting for a dispatch, or in the one running.
+    /// Calls queued now: waiting for a dispatch, or in one running.
     public var queuedCalls: Int { queue.withLock { $0.fifo.count } }
+
+    /// Lanes someone holds now (0 once every call has returned); for tests.
+    var heldLanes: Int { queue.withLock { $0.active } }
 
     /// Counters since start.
     public func statisticsSnapshot() -> RuntimeStatistics { statistics.withLock { $0 } }
@@ -841,6 +908,7 @@ public final class Runtime: Sendable {
     /// Stops the workers. Calls in progress finish; later calls fail with `.shutDown`. Idempotent.
     public func shutdown() {
         guard !isShutDown.exchange(true, ordering: .sequentiallyConsistent) else { return }
-        dispatcher.withLock { _ in executor.shutdown() }
+        // Waits for lane 0's dispatch in flight (the only one using the workers); every later dispatch fails.
+        lanes[0].withLock { _ in executor.shutdown() }
     }
 }

@@ -26,12 +26,28 @@ struct RuntimeFlags: ParsableArguments {
     @Option(parsing: .unconditional, help: "Most tokens of one dispatch, over all the calls it merges; 0: no bound. (default: 512)")
     var dispatchTokens: Int?
 
+    @Option(parsing: .unconditional, help: "Dispatch lanes: how many dispatches may run at once, each on its caller alone while another runs. (default: workers + 1; 1: one at a time)")
+    var lanes: Int?
+
+    @Option(parsing: .unconditional, help: "Dispatches of fewer tokens run on the caller alone, waking no worker. (default: 1)")
+    var parallelMinTokens: Int?
+
+    @Option(parsing: .unconditional, help: "While a worker was seen preempted, dispatches of fewer tokens run on the caller alone; 0: off. (default: 64)")
+    var contendedMinTokens: Int?
+
+    @Option(name: .customLong("spin-us"), parsing: .unconditional, help: "Microseconds an idle pinned worker spins before it sleeps; 0: it sleeps at once. (default: 50)")
+    var spinMicroseconds: Int?
+
     func validate() throws {
         guard ExecutorKind(rawValue: executor) != nil else { throw ValidationError("--executor: expected pinned or dispatch, found \(executor)") }
         _ = try placementPolicy()
         if let workers, workers < 0 { throw ValidationError("--workers: expected at least 0, found \(workers)") }
         if let chunkTokens, chunkTokens < 1 { throw ValidationError("--chunk-tokens: expected at least 1, found \(chunkTokens)") }
         if let dispatchTokens, dispatchTokens < 0 { throw ValidationError("--dispatch-tokens: expected at least 0 (0: no bound), found \(dispatchTokens)") }
+        if let lanes, lanes < 1 { throw ValidationError("--lanes: expected at least 1, found \(lanes)") }
+        if let parallelMinTokens, parallelMinTokens < 1 { throw ValidationError("--parallel-min-tokens: expected at least 1, found \(parallelMinTokens)") }
+        if let contendedMinTokens, contendedMinTokens < 0 { throw ValidationError("--contended-min-tokens: expected at least 0 (0: off), found \(contendedMinTokens)") }
+        if let spinMicroseconds, spinMicroseconds < 0 { throw ValidationError("--spin-us: expected at least 0, found \(spinMicroseconds)") }
     }
 
     func placementPolicy() throws -> PlacementPolicy {
@@ -51,6 +67,10 @@ struct RuntimeFlags: ParsableArguments {
                                      topology: try topology.map { try Topology.modelled($0) }, placement: try placementPolicy(), memoryCapBytes: memoryCap)
         if let chunkTokens { options.chunkTokens = chunkTokens }
         if let dispatchTokens { options.dispatchTokens = dispatchTokens == 0 ? nil : dispatchTokens }
+        options.lanes = lanes
+        if let parallelMinTokens { options.parallelMinTokens = parallelMinTokens }
+        if let contendedMinTokens { options.contendedMinTokens = contendedMinTokens }
+        if let spinMicroseconds { options.spinMicroseconds = spinMicroseconds }
         return options
     }
 }

@@ -49,7 +49,7 @@ struct MergedDispatchTests {
             let gate = GateObserver()
             let runtime = try Runtime(library: library, options: RuntimeOptions(
                 routing: routing, workers: workers, topology: try spec.map { try Topology.modelled($0) }, maxQueuedCalls: 64,
-                chunkTokens: 64, oversubscribe: true, observer: gate))
+                chunkTokens: 64, lanes: 1, oversubscribe: true, observer: gate))
             defer { runtime.shutdown() }
             let calls = try Self.mix(library, routing: routing, count: 14)
             // The first call holds the executor (the gate) until every other call is queued behind it; then one
@@ -85,7 +85,7 @@ struct MergedDispatchTests {
     func mergedMultiLayerCalls() throws {
         let library = try synthLibrary()
         let gate = GateObserver()
-        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, chunkTokens: 8, observer: gate))
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, chunkTokens: 8, lanes: 1, observer: gate))
         defer { runtime.shutdown() }
         let q = library.modules[0], k = library.modules[1]
         let x = randomFloats(30 * 64, seed: 21)
@@ -133,7 +133,7 @@ struct MergedDispatchTests {
     func chunkedPrefillLetsDecodeThrough() throws {
         let library = try synthLibrary()
         let gate = GateObserver()
-        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, chunkTokens: 16, observer: gate))
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, chunkTokens: 16, lanes: 1, observer: gate))
         defer { runtime.shutdown() }
         let module = library.modules[2]
         let layer = try #require(runtime.layer(named: module.name))
@@ -164,7 +164,7 @@ struct MergedDispatchTests {
     func dispatchBudgetAndRoundRobin() throws {
         let library = try synthLibrary()
         let gate = GateObserver()
-        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, chunkTokens: 16, dispatchTokens: 16, observer: gate))
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, chunkTokens: 16, dispatchTokens: 16, lanes: 1, observer: gate))
         defer { runtime.shutdown() }
         let module = library.modules[2]
         let layer = try #require(runtime.layer(named: module.name))
@@ -208,7 +208,7 @@ struct MergedDispatchTests {
     func asyncCallsMerge() async throws {
         let library = try synthLibrary()
         let gate = GateObserver()
-        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, maxQueuedCalls: 256, dispatchTokens: nil, observer: gate))
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 1, maxQueuedCalls: 256, dispatchTokens: nil, lanes: 1, observer: gate))
         defer { runtime.shutdown() }
         let calls = try Self.mix(library, routing: runtime.routing, count: 120)
         let first = randomFloats(5 * library.modules[0].inWidth, seed: 1)

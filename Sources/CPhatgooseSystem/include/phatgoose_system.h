@@ -38,6 +38,10 @@ static inline int pg_futex_wake(uint32_t *word, int count) {
 
 static inline uint32_t pg_atomic_load_u32(uint32_t *word) { return __atomic_load_n(word, __ATOMIC_SEQ_CST); }
 static inline void pg_atomic_store_u32(uint32_t *word, uint32_t value) { __atomic_store_n(word, value, __ATOMIC_SEQ_CST); }
+/* Sets *word to desired if it holds expected; returns nonzero when it did. */
+static inline int pg_atomic_cas_u32(uint32_t *word, uint32_t expected, uint32_t desired) {
+    return __atomic_compare_exchange_n(word, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
 
 /* Sequentially consistent operations on a shared int64 (work-queue cursors). */
 static inline int64_t pg_atomic_fetch_add_i64(int64_t *p, int64_t v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }

@@ -1,0 +1,111 @@
+import Dispatch
+import Foundation
+import PhatgooseLibrary
+import PhatgooseRouting
+@testable import PhatgooseRuntime
+import Synchronization
+import Testing
+
+/// Dispatch lanes: independent calls served side by side, each lane's dispatch on its holder alone while another
+/// lane is held, every call with its single-threaded bits, and no lane left held once the calls are done.
+@Suite("dispatch lanes", .serialized)
+struct LaneTests {
+    @Test("while one lane's dispatch is held, another lane serves the calls queued behind it, alone, with their single-threaded bits; with one lane they wait")
+    func secondLaneServesWhileFirstIsHeld() throws {
+        let library = try synthLibrary()
+        for lanes in [2, 1] {
+            let gate = GateObserver()
+            let runtime = try Runtime(library: library, options: RuntimeOptions(routing: RoutingOptions(topK: 2), workers: 1, lanes: lanes, observer: gate))
+            defer { runtime.shutdown() }
+            #expect(runtime.laneCount == lanes)
+            let calls = try MergedDispatchTests.mix(library, routing: runtime.routing, count: 6)
+            let first = randomFloats(5 * library.modules[0].inWidth, seed: 1)
+            let holder = Thread { _ = try? runtime.apply(runtime.layer(named: library.modules[0].name)!, input: first, tokens: 5) }
+            holder.start()
+            gate.entered.wait()  // lane 0's dispatch is held inside its plan
+            let mismatches = Atomic<Int>(0), finished = Atomic<Int>(0)
+            for (call, expected) in calls {
+                Thread {
+                    defer { finished.add(1, ordering: .sequentiallyConsistent) }
+                    guard let got = try? runtime.apply(runtime.layer(named: call.module)!, input: call.x, tokens: call.tokens),
+                          got.delta == expected.delta, got.experts == expected.experts, got.weights == expected.weights else {
+                        mismatches.add(1, ordering: .sequentiallyConsistent)
+                        return
+                    }
+                }.start()
+            }
+            if lanes == 2 {
+                #expect(waitUntil { finished.load(ordering: .sequentiallyConsistent) == calls.count }, "lane 1 served the calls while lane 0 was held")
+                let stats = runtime.statisticsSnapshot()
+                #expect(stats.calls == calls.count && stats.concurrentDispatches == stats.dispatches,
+                        "\(stats.calls) calls, \(stats.concurrentDispatches) of \(stats.dispatches) dispatches alone")
+            } else {
+                #expect(waitUntil { runtime.queuedCalls == calls.count + 1 }, "every call queued behind the held one")
+                usleep(50_000)
+                #expect(finished.load(ordering: .sequentiallyConsistent) == 0, "with one lane nothing passes the held dispatch")
+            }
+            gate.release.signal()
+            #expect(waitUntil { finished.load(ordering: .sequentiallyConsistent) == calls.count })
+            #expect(mismatches.load(ordering: .sequentiallyConsistent) == 0, "\(lanes) lanes")
+            #expect(waitUntil { runtime.heldLanes == 0 && runtime.queuedCalls == 0 }, "held lanes \(runtime.heldLanes)")
+            #expect(runtime.statisticsSnapshot().calls == calls.count + 1)
+        }
+    }
+
+    @Test("many threads and tasks calling at once over 2 and 4 lanes: every call keeps its bits, and afterwards no lane is held",
+          arguments: [(1, nil as String?), (3, "0;1;0;1")])
+    func manyCallersLeaveNoLaneHeld(_ workers: Int, _ spec: String?) async throws {
+        let library = try synthLibrary()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(
+            routing: RoutingOptions(topK: 2), workers: workers, topology: try spec.map { try Topology.modelled($0) }, maxQueuedCalls: 256,
+            chunkTokens: 32, oversubscribe: true))
+        defer { runtime.shutdown() }
+        #expect(runtime.laneCount == workers + 1)
+        let calls = try MergedDispatchTests.mix(library, routing: runtime.routing, count: 21)
+        let threads = 16, rounds = 150
+        let mismatches = Atomic<Int>(0), finished = Atomic<Int>(0)
+        for t in 0..<threads {
+            Thread {
+                defer { finished.add(1, ordering: .sequentiallyConsistent) }
+                for r in 0..<rounds {
+                    let (call, expected) = calls[(t * 7 + r) % calls.count]
+                    guard let got = try? runtime.apply(runtime.layer(named: call.module)!, input: call.x, tokens: call.tokens),
+                          got.delta == expected.delta, got.experts == expected.experts, got.weights == expected.weights else {
+                        mismatches.add(1, ordering: .sequentiallyConsistent)
+                        continue
+                    }
+                }
+            }.start()
+        }
+        // Tasks too: they hold a lane only while no thread can take it.
+        let taskMismatches = await withTaskGroup(of: Int.self) { group in
+            for i in 0..<24 {
+                group.addTask {
+                    let (call, expected) = calls[i % calls.count]
+                    guard let got = try? await runtime.applyAsync(runtime.layer(named: call.module)!, input: call.x, tokens: call.tokens) else { return 1 }
+                    return got.delta == expected.delta && got.experts == expected.experts && got.weights == expected.weights ? 0 : 1
+                }
+            }
+            return await group.reduce(0, +)
+        }
+        #expect(waitUntil(seconds: 120) { finished.load(ordering: .sequentiallyConsistent) == threads })
+        #expect(mismatches.load(ordering: .sequentiallyConsistent) == 0 && taskMismatches == 0)
+        #expect(waitUntil { runtime.heldLanes == 0 && runtime.queuedCalls == 0 }, "held lanes \(runtime.heldLanes), queued \(runtime.queuedCalls)")
+        let stats = runtime.statisticsSnapshot()
+        #expect(stats.calls == threads * rounds + 24)
+        #expect(stats.concurrentDispatches > 0, "no dispatch ran beside another lane's")
+    }
+
+    @Test("lanes must be 1 to the participants")
+    func laneCountIsChecked() throws {
+        let library = try synthLibrary()
+        for lanes in [0, 3] {
+            let error = #expect(throws: RuntimeError.self) { _ = try Runtime(library: library, options: RuntimeOptions(workers: 1, lanes: lanes)) }
+            #expect(error?.code == .option && error?.message.contains("lanes: expected 1 to 2") == true && error?.message.contains("found \(lanes)") == true,
+                    "\(String(describing: error))")
+        }
+        let runtime = try Runtime(library: library, options: RuntimeOptions(workers: 0))
+        defer { runtime.shutdown() }
+        #expect(runtime.laneCount == 1)
+    }
+}
