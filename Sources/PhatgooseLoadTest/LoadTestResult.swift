@@ -100,6 +100,12 @@ public struct LoadTestResult: Sendable {
         return phases.participants.prefix(participantNodes.count).map { min(1, Double($0.busyNanoseconds) / (windowSeconds * 1e9)) }
     }
 
+    /// Share of the window each lane after the first spent computing (its holders report after the workers).
+    public var laneUtilisation: [Double]? {
+        guard let phases, windowSeconds > 0, phases.participants.count > participantNodes.count else { return nil }
+        return phases.participants.dropFirst(participantNodes.count).map { min(1, Double($0.busyNanoseconds) / (windowSeconds * 1e9)) }
+    }
+
     /// Mean wait of a layer call for the executor, in ms.
     public var meanCallWaitMilliseconds: Double? {
         guard let phases, phases.queuedCalls > 0 else { return nil }
@@ -167,6 +173,7 @@ public struct LoadTestResult: Sendable {
             ("prefill", .object(latencyFields(prefillLatency, "e2el"))),
             ("layer_calls", .integer(runtimeStatistics.calls)), ("runtime_rejected_calls", .integer(runtimeStatistics.rejected)),
             ("dispatches", .integer(runtimeStatistics.dispatches)), ("merged_calls", .integer(runtimeStatistics.mergedCalls)),
+            ("concurrent_dispatches", .integer(runtimeStatistics.concurrentDispatches)),
             ("mean_call_wait_ms", meanCallWaitMilliseconds.map(num) ?? .null),
             ("mean_executor_wait_per_request_ms", executorWaitPerRequestMilliseconds.map(num) ?? .null),
         ]
@@ -199,6 +206,9 @@ public struct LoadTestResult: Sendable {
                          ("item_rows", .integer(phases!.participants[p].itemRows))])
             })))
             fields.append(("mean_worker_utilisation", num(utilisation.reduce(0, +) / Double(max(1, utilisation.count)))))
+            if let lanes = laneUtilisation {
+                fields.append(("lane_utilisation", .array(lanes.enumerated().map { l, busy in .object([("lane", .integer(l + 1)), ("busy", num(busy))]) })))
+            }
             let rows = LoadImbalance(counts: phases!.participants.prefix(participantNodes.count).map(\.itemRows))
             fields.append(("worker_imbalance_max_over_mean", num(rows.maxOverMean)))
         }
@@ -294,14 +304,17 @@ public struct LoadTestResult: Sendable {
         }
         out += "---------------- Runtime ---------------------\n"
         line("Layer calls:", "\(runtimeStatistics.calls)" + (meanCallWaitMilliseconds.map { ", mean wait for the executor \(fmt($0)) ms" } ?? ""))
-        line("Dispatches:", "\(runtimeStatistics.dispatches) (\(runtimeStatistics.mergedCalls) calls served with others)")
+        line("Dispatches:", "\(runtimeStatistics.dispatches) (\(runtimeStatistics.mergedCalls) calls served with others; "
+                + "\(runtimeStatistics.concurrentDispatches) beside another lane's)")
         if let wait = executorWaitPerRequestMilliseconds {
             line("Executor wait per request:", "\(fmt(wait)) ms (the runtime's queue, over all of a request's layer calls)")
         }
         if let utilisation = workerUtilisation {
             line("Worker utilisation:", utilisation.enumerated().map { p, busy in
                 (p == 0 ? "caller" : "worker \(p)") + " \(Int((busy * 100).rounded()))%"
-            }.joined(separator: ", "))
+            }.joined(separator: ", ") + (laneUtilisation.map { lanes in
+                "; " + lanes.enumerated().map { "lane \($0.offset + 1) \(Int(($0.element * 100).rounded()))%" }.joined(separator: ", ")
+            } ?? ""))
         }
         let perExpert = tokensPerExpert
         let assignments = max(1, perExpert.reduce(0, +))
