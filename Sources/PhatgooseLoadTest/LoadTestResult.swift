@@ -242,7 +242,7 @@ public struct LoadTestResult: Sendable {
             ("decode_tokens", .array([.integer(options.decodeTokens.lowerBound), .integer(options.decodeTokens.upperBound)])),
             ("prefill_tokens", .array([.integer(options.prefillTokens.lowerBound), .integer(options.prefillTokens.upperBound)])),
             ("affinity", num(options.affinity)), ("skew", num(options.skew)), ("seed", .integer(options.seed)),
-            ("workers", .integer(participantNodes.count - 1)), ("executor", .string(executor)), ("max_queued_calls", .integer(maxQueuedCalls)),
+            ("workers", .integer(participantNodes.count - 1)), ("lanes", .integer(lanes)), ("executor", .string(executor)), ("max_queued_calls", .integer(maxQueuedCalls)),
             ("sequence_length", sequenceLength),
             ("arrow_temperature", routing.map { num(Double($0.arrowTemperature)) } ?? .null),
             ("arrow_scaled", routing.map { .bool($0.arrowScaled) } ?? .null),
@@ -342,11 +342,14 @@ public struct LoadTestResult: Sendable {
         let decodePct = Int((options.decodeFraction * 100).rounded())
         return "\(decodePct)% decode (\(options.decodeTokens.lowerBound)-\(options.decodeTokens.upperBound) tokens), \(100 - decodePct)% prefill (\(options.prefillTokens.lowerBound)-\(options.prefillTokens.upperBound) tokens)"
     }
+    /// Dispatch lanes of the runtime (1 for a distributed one: it serves one call at a time).
+    var lanes: Int { runtimeOptions.map { $0.lanes ?? participantNodes.count } ?? 1 }
     var runtimeSummary: String {
         if let ranks {
             return "distributed over \(ranks.count) MPI rank\(ranks.count == 1 ? "" : "s") (rank 0 routes; calls one at a time)"
         }
-        return "\(participantNodes.count - 1) worker\(participantNodes.count == 2 ? "" : "s") + caller, \(executor) executor, at most \(maxQueuedCalls) calls queued"
+        return "\(participantNodes.count - 1) worker\(participantNodes.count == 2 ? "" : "s") + caller, \(executor) executor, \(lanes) dispatch lane\(lanes == 1 ? "" : "s"), "
+            + "at most \(maxQueuedCalls) calls queued"
     }
 
     private func fmt(_ v: Double) -> String { Self.figure(v) }

@@ -53,7 +53,7 @@ public struct RunComparison: Sendable {
     public static let configurationFields = [
         "tool", "format_version",
         "library", "num_layers", "num_experts", "router", "top_k", "sequence_length", "arrow_temperature", "arrow_scaled",
-        "workers", "executor", "topology", "placement", "memory_cap_bytes", "max_queued_calls",
+        "workers", "lanes", "executor", "topology", "placement", "memory_cap_bytes", "max_queued_calls",
         "mode", "num_clients", "max_concurrency", "request_rate", "burstiness",
         "decode_fraction", "decode_tokens", "prefill_tokens", "affinity", "skew", "seed",
         "warmup_duration", "requests", "duration", "drain_timeout", "trace_ring_capacity",

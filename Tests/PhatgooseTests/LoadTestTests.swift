@@ -87,7 +87,7 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
     /// `RunComparison.configurationFields`): together the two lists must cover every field.
     static let measurementFields: Set<String> = Set(
         ["completed", "completed_decode", "completed_prefill", "rejected", "failed", "unfinished", "first_error", "total_input_tokens",
-         "request_throughput", "total_token_throughput", "decode", "prefill", "layer_calls", "runtime_rejected_calls", "dispatches", "merged_calls", "mean_call_wait_ms",
+         "request_throughput", "total_token_throughput", "decode", "prefill", "layer_calls", "runtime_rejected_calls", "dispatches", "merged_calls", "concurrent_dispatches", "lane_utilisation", "mean_call_wait_ms",
          "mean_executor_wait_per_request_ms", "tokens_per_expert", "expert_imbalance_max_over_mean", "expert_imbalance_excess_over_mean",
          "mean_layer_imbalance_max_over_mean", "max_layer_imbalance_max_over_mean", "layers", "worker_utilisation", "mean_worker_utilisation",
          "worker_imbalance_max_over_mean", "phase_us_per_call", "rss_start_bytes", "rss_end_bytes", "rss_max_bytes", "max_backlog",
