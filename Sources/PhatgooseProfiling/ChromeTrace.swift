@@ -210,7 +210,8 @@ public enum ChromeTrace {
         for r in records where threads[Int(r.worker)] == nil { threads[Int(r.worker)] = Int(r.node) }
         for (p, node) in threads.sorted(by: { $0.key < $1.key }) {
             let cpu = p < context.participantCPUs.count ? context.participantCPUs[p] : nil
-            let name = p == 0 ? "caller (participant 0)" : "worker \(p)" + (cpu.map { " (cpu \($0))" } ?? "")
+            let pool = context.participantNodes.count
+            let name = p == 0 ? "caller (participant 0)" : participantLabel(p, pool: pool) + (cpu.map { " (cpu \($0))" } ?? "")
             try emit("{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":\(node),\"tid\":\(p),\"args\":{\"name\":\(quoted(name))}}")
             try emit("{\"name\":\"thread_sort_index\",\"ph\":\"M\",\"pid\":\(node),\"tid\":\(p),\"args\":{\"sort_index\":\(p)}}")
         }
@@ -228,20 +229,53 @@ public enum ChromeTrace {
             try emit("{\"name\":\"queued\",\"cat\":\"queue\",\"ph\":\"X\",\"ts\":\(micros(r.start)),\"dur\":\(duration(r)),\"pid\":\(callerNode),\"tid\":\(queueLaneBase + laneOf[i]),\"args\":{\"layer\":\(quoted(layerName(r.layer))),\"rows\":\(r.rows)}}")
         }
 
-        // Call spans: on the caller's thread while they nest; a call that overlaps another without nesting (calls
-        // merged into one dispatch, a chunked call running on across dispatches) goes on a call lane of its own.
+        // Call spans: on the thread of the participant that reported them while they nest there (with its other
+        // calls and with its phases); a call that overlaps another without nesting (calls merged into one dispatch, a
+        // chunked call running on across dispatches, or across dispatch lanes, so starting while the thread that
+        // completed it was busy with something else) goes on a call lane of its own.
         let callSpans = records.filter { $0.kind == .call }.sorted { $0.start != $1.start ? $0.start < $1.start : $0.end > $1.end }
-        var callerStack: [UInt64] = []
+        var phasesOf: [Int: [(start: UInt64, end: UInt64)]] = [:]
+        for r in records where r.kind != .queued && r.kind != .call { phasesOf[Int(r.worker), default: []].append((r.start, r.end)) }
+        for key in phasesOf.keys { phasesOf[key]!.sort { $0.start < $1.start } }
+        /// A phase span of the call's thread that one of the call's edges cuts through (the checker's 1 us slack).
+        func cutsPhase(_ r: TraceRecord) -> Bool {
+            guard let phases = phasesOf[Int(r.worker)], !phases.isEmpty else { return false }
+            let slack: UInt64 = 500
+            // The first phase span starting at or after the call's start.
+            var low = 0, high = phases.count
+            while low < high {
+                let mid = (low + high) / 2
+                if phases[mid].start < r.start { low = mid + 1 } else { high = mid }
+            }
+            // One running when the call starts and ending inside it.
+            var k = low - 1
+            while k >= 0 && k >= low - 4 {
+                let p = phases[k]
+                if p.end > r.start + slack && p.end + slack < r.end { return true }
+                k -= 1
+            }
+            // One starting inside the call and running past its end.
+            var j = low
+            while j < phases.count && phases[j].start + slack < r.end {
+                if phases[j].start > r.start + slack && phases[j].end > r.end + slack { return true }
+                j += 1
+            }
+            return false
+        }
+        var callStacks: [Int: [UInt64]] = [:]
         var callLaneEnds: [UInt64] = []
         var callTid: [Int] = []
         for r in callSpans {
-            while let top = callerStack.last, top <= r.start { callerStack.removeLast() }
-            if callerStack.last.map({ r.end <= $0 }) ?? true {
-                callerStack.append(r.end)
-                callTid.append(Int(r.worker))
+            let worker = Int(r.worker)
+            var stack = callStacks[worker] ?? []
+            while let top = stack.last, top <= r.start { stack.removeLast() }
+            if (stack.last.map({ r.end <= $0 }) ?? true) && !cutsPhase(r) {
+                stack.append(r.end)
+                callTid.append(worker)
             } else {
                 callTid.append(callLaneBase + Self.lane(for: r, ends: &callLaneEnds))
             }
+            callStacks[worker] = stack
         }
         for lane in callLaneEnds.indices {
             let tid = callLaneBase + lane

@@ -257,7 +257,7 @@ public struct HTMLReport: Sendable {
             svg.rect(x: left, y: y + 3, width: right - left, height: laneH - 6, fill: "#fafafa", stroke: "#ddd")
             let cpu = p < participantCPUs.count ? participantCPUs[p].map { " cpu \($0)" } ?? "" : ""
             let node = p < participantNodes.count ? " node \(participantNodes[p])" : ""
-            svg.text(p == 0 ? "caller\(node)" : "worker \(p)\(node)\(cpu)", x: left - 8, y: y + laneH / 2 + 4, size: 11, anchor: .end)
+            svg.text(participantLabel(p, pool: participantNodes.count) + "\(node)\(cpu)", x: left - 8, y: y + laneH / 2 + 4, size: 11, anchor: .end)
         }
         // Calls as thin bars above their lane (the caller's), then phases.
         for r in events.sorted(by: { $0.start < $1.start }) where Int(r.worker) < participants {
@@ -294,7 +294,7 @@ public struct HTMLReport: Sendable {
             svg.rect(x: left, y: y + 3, width: (right - left) * share, height: barH - 6, fill: "#59a14f",
                      title: "\(format1(100 * share))% busy, \(totals.itemRows) item rows")
             let cpu = p < participantCPUs.count ? participantCPUs[p].map { " cpu \($0)" } ?? "" : ""
-            svg.text(p == 0 ? "caller" : "worker \(p)\(cpu)", x: left - 8, y: y + barH / 2 + 4, size: 11, anchor: .end)
+            svg.text(participantLabel(p, pool: participantNodes.count) + cpu, x: left - 8, y: y + barH / 2 + 4, size: 11, anchor: .end)
             svg.text("\(format1(100 * share))%", x: right + 8, y: y + barH / 2 + 4, size: 11)
         }
         let rowsImbalance = LoadImbalance(counts: phases.participants.map(\.itemRows))
@@ -318,9 +318,9 @@ public struct HTMLReport: Sendable {
                 x += w
             }
             svg.rect(x: x, y: y + 3, width: max(0, right - x), height: barH - 6, fill: Palette.phase["idle"]!, title: "not computing (idle, spinning or outside calls)")
-            svg.text(p == 0 ? "caller" : "worker \(p)", x: left - 8, y: y + barH / 2 + 4, size: 11, anchor: .end)
+            svg.text(participantLabel(p, pool: participantNodes.count), x: left - 8, y: y + barH / 2 + 4, size: 11, anchor: .end)
         }
-        var table = "<table><tr><th>phase</th>" + phases.participants.indices.map { "<th>\($0 == 0 ? "caller" : "worker \($0)") ms</th>" }.joined() + "<th>per layer call</th></tr>"
+        var table = "<table><tr><th>phase</th>" + phases.participants.indices.map { "<th>\(participantLabel($0, pool: participantNodes.count)) ms</th>" }.joined() + "<th>per layer call</th></tr>"
         let calls = max(1, phases.calls)
         for kind in kinds {
             table += "<tr><td>\(kind.rawValue)</td>"

@@ -2,6 +2,13 @@ import PhatgooseRuntime
 import Synchronization
 
 /// Time and work per participant and phase kind, and per layer, summed over a run.
+/// How reports name participant `p` of a runtime whose pool has `pool` participants (the caller and its workers):
+/// "caller", "worker p", or, past the pool, "lane l" (the holders of dispatch lane l > 0, which report after the
+/// workers).
+public func participantLabel(_ p: Int, pool: Int) -> String {
+    p == 0 ? "caller" : p < pool ? "worker \(p)" : "lane \(p - pool + 1)"
+}
+
 public struct PhaseTotals: Sendable, Equatable {
     /// One participant's sums.
     public struct Participant: Sendable, Equatable {

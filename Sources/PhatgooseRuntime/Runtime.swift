@@ -55,9 +55,10 @@ public struct RuntimeOptions: Sendable {
     /// past the caches; decode calls of a few tokens still merge by the dozen. nil: no bound.
     public var dispatchTokens: Int?
     /// Dispatch lanes: how many dispatches may run at once, each over calls the others have not taken. With one
-    /// lane held, its dispatches spread each call's work over the workers; with more, every lane's dispatch runs on
-    /// its own caller's thread alone (the workers sleep), so independent calls run side by side without a hand-off
-    /// or a barrier per phase. nil: one per participant (workers plus the caller); 1: one dispatch at a time.
+    /// lane held, its dispatches spread each call's work over the workers (a holder of another lane that finds itself
+    /// alone moves to lane 0, the one with the workers); with more, every lane's dispatch runs on its own caller's
+    /// thread alone (the workers go idle), so independent calls run side by side without a hand-off or a barrier per
+    /// phase. nil: one per participant (workers plus the caller); 1: one dispatch at a time.
     public var lanes: Int?
     /// Allow more workers than the topology has CPUs (each would then share a CPU with another thread and spin on
     /// it); off, such a request is refused.
@@ -101,7 +102,8 @@ public struct RuntimeStatistics: Sendable, Equatable {
     public var tokens: Int = 0
     /// Calls refused by admission control.
     public var rejected: Int = 0
-    /// Dispatches run: each serves every call queued when it starts (a chunk of each large one).
+    /// Dispatches run: each serves, on one lane, the queued calls no other lane has taken when it starts (a chunk of
+    /// each large one), within the dispatch budget.
     public var dispatches: Int = 0
     /// Calls served in a dispatch with other calls.
     public var mergedCalls: Int = 0
@@ -132,10 +134,11 @@ public struct LayerOutput: Sendable {
 /// `LayerExecutor`'s bit for bit.
 ///
 /// # Thread safety
-/// All methods may be called from any thread at any time. Calls queue first come, first served; whenever the
-/// executor is free, one waiting caller takes every queued call and runs them as one dispatch (calls at the same
-/// layer share one routing pass and one plan; calls at different layers share the phases), then wakes their
-/// callers. Waiting calls are bounded by `maxQueuedCalls`, beyond which a call fails at once with `.overloaded`.
+/// All methods may be called from any thread at any time. Calls queue first come, first served; whenever a
+/// dispatch lane is free, a waiting caller holds it, takes the queued calls no other lane has taken and runs them as
+/// one dispatch (calls at the same layer share one routing pass and one plan; calls at different layers share the
+/// phases), then wakes their callers. One lane alone spreads its dispatch over the workers; several lanes run their
+/// dispatches side by side, each on its holder (``RuntimeOptions/lanes``). Waiting calls are bounded by `maxQueuedCalls`, beyond which a call fails at once with `.overloaded`.
 /// `addExpert`/`removeExpert` publish a new snapshot atomically; calls in flight finish on the snapshot they began
 /// with. After `shutdown()`, calls fail with `.shutDown`.
 public final class Runtime: Sendable {
@@ -294,8 +297,8 @@ public final class Runtime: Sendable {
                      + "added to their output rows), the others were applied")
     }
 
-    /// Several layers that share one input (q, k and v): one admission, one turn of the executor lock, each layer's
-    /// delta added into its own output.
+    /// Several layers that share one input (q, k and v): one admission, one call in the queue (its layers run in the
+    /// same dispatches), each layer's delta added into its own output.
     public func apply(_ layers: [LayerHandle], input: UnsafeBufferPointer<Float>, tokens: Int, outputs: [UnsafeMutableBufferPointer<Float>],
                       experts: [UnsafeMutableBufferPointer<Int32>]? = nil, weights: [UnsafeMutableBufferPointer<Float>]? = nil) throws {
         guard !layers.isEmpty, outputs.count == layers.count, experts.map({ $0.count == layers.count }) ?? true,
@@ -402,12 +405,14 @@ public final class Runtime: Sendable {
         var firstUnrouted = -1
     }
 
-    /// A call in the queue: written by its caller before it is queued, then by the dispatcher until it is done.
+    /// A call in the queue: written by its caller before it is queued, then by the lanes that serve it until it is
+    /// done.
     ///
     /// # Thread safety
-    /// `state` (an atomic) hands the request between its caller and the dispatcher: the caller writes the request
-    /// before queueing it (under the queue's lock) and reads the results only after it sees `state` become done;
-    /// the dispatcher writes progress and results only while the request is queued. The futex word mirrors `state`
+    /// `state` (an atomic) hands the request between its caller and the lanes: the caller writes the request before
+    /// queueing it (under the queue's lock) and reads the results only after it sees `state` become done; a lane
+    /// writes progress and results only while its dispatch has taken the request (`lane`, set and cleared under the
+    /// queue's lock, as are `holdsLane` and `handedLane`). The futex word mirrors `state`
     /// for sleeping. Hence `@unchecked Sendable`.
     final class CallRequest: @unchecked Sendable {
         static let waiting: UInt32 = 0, done: UInt32 = 1, dispatch: UInt32 = 2
@@ -485,7 +490,16 @@ public final class Runtime: Sendable {
             _ = pg_futex_wake(word, 1)
         }
 
-        /// Sleeps until the dispatcher signals; returns what it signalled.
+        /// Sets the state without waking anyone (the futex word first); ``wake()`` then wakes a sleeper. A wake that
+        /// comes late, after the request has moved on, is a spurious one.
+        func mark(_ value: UInt32) {
+            pg_atomic_store_u32(word, value)
+            state.store(value, ordering: .sequentiallyConsistent)
+        }
+
+        func wake() { _ = pg_futex_wake(word, 1) }
+
+        /// Sleeps until a lane signals; returns what it signalled.
         func wait() -> UInt32 {
             while true {
                 let value = state.load(ordering: .sequentiallyConsistent)
@@ -630,32 +644,55 @@ public final class Runtime: Sendable {
 
     /// Holds lane `lane`: runs dispatches of the calls no other lane has taken until the own request is done, then
     /// hands the lane to the oldest waiting caller that can take it (a thread that sleeps and holds no lane, not a
-    /// suspended task), or keeps it while only tasks wait, or gives it up when nothing is left to take.
-    private func dispatchLoop(own: CallRequest?, lane: Int) {
-        lanes[lane].withLock { d in
-            var extra = 0
+    /// suspended task), or keeps it while only tasks wait, or gives it up when nothing is left to take. A lane other
+    /// than lane 0 that finds itself the only one held moves to lane 0, whose dispatches use the workers.
+    private func dispatchLoop(own: CallRequest?, lane first: Int) {
+        var lane = first, extra = 0
+        while let next = runLane(own: own, lane: lane, extra: &extra) { lane = next }
+    }
+
+    private enum LaneStep { case dispatch, leave, move }
+
+    /// Dispatches on `lane` until it is handed on or given up (nil) or the holder moves to lane 0 (0).
+    private func runLane(own: CallRequest?, lane: Int, extra: inout Int) -> Int? {
+        lanes[lane].withLock { d -> Int? in
             while true {
-                let stop = queue.withLock { q -> Bool in
+                var heir: CallRequest? = nil
+                let step = queue.withLock { q -> LaneStep in
                     let ownDone = own.map { $0.state.load(ordering: .sequentiallyConsistent) == CallRequest.done } ?? true
                     if ownDone && extra >= Self.extraDispatches,
-                       let heir = q.fifo.first(where: { $0.lane < 0 && $0.continuation == nil && !$0.holdsLane }) {
-                        // Hand over: the heir runs the lane's next dispatch on its own thread. Signalled under the
-                        // lock, so no other lane can complete the heir's call (and its caller return) before it.
+                       let next = q.fifo.first(where: { $0.lane < 0 && $0.continuation == nil && !$0.holdsLane }) {
+                        // Hand over: the heir runs the lane's next dispatch on its own thread. Marked under the lock,
+                        // so no other lane can complete the heir's call (and its caller return) before it; woken after.
                         own?.holdsLane = false
-                        heir.holdsLane = true
-                        heir.handedLane = lane
-                        heir.signal(CallRequest.dispatch)
-                        return true
+                        next.holdsLane = true
+                        next.handedLane = lane
+                        next.mark(CallRequest.dispatch)
+                        heir = next
+                        return .leave
+                    }
+                    if lane != 0 && q.active == 1 && !q.held[0] {
+                        q.held[lane] = false
+                        q.held[0] = true
+                        return .move
                     }
                     select(&q, into: d, lane: lane)
                     if d.batch.isEmpty {
                         q.releaseLane(lane, holder: own)
-                        return true
+                        return .leave
                     }
                     if ownDone { extra += 1 }
-                    return false
+                    return .dispatch
                 }
-                if stop { return }
+                switch step {
+                case .leave:
+                    heir?.wake()
+                    return nil
+                case .move:
+                    return 0
+                case .dispatch:
+                    break
+                }
                 runDispatch(d)
                 // Done requests leave the queue (their callers are woken after the lock is released); a call that
                 // had a chunk served goes to the back, behind the calls that came while its chunk ran, so a long
@@ -773,8 +810,9 @@ public final class Runtime: Sendable {
     }
 
     /// The async form, for Swift concurrency: the call queues like any other and the task suspends until a
-    /// dispatch has served it, so no thread is parked for it (when no dispatch is running, the task runs one itself,
-    /// on its own thread). (A distinct name, so synchronous callers in async contexts are not forced to await.)
+    /// dispatch has served it, so no thread is parked for it (when a lane is free, the task holds it and runs its
+    /// dispatches on its own thread until nothing is left to take or a sleeping thread caller can take the lane
+    /// over: while only tasks call, the task that holds a lane keeps serving the others' calls before it returns). (A distinct name, so synchronous callers in async contexts are not forced to await.)
     public func applyAsync(_ layer: LayerHandle, input: [Float], tokens: Int) async throws -> LayerOutput {
         let snapshot = try begin(tokens: tokens)
         let m = try resolve(layer, in: snapshot)

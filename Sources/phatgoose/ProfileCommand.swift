@@ -115,6 +115,9 @@ struct ProfileCommand: ParsableCommand {
         ]
         if let utilisation = r.workerUtilisation {
             facts.append(("worker utilisation", utilisation.enumerated().map { ($0.offset == 0 ? "caller" : "worker \($0.offset)") + " \(Int(($0.element * 100).rounded()))%" }.joined(separator: ", ")))
+            if let lanes = r.laneUtilisation {
+                facts.append(("lane utilisation", lanes.enumerated().map { "lane \($0.offset + 1) \(Int(($0.element * 100).rounded()))%" }.joined(separator: ", ")))
+            }
         }
         return facts
     }

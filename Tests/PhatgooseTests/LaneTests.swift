@@ -96,6 +96,40 @@ struct LaneTests {
         #expect(stats.concurrentDispatches > 0, "no dispatch ran beside another lane's")
     }
 
+    @Test("a lane other than lane 0 that becomes the only one held moves to lane 0 and its dispatches use the workers again, with the same bits")
+    func loneLaneMovesToTheWorkers() throws {
+        let library = try synthLibrary()
+        let observer = GateCountingObserver()
+        let runtime = try Runtime(library: library, options: RuntimeOptions(
+            routing: RoutingOptions(topK: 2), workers: 1, parallelMinTokens: 8, contendedMinTokens: 0, chunkTokens: 64, lanes: 2, observer: observer))
+        defer { runtime.shutdown() }
+        let module = library.modules[2]
+        let layer = try #require(runtime.layer(named: module.name))
+        let small = randomFloats(5 * module.inWidth, seed: 3)
+        let holder = Thread { _ = try? runtime.apply(layer, input: small, tokens: 5) }
+        holder.start()
+        observer.entered.wait()  // lane 0 is held inside its dispatch (5 tokens: on its caller alone)
+        let tokens = 4000
+        let prefill = randomFloats(tokens * module.inWidth, seed: 4)
+        let expected = try singleThreaded(library, module: module.name, options: runtime.routing, x: prefill, tokens: tokens)
+        let result = Locked<LayerOutput?>(nil)
+        let finished = DispatchSemaphore(value: 0)
+        Thread {
+            result.withLock { $0 = try? runtime.apply(layer, input: prefill, tokens: tokens) }
+            finished.signal()
+        }.start()
+        // The prefill runs its first chunks on lane 1, alone (its events come as participant 2).
+        #expect(waitUntil { observer.items(of: 2) > 0 })
+        #expect(observer.items(of: 1) == 0, "the worker ran nothing while lane 0 was held")
+        observer.release.signal()
+        finished.wait()
+        let got = result.withLock { $0 }
+        #expect(got?.delta == expected.delta && got?.experts == expected.experts && got?.weights == expected.weights)
+        // Once lane 0 was free, the prefill's later chunks ran there, spread over the caller and the worker.
+        #expect(observer.items(of: 1) > 0, "worker items \(observer.items(of: 1)), lane 1 items \(observer.items(of: 2))")
+        #expect(waitUntil { runtime.heldLanes == 0 })
+    }
+
     @Test("lanes must be 1 to the participants")
     func laneCountIsChecked() throws {
         let library = try synthLibrary()
@@ -108,4 +142,22 @@ struct LaneTests {
         defer { runtime.shutdown() }
         #expect(runtime.laneCount == 1)
     }
+}
+
+/// Holds the first dispatch inside its plan (as ``GateObserver``) and counts the expert items each participant ran.
+final class GateCountingObserver: RuntimeObserver, @unchecked Sendable {
+    let entered = DispatchSemaphore(value: 0)
+    let release = DispatchSemaphore(value: 0)
+    private let armed = Atomic<Bool>(true)
+    private let counts = Locked<[Int: Int]>([:])
+
+    func observe(_ event: RuntimeEvent) {
+        if event.kind == .plan, armed.exchange(false, ordering: .sequentiallyConsistent) {
+            entered.signal()
+            release.wait()
+        }
+        if event.kind == .item || event.kind == .steal { counts.withLock { $0[event.worker, default: 0] += 1 } }
+    }
+
+    func items(of worker: Int) -> Int { counts.withLock { $0[worker] ?? 0 } }
 }

@@ -189,23 +189,25 @@ extension ProfilingTraceTests {
         ].map(TraceRecord.init)
     }
 
-    @Test func overlappingCallsOfAMergedDispatchStillNestPerThread() throws {
-        let context = ChromeTrace.Context(layerNames: ["enc.q", "enc.k"], expertNames: ["e0", "e1", "e2", "e3"], participantNodes: [0, 0],
-                                          participantCPUs: [nil, 1], dropped: 0)
-        let document = try JSONParser.parse(ChromeTrace.render(mergedRecords, context: context))
-        guard case let .array(events)? = document["traceEvents"] else { Issue.record("no traceEvents array"); return }
+    /// Renders `records` and checks that every thread's spans nest and every thread with spans is named; returns the
+    /// call spans and the thread id of each call span.
+    func renderNested(_ records: [TraceRecord], participants: Int) throws -> (calls: Int, callTids: [Double]) {
+        let context = ChromeTrace.Context(layerNames: ["enc.q", "enc.k"], expertNames: ["e0", "e1", "e2", "e3"],
+                                          participantNodes: [Int](repeating: 0, count: participants),
+                                          participantCPUs: [nil] + [Int?](repeating: 1, count: participants - 1), dropped: 0)
+        let document = try JSONParser.parse(ChromeTrace.render(records, context: context))
+        guard case let .array(events)? = document["traceEvents"] else { Issue.record("no traceEvents array"); return (0, []) }
         var spans: [String: [(Double, Double)]] = [:]
         var named: Set<String> = []
-        var calls = 0
+        var callTids: [Double] = []
         for e in events {
             guard case let .string(ph)? = e["ph"], case let .number(pid)? = e["pid"], case let .number(tid)? = e["tid"] else { continue }
             let key = "\(pid.double)/\(tid.double)"
             if ph == "M", e["name"] == .string("thread_name") { named.insert(key) }
             guard ph == "X", case let .number(ts)? = e["ts"], case let .number(dur)? = e["dur"] else { continue }
-            if e["cat"] == .string("call") { calls += 1 }
+            if e["cat"] == .string("call") { callTids.append(tid.double) }
             spans[key, default: []].append((ts.double, ts.double + dur.double))
         }
-        #expect(calls == 4, "every call is in the trace")
         for (key, list) in spans {
             #expect(named.contains(key), "thread \(key) has spans but no name")
             var stack: [Double] = []
@@ -215,10 +217,36 @@ extension ProfilingTraceTests {
                 stack.append(end)
             }
         }
+        return (callTids.count, callTids)
+    }
+
+    @Test func overlappingCallsOfAMergedDispatchStillNestPerThread() throws {
+        let (calls, _) = try renderNested(mergedRecords, participants: 2)
+        #expect(calls == 4, "every call is in the trace")
         let waits = ChromeTrace.derivedWaits(mergedRecords).filter { $0.worker == 1 }.sorted { $0.start < $1.start }
         for (a, b) in zip(waits, waits.dropFirst()) { #expect(a.end <= b.start, "waits \(a.start)-\(a.end) and \(b.start)-\(b.end) overlap") }
         #expect(waits.first.map { ($0.start, $0.end) } ?? (0, 0) == (0, 8_000))
         #expect(waits.last.map { ($0.start, $0.end) } ?? (0, 0) == (85_000, 90_000))
+    }
+
+    /// Two dispatch lanes (participant 2 is lane 1's holder). Call A runs on lane 1 (0-40 us); call C's first chunk
+    /// ran on lane 0 (its item on participant 0 at 2-20 us) and its last on lane 1, which reported it (1-35 us, in A).
+    /// Call B started on lane 1 and lane 0 completed it: its span, reported by participant 0, starts at 5 us, while
+    /// participant 0 is inside C's item; no other call of participant 0 overlaps it.
+    var laneRecords: [TraceRecord] {
+        [
+            event(.call, worker: 2, rows: 4, 0, 40_000), event(.routing, worker: 2, rows: 4, 1_000, 3_000),
+            event(.item, worker: 2, expert: 1, rows: 4, 4_000, 30_000), event(.call, worker: 2, layer: 1, rows: 2, 1_000, 35_000),
+            event(.item, worker: 0, expert: 0, rows: 2, 2_000, 20_000),
+            event(.call, worker: 0, rows: 300, 5_000, 60_000), event(.item, worker: 0, expert: 2, rows: 300, 25_000, 59_000),
+        ].map(TraceRecord.init)
+    }
+
+    @Test func callsThatCrossDispatchLanesGoOnACallLane() throws {
+        let (calls, tids) = try renderNested(laneRecords, participants: 2)
+        #expect(calls == 3, "every call is in the trace")
+        // A and C nest on participant 2's thread; B would cut through C's item on participant 0's and goes to a call lane.
+        #expect(tids.sorted() == [2, 2, 2000], "call threads \(tids)")
     }
 }
 
