@@ -179,11 +179,13 @@ typedef enum phatgoose_placement {
  * at once (PHATGOOSE_SPIN_NONE). */
 #define PHATGOOSE_SPIN_DEFAULT 0
 #define PHATGOOSE_SPIN_NONE (-1)
+/* contended_min_tokens: never keep dispatches on the caller for contention. */
+#define PHATGOOSE_CONTENDED_OFF (-1)
 
 /* How a runtime serves. Always initialise with phatgoose_runtime_options_init(&options, sizeof options), then set
  * fields: struct_size tells the library which fields the caller knows, so the struct can grow compatibly.
  * struct_size must be from 56 (the struct of ABI 1, up to memory_cap_bytes) to 4096; the fields after
- * memory_cap_bytes came later (sizeof is 64 now), and a smaller struct_size leaves them at their defaults. A library given a larger struct (built
+ * memory_cap_bytes came later (sizeof is 72 now), and a smaller struct_size leaves them at their defaults. A library given a larger struct (built
  * against a newer header) accepts it when every byte beyond the fields it knows is zero, which is what
  * phatgoose_runtime_options_init writes there and what every field added later means "as before"; a non-zero byte
  * there asks for something this library cannot do and is PHATGOOSE_STATUS_INVALID_ARGUMENT, naming its offset. */
@@ -205,6 +207,11 @@ typedef struct phatgoose_runtime_options {
                                    (0: 50) or PHATGOOSE_SPIN_NONE (-1: sleep at once) */
     int32_t parallel_min_tokens; /* calls of fewer tokens run on the caller alone, waking no worker (a model's decode
                                     steps beside its own threads); 0 or 1: any call may use the workers */
+    int32_t lanes;              /* dispatch lanes, how many dispatches may run at once: 0 for one per participant
+                                   (workers + 1), else 1 ... workers + 1 (1: one dispatch at a time) */
+    int32_t contended_min_tokens; /* while a pinned worker was seen preempted, dispatches of fewer tokens run on the
+                                     caller alone: 0 for the default 64, PHATGOOSE_CONTENDED_OFF (-1) for never, else
+                                     a token count */
 } phatgoose_runtime_options;
 
 /* Fills the first struct_size bytes of *options: the fields this library knows with their defaults (struct_size set

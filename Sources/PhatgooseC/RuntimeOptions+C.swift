@@ -10,14 +10,16 @@ private let defaultOptions = phatgoose_runtime_options(
     workers: PHATGOOSE_WORKERS_DEFAULT, executor: Int32(PHATGOOSE_EXECUTOR_PINNED.rawValue),
     placement: Int32(PHATGOOSE_PLACEMENT_DISTRIBUTE.rawValue), placement_argument: 0,
     max_queued_calls: Int32(RuntimeOptions().maxQueuedCalls), reserved: 0, memory_cap_bytes: 0,
-    spin_microseconds: PHATGOOSE_SPIN_DEFAULT, parallel_min_tokens: 1)
+    spin_microseconds: PHATGOOSE_SPIN_DEFAULT, parallel_min_tokens: 1, lanes: 0, contended_min_tokens: 0)
 
 /// The smallest `struct_size` accepted: the struct of ABI version 1 (up to `memory_cap_bytes`).
 private let minimumOptionsSize = 56
 
 /// Where each field added since ABI 1 ends: a struct_size covers the fields that end at or below it.
 private let laterFieldEnds = [MemoryLayout<phatgoose_runtime_options>.offset(of: \.spin_microseconds)! + 4,
-                              MemoryLayout<phatgoose_runtime_options>.offset(of: \.parallel_min_tokens)! + 4]
+                              MemoryLayout<phatgoose_runtime_options>.offset(of: \.parallel_min_tokens)! + 4,
+                              MemoryLayout<phatgoose_runtime_options>.offset(of: \.lanes)! + 4,
+                              MemoryLayout<phatgoose_runtime_options>.offset(of: \.contended_min_tokens)! + 4]
 
 /// The bytes of the fields this library knows that a struct of `size` bytes holds whole.
 private func knownBytes(_ size: Int) -> Int {
@@ -117,5 +119,14 @@ func runtimeOptions(_ pointer: UnsafePointer<phatgoose_runtime_options>?, librar
     }
     guard c.parallel_min_tokens >= 0 else { throw invalid("parallel_min_tokens", "0 or more", c.parallel_min_tokens) }
     options.parallelMinTokens = max(1, Int(c.parallel_min_tokens))
+    // The runtime checks the upper bound (the participants are known once the workers are).
+    guard c.lanes >= 0 else { throw invalid("lanes", "0 (one per participant) or more", c.lanes) }
+    options.lanes = c.lanes == 0 ? nil : Int(c.lanes)
+    switch c.contended_min_tokens {
+    case 0: break
+    case PHATGOOSE_CONTENDED_OFF: options.contendedMinTokens = 0
+    case 1...: options.contendedMinTokens = Int(c.contended_min_tokens)
+    default: throw invalid("contended_min_tokens", "0 (the default), PHATGOOSE_CONTENDED_OFF (-1) or a token count", c.contended_min_tokens)
+    }
     return options
 }

@@ -237,27 +237,27 @@ public enum ChromeTrace {
         var phasesOf: [Int: [(start: UInt64, end: UInt64)]] = [:]
         for r in records where r.kind != .queued && r.kind != .call { phasesOf[Int(r.worker), default: []].append((r.start, r.end)) }
         for key in phasesOf.keys { phasesOf[key]!.sort { $0.start < $1.start } }
-        /// A phase span of the call's thread that one of the call's edges cuts through (the checker's 1 us slack).
+        /// A phase span of the call's thread that one of the call's edges cuts through: one that begins before the
+        /// call and ends inside it, or begins inside it and ends after it (by more than 1 us, the slack a reader of
+        /// the trace allows at an inner span's end).
         func cutsPhase(_ r: TraceRecord) -> Bool {
             guard let phases = phasesOf[Int(r.worker)], !phases.isEmpty else { return false }
-            let slack: UInt64 = 500
             // The first phase span starting at or after the call's start.
             var low = 0, high = phases.count
             while low < high {
                 let mid = (low + high) / 2
                 if phases[mid].start < r.start { low = mid + 1 } else { high = mid }
             }
-            // One running when the call starts and ending inside it.
             var k = low - 1
-            while k >= 0 && k >= low - 4 {
+            while k >= 0 && k >= low - 64 {
                 let p = phases[k]
-                if p.end > r.start + slack && p.end + slack < r.end { return true }
+                if p.end > r.start + 1 && r.end > p.end + 1000 { return true }
                 k -= 1
             }
-            // One starting inside the call and running past its end.
             var j = low
-            while j < phases.count && phases[j].start + slack < r.end {
-                if phases[j].start > r.start + slack && phases[j].end > r.end + slack { return true }
+            while j < phases.count && phases[j].start + 1 < r.end {
+                let p = phases[j]
+                if p.start > r.start && p.end > r.end + 1000 { return true }
                 j += 1
             }
             return false

@@ -55,6 +55,8 @@ class RuntimeOptions(ctypes.Structure):
         ("memory_cap_bytes", ctypes.c_uint64),
         ("spin_microseconds", ctypes.c_int32),
         ("parallel_min_tokens", ctypes.c_int32),
+        ("lanes", ctypes.c_int32),
+        ("contended_min_tokens", ctypes.c_int32),
     ]
 
 
@@ -70,7 +72,7 @@ class LayerOutput(ctypes.Structure):
     ]
 
 
-assert ctypes.sizeof(RuntimeOptions) == 64, "RuntimeOptions does not match phatgoose_runtime_options"
+assert ctypes.sizeof(RuntimeOptions) == 72, "RuntimeOptions does not match phatgoose_runtime_options"
 assert ctypes.sizeof(LayerOutput) == 48, "LayerOutput does not match phatgoose_layer_output"
 
 _status = ctypes.c_int

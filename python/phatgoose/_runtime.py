@@ -179,14 +179,17 @@ class Runtime:
     `executor` "pinned" or "dispatch"; `placement` "distribute", "isolate", "replicate-hot" or "in-place" with
     `placement_argument` (the node, or the count); `max_queued_calls` (64); `memory_cap_bytes` (no cap);
     `spin_microseconds`, how long idle pinned workers spin before they sleep (50; 0 sleeps at once);
-    `parallel_min_tokens`, below which a call runs on the caller alone and wakes no worker (1: any call may fan out).
+    `parallel_min_tokens`, below which a call runs on the caller alone and wakes no worker (1: any call may fan out);
+    `lanes`, how many dispatches may run at once for calls from several threads (one per participant: workers + 1;
+    1: one at a time); `contended_min_tokens`, below which a dispatch stays on the caller while a worker is seen
+    preempted (64; 0: never).
 
     Results equal `phatgoose apply` on the same inputs bit for bit. Use it as a context manager, or call close().
     """
 
     def __init__(self, library, *, top_k=None, router=None, workers=None, sequence_length=None, arrow_temperature=None,
                  arrow_scaled=False, executor=None, placement=None, placement_argument=0, max_queued_calls=None,
-                 memory_cap_bytes=None, spin_microseconds=None, parallel_min_tokens=None):
+                 memory_cap_bytes=None, spin_microseconds=None, parallel_min_tokens=None, lanes=None, contended_min_tokens=None):
         options = _native.RuntimeOptions()
         check(lib.phatgoose_runtime_options_init(ctypes.byref(options), ctypes.sizeof(options)))
         if top_k is not None:
@@ -220,6 +223,12 @@ class Runtime:
             options.spin_microseconds = -1 if spin == 0 else spin
         if parallel_min_tokens is not None:
             options.parallel_min_tokens = _int32("parallel_min_tokens", parallel_min_tokens, minimum=1)
+        if lanes is not None:
+            options.lanes = _int32("lanes", lanes, minimum=1)
+        if contended_min_tokens is not None:
+            # The C field: 0 is the default, -1 (PHATGOOSE_CONTENDED_OFF) never.
+            contended = _int32("contended_min_tokens", contended_min_tokens, minimum=0)
+            options.contended_min_tokens = -1 if contended == 0 else contended
         if isinstance(library, Library):
             value = _new_handle(lib.phatgoose_runtime_create, library._handle.live(), ctypes.byref(options))
         else:

@@ -42,6 +42,8 @@ CONFIGURATIONS = [
     # 32 tokens per call: at or above the threshold the worker takes part, below it the caller works alone.
     ({"workers": 1, "spin_microseconds": 0, "parallel_min_tokens": 16}, []),
     ({"workers": 1, "spin_microseconds": 200, "parallel_min_tokens": 64}, []),
+    ({"workers": 1, "lanes": 1, "contended_min_tokens": 0}, []),
+    ({"workers": 1, "lanes": 2, "contended_min_tokens": 8}, []),
 ]
 
 

@@ -63,6 +63,9 @@ def test_opening_a_missing_or_invalid_library_raises_with_the_file(tmp_path):
     ({"spin_microseconds": -1}, phatgoose.InvalidArgumentError, "spin_microseconds: expected an integer from 0"),
     ({"spin_microseconds": 1_000_001}, phatgoose.InvalidArgumentError, "options spin_microseconds: expected 1 to 1000000"),
     ({"parallel_min_tokens": 0}, phatgoose.InvalidArgumentError, "parallel_min_tokens: expected an integer from 1"),
+    ({"lanes": 0}, phatgoose.InvalidArgumentError, "lanes: expected an integer from 1"),
+    ({"workers": 1, "lanes": 3}, phatgoose.InvalidArgumentError, "lanes: expected 1 to 2"),
+    ({"contended_min_tokens": -1}, phatgoose.InvalidArgumentError, "contended_min_tokens: expected an integer from 0"),
 ])
 def test_bad_options_raise(synth, options, error, text):
     with pytest.raises(error, match=text):
@@ -376,34 +379,40 @@ def test_raw_options_are_checked(synth):
     assert lib.phatgoose_runtime_options_init(ctypes.byref(options), 8) == _native.INVALID_ARGUMENT
     assert lib.phatgoose_runtime_options_init(None, 56) == _native.INVALID_ARGUMENT
     assert lib.phatgoose_runtime_options_init(ctypes.byref(options), ctypes.sizeof(options)) == _native.OK
-    assert (options.struct_size, options.top_k, options.workers, options.max_queued_calls, options.arrow_temperature) == (64, 0, -1, 64, 10.0)
-    assert (options.spin_microseconds, options.parallel_min_tokens) == (0, 1)
+    assert (options.struct_size, options.top_k, options.workers, options.max_queued_calls, options.arrow_temperature) == (72, 0, -1, 64, 10.0)
+    assert (options.spin_microseconds, options.parallel_min_tokens, options.lanes, options.contended_min_tokens) == (0, 1, 0, 0)
     for field, value in (("reserved", 1), ("router", 9), ("router", -1), ("executor", 2), ("placement", 4), ("top_k", -1),
-                         ("spin_microseconds", -2), ("spin_microseconds", 1_000_001), ("parallel_min_tokens", -1)):
+                         ("spin_microseconds", -2), ("spin_microseconds", 1_000_001), ("parallel_min_tokens", -1), ("lanes", -1),
+                         ("contended_min_tokens", -2)):
         bad = _native.RuntimeOptions.from_buffer_copy(options)
         setattr(bad, field, value)
         assert lib.phatgoose_runtime_open(path, ctypes.byref(bad), ctypes.byref(handle)) == _native.INVALID_ARGUMENT, field
         assert f"options {field}" in message()
+    bad = _native.RuntimeOptions.from_buffer_copy(options)
+    bad.workers, bad.lanes = 1, 3  # more lanes than participants: refused by the runtime
+    assert lib.phatgoose_runtime_open(path, ctypes.byref(bad), ctypes.byref(handle)) == _native.INVALID_ARGUMENT
+    assert "lanes: expected 1 to 2" in message() and "found 3" in message()
     assert handle.value is None  # never written on failure
     # A caller built against a newer header: a larger struct. Init zeroes what this library does not know; zero bytes
     # there are accepted, anything else is refused, naming the byte.
-    newer = (ctypes.c_uint8 * 72)(*([0xAB] * 72))
+    newer = (ctypes.c_uint8 * 80)(*([0xAB] * 80))
     pointer = ctypes.cast(newer, ctypes.POINTER(_native.RuntimeOptions))
-    assert lib.phatgoose_runtime_options_init(pointer, 72) == _native.OK
+    assert lib.phatgoose_runtime_options_init(pointer, 80) == _native.OK
     known = _native.RuntimeOptions.from_buffer(newer)
-    assert (known.struct_size, known.max_queued_calls, known.reserved, known.parallel_min_tokens) == (72, 64, 0, 1)
-    assert bytes(newer[64:]) == bytes(8)
-    assert bytes(newer[4:64]) == bytes(options)[4:64]
+    assert (known.struct_size, known.max_queued_calls, known.reserved, known.parallel_min_tokens) == (80, 64, 0, 1)
+    assert bytes(newer[72:]) == bytes(8)
+    assert bytes(newer[4:72]) == bytes(options)[4:72]
     known.workers = 1
     assert lib.phatgoose_runtime_open(path, pointer, ctypes.byref(handle)) == _native.OK
     lib.phatgoose_runtime_destroy(handle)
     handle.value = None
-    newer[70] = 0x80
+    newer[78] = 0x80
     assert lib.phatgoose_runtime_open(path, pointer, ctypes.byref(handle)) == _native.INVALID_ARGUMENT
-    assert message() == ("options: expected zero bytes beyond the 64 this library knows (struct_size 72: fields of a newer "
-                         "header left at their defaults), found byte 70 = 0x80")
-    newer[70] = 0
-    # A caller built against the ABI 1 header (56 bytes) knows neither spin_microseconds nor parallel_min_tokens: init
+    assert message() == ("options: expected zero bytes beyond the 72 this library knows (struct_size 80: fields of a newer "
+                         "header left at their defaults), found byte 78 = 0x80")
+    newer[78] = 0
+    # A caller built against the ABI 1 header (56 bytes) knows none of the later fields (spin_microseconds to
+    # contended_min_tokens): init
     # writes nothing past its struct, and its struct is accepted with those at their defaults. A size that ends inside
     # a field leaves that field unknown: its bytes are zeroed by init and must be zero.
     older = (ctypes.c_uint8 * 72)(*([0xAB] * 72))
