@@ -257,6 +257,7 @@ public final class LoadTest: Sendable {
         runtimeStats.rejected -= start.stats.rejected
         runtimeStats.dispatches -= start.stats.dispatches
         runtimeStats.mergedCalls -= start.stats.mergedCalls
+        runtimeStats.concurrentDispatches -= start.stats.concurrentDispatches
         for e in runtimeStats.tokensPerExpert.indices where e < start.stats.tokensPerExpert.count {
             runtimeStats.tokensPerExpert[e] -= start.stats.tokensPerExpert[e]
         }

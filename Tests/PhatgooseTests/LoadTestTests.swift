@@ -39,6 +39,13 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
         #expect(result.tokensPerExpert.reduce(0, +) == result.tally.decisions * test.target.routing.topK)
         #expect(result.workerUtilisation!.count == 2 && result.workerUtilisation!.allSatisfy { $0 > 0 && $0 <= 1 })
         #expect(result.runtimeStatistics.calls > 0 && result.phases!.calls > 0)
+        // Window counters, the warm-up taken out of each: the dispatches beside another lane's are some of the dispatches.
+        #expect(result.runtimeStatistics.dispatches > 0 && result.runtimeStatistics.concurrentDispatches <= result.runtimeStatistics.dispatches,
+                "\(result.runtimeStatistics.concurrentDispatches) of \(result.runtimeStatistics.dispatches) dispatches beside another lane's")
+        // One client holds one lane at a time: a second run on the same runtime counts none, whatever the first counted.
+        let single = try test.run(loop: .closed(clients: 1))
+        #expect(single.runtimeStatistics.concurrentDispatches == 0 && single.runtimeStatistics.dispatches > 0,
+                "\(single.runtimeStatistics.concurrentDispatches) dispatches beside another lane's at 1 client (the first run: \(result.runtimeStatistics.concurrentDispatches))")
         // The JSON parses back with the stable field names.
         let json = try JSONParser.parse(Array(result.json().serialized().utf8))
         for field in ["request_throughput", "total_token_throughput", "mean_e2el_ms", "median_e2el_ms", "p90_e2el_ms", "p99_e2el_ms",
