@@ -485,9 +485,8 @@ public final class Runtime: Sendable {
             }
             // The futex word first: once `state` says done, the caller may reuse the request at once (a late wake
             // is then only a spurious one).
-            pg_atomic_store_u32(word, value)
-            state.store(value, ordering: .sequentiallyConsistent)
-            _ = pg_futex_wake(word, 1)
+            mark(value)
+            wake()
         }
 
         /// Sets the state without waking anyone (the futex word first); ``wake()`` then wakes a sleeper. A wake that

@@ -23,30 +23,20 @@ struct LaneTests {
             let holder = Thread { _ = try? runtime.apply(runtime.layer(named: library.modules[0].name)!, input: first, tokens: 5) }
             holder.start()
             gate.entered.wait()  // lane 0's dispatch is held inside its plan
-            let mismatches = Atomic<Int>(0), finished = Atomic<Int>(0)
-            for (call, expected) in calls {
-                Thread {
-                    defer { finished.add(1, ordering: .sequentiallyConsistent) }
-                    guard let got = try? runtime.apply(runtime.layer(named: call.module)!, input: call.x, tokens: call.tokens),
-                          got.delta == expected.delta, got.experts == expected.experts, got.weights == expected.weights else {
-                        mismatches.add(1, ordering: .sequentiallyConsistent)
-                        return
-                    }
-                }.start()
-            }
+            let sent = MergedDispatchTests.send(calls, to: runtime)
             if lanes == 2 {
-                #expect(waitUntil { finished.load(ordering: .sequentiallyConsistent) == calls.count }, "lane 1 served the calls while lane 0 was held")
+                #expect(waitUntil { sent.finished.load(ordering: .sequentiallyConsistent) == calls.count }, "lane 1 served the calls while lane 0 was held")
                 let stats = runtime.statisticsSnapshot()
                 #expect(stats.calls == calls.count && stats.concurrentDispatches == stats.dispatches,
                         "\(stats.calls) calls, \(stats.concurrentDispatches) of \(stats.dispatches) dispatches alone")
             } else {
                 #expect(waitUntil { runtime.queuedCalls == calls.count + 1 }, "every call queued behind the held one")
                 usleep(50_000)
-                #expect(finished.load(ordering: .sequentiallyConsistent) == 0, "with one lane nothing passes the held dispatch")
+                #expect(sent.finished.load(ordering: .sequentiallyConsistent) == 0, "with one lane nothing passes the held dispatch")
             }
             gate.release.signal()
-            #expect(waitUntil { finished.load(ordering: .sequentiallyConsistent) == calls.count })
-            #expect(mismatches.load(ordering: .sequentiallyConsistent) == 0, "\(lanes) lanes")
+            #expect(waitUntil { sent.finished.load(ordering: .sequentiallyConsistent) == calls.count })
+            #expect(sent.mismatches.load(ordering: .sequentiallyConsistent) == 0, "\(lanes) lanes")
             #expect(waitUntil { runtime.heldLanes == 0 && runtime.queuedCalls == 0 }, "held lanes \(runtime.heldLanes)")
             #expect(runtime.statisticsSnapshot().calls == calls.count + 1)
         }

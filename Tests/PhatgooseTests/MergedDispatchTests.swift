@@ -39,6 +39,28 @@ struct MergedDispatchTests {
         }
     }
 
+    /// Calls sent by ``send(_:to:)``: how many returned, and how many failed or differ from the single-threaded results.
+    final class SentCalls: Sendable {
+        let finished = Atomic<Int>(0)
+        let mismatches = Atomic<Int>(0)
+    }
+
+    /// Sends each call of `calls` from a thread of its own.
+    static func send(_ calls: [(call: MixedCall, expected: (delta: [Float], experts: [Int32], weights: [Float]))], to runtime: Runtime) -> SentCalls {
+        let sent = SentCalls()
+        for (call, expected) in calls {
+            Thread {
+                defer { sent.finished.add(1, ordering: .sequentiallyConsistent) }
+                guard let got = try? runtime.apply(runtime.layer(named: call.module)!, input: call.x, tokens: call.tokens),
+                      got.delta == expected.delta, got.experts == expected.experts, got.weights == expected.weights else {
+                    sent.mismatches.add(1, ordering: .sequentiallyConsistent)
+                    return
+                }
+            }.start()
+        }
+        return sent
+    }
+
     @Test("calls queued together run as one dispatch, at one layer and at several, and each gets its single-threaded bits",
           arguments: configurations.indices)
     func mergedCallsKeepTheirBits(_ configuration: Int) throws {
@@ -58,21 +80,11 @@ struct MergedDispatchTests {
             let holder = Thread { _ = try? runtime.apply(runtime.layer(named: library.modules[0].name)!, input: first, tokens: 5) }
             holder.start()
             gate.entered.wait()
-            let mismatches = Atomic<Int>(0), finished = Atomic<Int>(0)
-            for (call, expected) in calls {
-                Thread {
-                    defer { finished.add(1, ordering: .sequentiallyConsistent) }
-                    guard let got = try? runtime.apply(runtime.layer(named: call.module)!, input: call.x, tokens: call.tokens),
-                          got.delta == expected.delta, got.experts == expected.experts, got.weights == expected.weights else {
-                        mismatches.add(1, ordering: .sequentiallyConsistent)
-                        return
-                    }
-                }.start()
-            }
+            let sent = Self.send(calls, to: runtime)
             #expect(waitUntil { runtime.queuedCalls == calls.count + 1 }, "every call queued behind the held one")
             gate.release.signal()
-            #expect(waitUntil { finished.load(ordering: .sequentiallyConsistent) == calls.count })
-            #expect(mismatches.load(ordering: .sequentiallyConsistent) == 0, "\(workers) workers, \(routing.router) \(routing.granularity)")
+            #expect(waitUntil { sent.finished.load(ordering: .sequentiallyConsistent) == calls.count })
+            #expect(sent.mismatches.load(ordering: .sequentiallyConsistent) == 0, "\(workers) workers, \(routing.router) \(routing.granularity)")
             let stats = runtime.statisticsSnapshot()
             #expect(stats.calls == calls.count + 1)
             // Every queued call was served with others (the 300-token calls in chunks of 64 over several dispatches).
