@@ -146,6 +146,9 @@ public final class LoadTest: Sendable {
         }
         let state = RunState(windowStart: windowStart, windowEnd: plannedEnd ?? .max, requestTarget: options.requests, schedule: schedule,
                              layers: workload.layerCount, experts: workload.library.experts.count)
+        // The seeded schedule as it starts: replayed at the end, it tells how many arrivals fell in the window,
+        // independently of which of them the clients took.
+        let initialSchedule = schedule
 
         // Clients.
         let group = DispatchGroup()
@@ -236,9 +239,10 @@ public final class LoadTest: Sendable {
         report(.measuring, now: max(MonotonicClock.now(), windowEnd))
         nextTick = MonotonicClock.now() + interval
 
-        // Drain measured requests still in flight, then stop everyone.
+        // Drain measured requests still in flight, and (open loop) arrivals of the window no client has taken yet,
+        // then stop everyone.
         let drainDeadline = windowEnd + nanos(options.drainTimeout)
-        while state.measuredInFlight.load(ordering: .acquiring) > 0 && MonotonicClock.now() < drainDeadline {
+        while state.measuredPending(before: windowEnd) && MonotonicClock.now() < drainDeadline {
             MonotonicClock.sleep(until: min(drainDeadline, MonotonicClock.now() + 20_000_000))
             let now = MonotonicClock.now()
             if now >= nextTick {
@@ -246,9 +250,16 @@ public final class LoadTest: Sendable {
                 nextTick += interval * max(1, (now - nextTick) / interval + 1)
             }
         }
-        state.stopped.store(true, ordering: .releasing)
+        state.stopped.store(true, ordering: .sequentiallyConsistent)
         group.wait()
         instruments.metrics?.sample(target.statisticsSnapshot(), queueDepth: 0)
+        // Arrivals of the window that no client took before the drain ended are unfinished too: they arrived.
+        var arrivals: Int? = nil
+        if let initialSchedule {
+            let left = state.schedule!.withLock { $0.count(from: windowStart, before: windowEnd) }
+            state.stats.withLock { $0.unfinished += left }
+            arrivals = initialSchedule.count(from: windowStart, before: windowEnd)
+        }
 
         let start = atStart!
         var runtimeStats = atEnd.stats
@@ -272,7 +283,8 @@ public final class LoadTest: Sendable {
             router: target.routing.router.rawValue, windowSeconds: Double(windowEnd - windowStart) / 1e9, statistics: stats,
             runtimeStatistics: runtimeStats, phases: phases, tally: state.tallies.withLock { $0 },
             residentBytesStart: rssStart, residentBytesEnd: rssEnd, residentBytesMax: rssMax, timeline: timeline, maxBacklog: maxBacklog,
-            routing: target.routing, runtimeOptions: target.runtimeOptions, topology: target.topology, ranks: target.ranks)
+            routing: target.routing, runtimeOptions: target.runtimeOptions, topology: target.topology, ranks: target.ranks,
+            arrivals: arrivals)
     }
 
     // MARK: Clients
@@ -280,32 +292,54 @@ public final class LoadTest: Sendable {
     /// Closed loop: the next request as soon as the previous one finished, until the window ends.
     static func closedClient(_ runner: RequestRunner, _ state: RunState) {
         while !state.stopped.load(ordering: .relaxed) {
+            // Counted in flight before the clock is read: a drain that has seen none in flight then sees this
+            // request start at or after the window's end, unmeasured (it never waits for a request it missed).
+            state.measuredInFlight.add(1, ordering: .sequentiallyConsistent)
             let start = MonotonicClock.now()
-            guard start < state.windowEnd.load(ordering: .acquiring) else { break }
+            guard start < state.windowEnd.load(ordering: .sequentiallyConsistent) else {
+                state.measuredInFlight.subtract(1, ordering: .sequentiallyConsistent)
+                break
+            }
+            let measured = start >= state.windowStart
+            if !measured { state.measuredInFlight.subtract(1, ordering: .sequentiallyConsistent) }
             let index = state.nextIndex.add(1, ordering: .relaxed).oldValue
-            serve(runner, state, runner.workload.request(index), scheduled: start, start: start)
+            serve(runner, state, runner.workload.request(index), scheduled: start, start: start, measured: measured)
         }
     }
 
     /// Open loop: take the next arrival, wait for its time, serve it; arrivals after the window are not served.
     static func openClient(_ runner: RequestRunner, _ state: RunState) {
         while !state.stopped.load(ordering: .relaxed) {
-            let (index, scheduled) = state.schedule!.withLock { $0.take() }
+            // An arrival of the window is counted in flight as it is taken, under the schedule's lock, so the drain
+            // (which looks under the same lock) sees it either not yet taken or in flight.
+            let (index, scheduled, counted) = state.schedule!.withLock { schedule -> (Int, UInt64, Bool) in
+                let (index, scheduled) = schedule.take()
+                let counted = scheduled >= state.windowStart && scheduled < state.windowEnd.load(ordering: .sequentiallyConsistent)
+                if counted { state.measuredInFlight.add(1, ordering: .sequentiallyConsistent) }
+                return (index, scheduled, counted)
+            }
             var now = MonotonicClock.now()
+            var stopped = false
             while now < scheduled {
-                if state.stopped.load(ordering: .relaxed) || scheduled >= state.windowEnd.load(ordering: .acquiring) { return }
+                if state.stopped.load(ordering: .relaxed) || scheduled >= state.windowEnd.load(ordering: .acquiring) { stopped = true; break }
                 MonotonicClock.sleep(until: min(scheduled, now + 50_000_000))
                 now = MonotonicClock.now()
             }
-            guard scheduled < state.windowEnd.load(ordering: .acquiring) else { return }
+            // The window may have ended early since (a request target met, a target that failed): an arrival after
+            // its new end is not measured.
+            let measured = counted && scheduled < state.windowEnd.load(ordering: .acquiring)
+            if counted && (stopped || !measured) {
+                if measured { state.stats.withLock { $0.unfinished += 1 } }
+                state.measuredInFlight.subtract(1, ordering: .releasing)
+            }
+            if stopped || scheduled >= state.windowEnd.load(ordering: .acquiring) { return }
             state.started.add(1, ordering: .relaxed)
-            serve(runner, state, runner.workload.request(index), scheduled: scheduled, start: now)
+            serve(runner, state, runner.workload.request(index), scheduled: scheduled, start: now, measured: measured)
         }
     }
 
-    static func serve(_ runner: RequestRunner, _ state: RunState, _ request: RequestSpec, scheduled: UInt64, start: UInt64) {
-        let measured = scheduled >= state.windowStart && scheduled < state.windowEnd.load(ordering: .acquiring)
-        if measured { state.measuredInFlight.add(1, ordering: .relaxed) }
+    /// Serves one request; a measured one is already counted in flight.
+    static func serve(_ runner: RequestRunner, _ state: RunState, _ request: RequestSpec, scheduled: UInt64, start: UInt64, measured: Bool) {
         state.inFlight.add(1, ordering: .relaxed)
         let windowStart = state.windowStart
         let outcome = runner.run(request, tallying: {
@@ -338,6 +372,17 @@ struct ArrivalSchedule: Sendable {
             next += UInt64(process.nextGap() * 1e9)
         }
         return (index, next)
+    }
+
+    /// Arrivals not yet taken that are scheduled at or after `start` and before `end`.
+    func count(from start: UInt64, before end: UInt64) -> Int {
+        var copy = self
+        var count = 0
+        while copy.next < end {
+            if copy.next >= start { count += 1 }
+            copy.next += UInt64(copy.process.nextGap() * 1e9)
+        }
+        return count
     }
 
     /// Arrivals due by `now` that no client has taken yet (at most `limit`).
@@ -410,6 +455,13 @@ final class RunState: Sendable {
     }
 
     func backlog(at now: UInt64) -> Int { schedule?.withLock { $0.due(at: now) } ?? 0 }
+
+    /// Measured requests are in flight, or (open loop) an arrival before `end` is not yet taken. Looked at under the
+    /// schedule's lock, under which a client takes an arrival and counts it in flight.
+    func measuredPending(before end: UInt64) -> Bool {
+        guard let schedule else { return measuredInFlight.load(ordering: .sequentiallyConsistent) > 0 }
+        return schedule.withLock { $0.next < end || measuredInFlight.load(ordering: .sequentiallyConsistent) > 0 }
+    }
 
     func record(_ request: RequestSpec, scheduled: UInt64, start: UInt64, end: UInt64, outcome: RequestRunner.Outcome, measured: Bool) {
         stats.withLock { stats in

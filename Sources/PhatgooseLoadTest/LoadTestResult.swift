@@ -58,6 +58,9 @@ public struct LoadTestResult: Sendable {
     public var topology: Topology? = nil
     /// With a distributed runtime (`--mpi`): what each rank holds.
     public var ranks: [RankShare]? = nil
+    /// Open loop: arrivals the seeded schedule placed in the window, counted apart from the clients; every one of
+    /// them is completed, rejected, failed or unfinished. Nil for a closed loop.
+    public var arrivals: Int? = nil
 
     // MARK: Figures
 
@@ -161,7 +164,7 @@ public struct LoadTestResult: Sendable {
             ("duration", num(windowSeconds)), ("drain_timeout", num(options.drainTimeout)),
             ("completed", .integer(completed)), ("completed_decode", .integer(completedDecode)), ("completed_prefill", .integer(completedPrefill)),
             ("rejected", .integer(rejected)), ("failed", .integer(failed)), ("unfinished", .integer(unfinished)),
-            ("first_error", firstFailure.map { .string($0) } ?? .null),
+            ("arrivals", arrivals.map { .integer($0) } ?? .null), ("first_error", firstFailure.map { .string($0) } ?? .null),
             ("total_input_tokens", .integer(measuredTokens)),
             ("request_throughput", num(requestThroughput)), ("total_token_throughput", num(tokenThroughput)),
         ]
@@ -282,10 +285,11 @@ public struct LoadTestResult: Sendable {
         }
         line("Measured:", "\(fmt(windowSeconds)) s after \(fmt(options.warmup)) s of warm-up")
         out += "---------------------------------------------\n"
+        if let arrivals { line("Arrivals in the window:", "\(arrivals)") }
         line("Completed requests:", "\(completed) (\(completedDecode) decode, \(completedPrefill) prefill)")
         line("Rejected (overloaded):", "\(rejected)" + (runtimeStatistics.rejected > 0 ? " (\(runtimeStatistics.rejected) layer calls refused)" : ""))
         line("Failed:", "\(failed)" + (firstFailure.map { " (first: \($0))" } ?? ""))
-        if unfinished > 0 { line("Unfinished (drain timeout):", "\(unfinished)") }
+        if unfinished > 0 { line("Unfinished (drain timeout):", "\(unfinished)" + (arrivals != nil ? " (in flight or not yet started)" : "")) }
         line("Request throughput (req/s):", fmt(requestThroughput))
         line("Token throughput (tok/s):", fmt(tokenThroughput))
         out += "---------------- Latency (ms) ----------------\n"

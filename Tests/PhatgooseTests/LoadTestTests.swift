@@ -66,7 +66,10 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
         // About 40 req/s arrive for 1.5 s (Poisson: wide bounds). Arrivals, not completions, are what the seeded
         // schedule fixes: a slow machine finishes fewer of them inside the window, but they all arrive.
         #expect(result.completed > 0)
-        #expect(result.completed + result.unfinished >= 25 && result.completed + result.unfinished <= 110)
+        let arrivals = try #require(result.arrivals)
+        #expect(arrivals >= 25 && arrivals <= 110)
+        // Every arrival of the window has an outcome, the ones no client had started yet included.
+        #expect(result.completed + result.rejected + result.failed + result.unfinished == arrivals)
         #expect(result.queue.count == result.completed)
         // End to end = queueing + service for every request, so the means add up.
         let sum = result.queue.meanMilliseconds + result.service.meanMilliseconds
@@ -77,23 +80,47 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
 
     @Test func overloadReportsRejectionsInsteadOfQueueing() throws {
         let library = try tinyLibrary()
-        // Far more arrivals than one admitted call at a time can serve: calls beyond the bound are refused.
-        let options = shortOptions(.open(rate: 4000, burstiness: 1, maxConcurrency: 12))
+        // Far more arrivals than one admitted call at a time can serve: calls beyond the bound are refused. The
+        // clients fall behind the arrivals; the drain then serves (or refuses) the arrivals of the window they had
+        // not taken yet, however slow the machine, as it ends once every one has an outcome.
+        var options = shortOptions(.open(rate: 4000, burstiness: 1, maxConcurrency: 12))
+        options.drainTimeout = 120
         let test = try LoadTest(library: library, options: options, runtimeOptions: RuntimeOptions(workers: 1, maxQueuedCalls: 1))
         let result = test.run()
         #expect(result.rejected > 0)
         #expect(result.runtimeStatistics.rejected > 0)
         #expect(result.failed == 0)
-        // Refused calls end at once instead of piling up: every admitted request finished before the drain timeout.
+        // Refused calls end at once instead of piling up: every arrival of the window was completed or refused.
         #expect(result.unfinished == 0)
+        #expect(result.completed + result.rejected == result.arrivals)
         let json = try JSONParser.parse(Array(result.json().serialized().utf8))
         #expect(json["rejected"] == .integer(result.rejected))
+    }
+
+    @Test func arrivalsNoClientStartedAreServedInTheDrainOrCountedUnfinished() throws {
+        let library = try tinyLibrary()
+        // One client and far more arrivals than it serves: at the window's end most arrivals are waiting for it.
+        // No drain: whatever was not done at the window's end is unfinished, the arrivals never started included.
+        var options = shortOptions(.open(rate: 20_000, burstiness: 1, maxConcurrency: 1), duration: 0.3)
+        options.drainTimeout = 0
+        let abandoned = try LoadTest(library: library, options: options, runtimeOptions: RuntimeOptions(workers: 0)).run()
+        let arrivals = try #require(abandoned.arrivals)
+        #expect(arrivals >= 4000, "about 6000 arrivals in 0.3 s")
+        #expect(abandoned.completed + abandoned.rejected + abandoned.failed + abandoned.unfinished == arrivals)
+        #expect(abandoned.unfinished > arrivals / 2, "one client cannot have started most of them")
+        // A drain long enough serves every arrival of the window, the ones waiting for a client included.
+        options = shortOptions(.open(rate: 2000, burstiness: 1, maxConcurrency: 1), duration: 0.2)
+        options.drainTimeout = 120
+        let drained = try LoadTest(library: library, options: options, runtimeOptions: RuntimeOptions(workers: 0)).run()
+        #expect(drained.unfinished == 0 && drained.rejected == 0 && drained.failed == 0)
+        #expect(drained.completed == drained.arrivals)
+        #expect(drained.maxBacklog > 0, "the client fell behind the arrivals")
     }
 
     /// Every field of a load test's JSON that is a measurement, not configuration (see
     /// `RunComparison.configurationFields`): together the two lists must cover every field.
     static let measurementFields: Set<String> = Set(
-        ["completed", "completed_decode", "completed_prefill", "rejected", "failed", "unfinished", "first_error", "total_input_tokens",
+        ["completed", "completed_decode", "completed_prefill", "rejected", "failed", "unfinished", "arrivals", "first_error", "total_input_tokens",
          "request_throughput", "total_token_throughput", "decode", "prefill", "layer_calls", "runtime_rejected_calls", "dispatches", "merged_calls", "concurrent_dispatches", "lane_utilisation", "mean_call_wait_ms",
          "mean_executor_wait_per_request_ms", "tokens_per_expert", "expert_imbalance_max_over_mean", "expert_imbalance_excess_over_mean",
          "mean_layer_imbalance_max_over_mean", "max_layer_imbalance_max_over_mean", "layers", "worker_utilisation", "mean_worker_utilisation",

@@ -33,7 +33,10 @@ final class GateObserver: RuntimeObserver, @unchecked Sendable {
     let entered = DispatchSemaphore(value: 0)
     let release = DispatchSemaphore(value: 0)
     private let armed = Atomic<Bool>(true)
+    /// The tokens of each call as it completes, in order (the runtime reports a call when its last chunk is served).
+    let completions = Locked<[Int]>([])
     func observe(_ event: RuntimeEvent) {
+        if event.kind == .call { completions.withLock { $0.append(event.rows) } }
         if event.kind == .plan, armed.exchange(false, ordering: .sequentiallyConsistent) {
             entered.signal()
             release.wait()
