@@ -78,9 +78,9 @@ struct LaneTests {
             }
             return await group.reduce(0, +)
         }
-        #expect(waitUntil(seconds: 120) { finished.load(ordering: .sequentiallyConsistent) == threads })
+        #expect(await awaitUntil(seconds: 120) { finished.load(ordering: .sequentiallyConsistent) == threads })
         #expect(mismatches.load(ordering: .sequentiallyConsistent) == 0 && taskMismatches == 0)
-        #expect(waitUntil { runtime.heldLanes == 0 && runtime.queuedCalls == 0 }, "held lanes \(runtime.heldLanes), queued \(runtime.queuedCalls)")
+        #expect(await awaitUntil { runtime.heldLanes == 0 && runtime.queuedCalls == 0 }, "held lanes \(runtime.heldLanes), queued \(runtime.queuedCalls)")
         let stats = runtime.statisticsSnapshot()
         #expect(stats.calls == threads * rounds + 24)
         #expect(stats.concurrentDispatches > 0, "no dispatch ran beside another lane's")

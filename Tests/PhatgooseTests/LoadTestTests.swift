@@ -108,13 +108,15 @@ func shortOptions(_ loop: LoadTestOptions.Loop, duration: Double = 1) -> LoadTes
         #expect(arrivals >= 4000, "about 6000 arrivals in 0.3 s")
         #expect(abandoned.completed + abandoned.rejected + abandoned.failed + abandoned.unfinished == arrivals)
         #expect(abandoned.unfinished > arrivals / 2, "one client cannot have started most of them")
-        // A drain long enough serves every arrival of the window, the ones waiting for a client included.
-        options = shortOptions(.open(rate: 2000, burstiness: 1, maxConcurrency: 1), duration: 0.2)
-        options.drainTimeout = 120
+        // A drain long enough serves every arrival of the window, the ones waiting for a client included: about 50
+        // arrivals at once (no warm-up), far more than one client serves in the 0.02 s window. Few, so a slow
+        // machine (a sanitizer) drains them well inside the timeout.
+        options = shortOptions(.open(rate: 2500, burstiness: 1, maxConcurrency: 1), duration: 0.02)
+        options.warmup = 0
+        options.drainTimeout = 300
         let drained = try LoadTest(library: library, options: options, runtimeOptions: RuntimeOptions(workers: 0)).run()
         #expect(drained.unfinished == 0 && drained.rejected == 0 && drained.failed == 0)
-        #expect(drained.completed == drained.arrivals)
-        #expect(drained.maxBacklog > 0, "the client fell behind the arrivals")
+        #expect(drained.completed == drained.arrivals && drained.completed >= 25)
     }
 
     /// Every field of a load test's JSON that is a measurement, not configuration (see

@@ -16,6 +16,18 @@ func waitUntil(seconds: Double = 20, _ condition: () -> Bool) -> Bool {
     return true
 }
 
+/// ``waitUntil`` for async tests: sleeps as a task between looks, so the cooperative thread it runs on stays free for
+/// other tasks (on a 2-core machine the pool has two threads; one blocked per waiting test would starve the tasks
+/// being waited for).
+func awaitUntil(seconds: Double = 20, _ condition: () -> Bool) async -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while !condition() {
+        if Date() > deadline { return false }
+        try? await Task.sleep(nanoseconds: 200_000)
+    }
+    return true
+}
+
 /// One call of the mix the merged-dispatch tests send: a module, a token count and its input.
 struct MixedCall: Sendable {
     var module: String
@@ -232,7 +244,7 @@ struct MergedDispatchTests {
                     return got.delta == expected.delta && got.experts == expected.experts && got.weights == expected.weights
                 }
             }
-            #expect(waitUntil { runtime.queuedCalls == calls.count + 1 }, "queued: \(runtime.queuedCalls)")
+            #expect(await awaitUntil { runtime.queuedCalls == calls.count + 1 }, "queued: \(runtime.queuedCalls)")
             gate.release.signal()
             var mismatches = 0
             for try await same in group where !same { mismatches += 1 }
