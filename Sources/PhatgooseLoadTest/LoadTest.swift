@@ -374,23 +374,12 @@ struct ArrivalSchedule: Sendable {
         return (index, next)
     }
 
-    /// Arrivals not yet taken that are scheduled at or after `start` and before `end`.
-    func count(from start: UInt64, before end: UInt64) -> Int {
+    /// Arrivals not yet taken that are scheduled at or after `start` and before `end` (at most `limit`).
+    func count(from start: UInt64 = 0, before end: UInt64, limit: Int = .max) -> Int {
         var copy = self
         var count = 0
-        while copy.next < end {
+        while copy.next < end && count < limit {
             if copy.next >= start { count += 1 }
-            copy.next += UInt64(copy.process.nextGap() * 1e9)
-        }
-        return count
-    }
-
-    /// Arrivals due by `now` that no client has taken yet (at most `limit`).
-    func due(at now: UInt64, limit: Int = 1_000_000) -> Int {
-        var copy = self
-        var count = 0
-        while copy.next <= now && count < limit {
-            count += 1
             copy.next += UInt64(copy.process.nextGap() * 1e9)
         }
         return count
@@ -454,7 +443,8 @@ final class RunState: Sendable {
         tallies = Locked(RoutingTally(layers: layers, experts: experts))
     }
 
-    func backlog(at now: UInt64) -> Int { schedule?.withLock { $0.due(at: now) } ?? 0 }
+    /// Arrivals due by `now` that no client has taken yet (at most a million).
+    func backlog(at now: UInt64) -> Int { schedule?.withLock { $0.count(before: now + 1, limit: 1_000_000) } ?? 0 }
 
     /// Measured requests are in flight, or (open loop) an arrival before `end` is not yet taken. Looked at under the
     /// schedule's lock, under which a client takes an arrival and counts it in flight.
